@@ -1,0 +1,170 @@
+"""The sandbox backend interface: start an exec server somewhere isolated, say how to reach it, stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar
+
+from ..errors import SandboxError
+
+# How long a backend may take to bring its exec server up before the start counts as failed.
+DEFAULT_START_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """What a task asks of its sandbox, in backend-neutral units."""
+
+    network: bool = False
+    image: str | None = None
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    pids_limit: int | None = None
+    disk_bytes: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    start_timeout: float = DEFAULT_START_TIMEOUT
+
+
+@dataclass(frozen=True)
+class ExecEndpoint:
+    """How to reach a running exec server, and where its workspace is as commands see it."""
+
+    token: str
+    workspace: str
+    uds: str | None = None
+    url: str = "http://execd"
+
+
+def execd_source() -> Path:
+    """The exec server's file on disk, to copy or mount into a sandbox."""
+    path = Path(str(resources.files("sandbox_agent").joinpath("execd.py")))
+    if not path.is_file():
+        raise SandboxError(f"exec server file not found at {path}; reinstall llm-sandbox-operator")
+    return path
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+class Sandbox(ABC):
+    """One sandbox: `start()` returns the exec server's endpoint, `stop()` removes everything."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.token = new_token()
+        # Private host directory for the socket and the ready file; removed on stop.
+        self.rundir = Path(tempfile.mkdtemp(prefix=f"llmsandbox-{self.name}-"))
+        self._stopped = False
+
+    @abstractmethod
+    async def start(self) -> ExecEndpoint:
+        """Start the sandbox and its exec server; return once the server answers."""
+
+    @abstractmethod
+    async def _teardown(self) -> None:
+        """Kill whatever start() created. Must be safe to call after a failed start."""
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            await self._teardown()
+        finally:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+    async def __aenter__(self) -> ExecEndpoint:
+        try:
+            return await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def wait_for_ready_file(
+    ready_file: Path, proc: asyncio.subprocess.Process, timeout: float, what: str
+) -> dict[str, object]:
+    """Poll for the exec server's ready file; fail fast, with its stderr, if the process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready_file.exists():
+            try:
+                data = json.loads(ready_file.read_text())
+            except (OSError, ValueError):
+                data = None
+            if isinstance(data, dict):
+                return data
+        if proc.returncode is not None:
+            raise SandboxError(
+                f"{what} exited with code {proc.returncode} before the exec server was ready: "
+                f"{await _stderr_tail(proc)}"
+            )
+        await asyncio.sleep(0.02)
+    raise SandboxError(f"{what}: the exec server was not ready after {timeout:.0f}s")
+
+
+async def _stderr_tail(proc: asyncio.subprocess.Process, limit: int = 2000) -> str:
+    if proc.stderr is None:
+        return "(no stderr captured)"
+    try:
+        data = await asyncio.wait_for(proc.stderr.read(), timeout=2)
+    except TimeoutError:
+        return "(stderr not readable)"
+    text = data.decode("utf-8", "replace").strip()
+    return text[-limit:] if text else "(no output)"
+
+
+async def terminate(proc: asyncio.subprocess.Process | None, grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after a grace period; always reaps the process."""
+    if proc is None or proc.returncode is not None:
+        return
+    try:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), timeout=grace)
+    except ProcessLookupError:
+        return
+    except TimeoutError:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            return
+        await proc.wait()
+
+
+def host_env_for_sandbox(extra: dict[str, str]) -> dict[str, str]:
+    """A minimal environment for sandboxed processes: nothing of the caller's leaks in (no API keys)."""
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "TERM": "dumb",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(extra)
+    return env
+
+
+def which(cmd: str) -> str | None:
+    return shutil.which(cmd, path=os.environ.get("PATH"))

@@ -1,0 +1,151 @@
+"""The `bwrap` backend: bubblewrap namespaces around the exec server, the host root mounted read-only."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import BackendUnavailableError
+from .base import (
+    ExecEndpoint,
+    Sandbox,
+    SandboxConfig,
+    execd_source,
+    host_env_for_sandbox,
+    terminate,
+    wait_for_ready_file,
+)
+
+WORKSPACE = "/workspace"
+SANDBOX_UID = 1000
+# Top-level host directories the sandbox must not see as they are: they get fresh mounts instead.
+_NOT_BOUND = {"proc", "dev", "sys", "tmp", "run", "workspace"}
+# Places in a home directory that commonly hold credentials; hidden behind empty mounts.
+_SECRET_HOME_PATHS = (
+    ".ssh",
+    ".aws",
+    ".azure",
+    ".config",
+    ".docker",
+    ".gnupg",
+    ".kube",
+    ".netrc",
+    ".git-credentials",
+    ".pypirc",
+    ".npmrc",
+)
+
+
+def bwrap_path() -> str | None:
+    return shutil.which("bwrap")
+
+
+class BwrapSandbox(Sandbox):
+    """Read-only host root, private /workspace and /tmp, new pid/ipc/uts/user namespaces, no network
+    unless the task allows it; the whole sandbox dies with its parent."""
+
+    name = "bwrap"
+
+    def __init__(self, config: SandboxConfig) -> None:
+        super().__init__(config)
+        self.host_workspace = Path(tempfile.mkdtemp(prefix="llmsandbox-ws-"))
+        self._proc: asyncio.subprocess.Process | None = None
+
+    def command(self) -> list[str]:
+        """The full bwrap command line; pure, so tests can inspect the isolation it asks for."""
+        exe = bwrap_path()
+        if exe is None:
+            raise BackendUnavailableError(
+                "bubblewrap is not installed: `apt-get install bubblewrap` "
+                "(or choose --backend docker / --backend process)"
+            )
+        args = [exe]
+        for entry in sorted(os.listdir("/")):
+            src = os.path.join("/", entry)
+            if entry in _NOT_BOUND or not os.path.exists(src):
+                continue
+            args += ["--ro-bind", src, src]
+        home = os.path.expanduser("~")
+        for rel in _SECRET_HOME_PATHS:
+            p = os.path.join(home, rel)
+            if os.path.isdir(p) and not os.path.islink(p):
+                args += ["--tmpfs", p]
+            elif os.path.isfile(p):
+                args += ["--ro-bind", "/dev/null", p]
+        args += [
+            "--dev", "/dev",
+            "--proc", "/proc",
+            "--tmpfs", "/tmp",
+            "--tmpfs", "/run",
+            "--bind", str(self.host_workspace), WORKSPACE,
+            "--bind", str(self.rundir), "/run/execd",
+            "--ro-bind", str(execd_source()), "/run/execd-bin/execd.py",
+            "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--hostname", "sandbox",
+            "--cap-drop", "ALL",
+            "--die-with-parent",
+            "--new-session",
+            "--clearenv",
+            "--chdir", WORKSPACE,
+        ]  # fmt: skip
+        if not self.config.network:
+            args.append("--unshare-net")
+        env = host_env_for_sandbox({"HOME": "/tmp/home", "USER": "sandbox"} | self.config.env)
+        for key, value in sorted(env.items()):
+            args += ["--setenv", key, value]
+        args += [
+            "--",
+            "python3",
+            "/run/execd-bin/execd.py",
+            "--root",
+            WORKSPACE,
+            "--unix-socket",
+            "/run/execd/execd.sock",
+            "--token-file",
+            "/run/execd/token",
+            "--ready-file",
+            "/run/execd/ready.json",
+        ]
+        return args
+
+    async def start(self) -> ExecEndpoint:
+        token_file = self.rundir / "token"
+        token_file.write_text(self.token)
+        token_file.chmod(0o600)
+        ulimits = _ulimit_prefix(self.config)
+        self._proc = await asyncio.create_subprocess_exec(
+            *ulimits,
+            *self.command(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        )
+        await wait_for_ready_file(
+            self.rundir / "ready.json", self._proc, self.config.start_timeout, "bwrap sandbox"
+        )
+        # The exec server read its token at start; the file need not outlive that.
+        token_file.unlink(missing_ok=True)
+        return ExecEndpoint(
+            token=self.token, workspace=WORKSPACE, uds=str(self.rundir / "execd.sock")
+        )
+
+    async def _teardown(self) -> None:
+        await terminate(self._proc)
+        shutil.rmtree(self.host_workspace, ignore_errors=True)
+
+
+def _ulimit_prefix(config: SandboxConfig) -> list[str]:
+    """prlimit caps for what bwrap cannot limit itself: no single file may outgrow the disk limit."""
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        return []
+    caps: list[str] = []
+    if config.disk_bytes:
+        caps.append(f"--fsize={config.disk_bytes}")
+    return [prlimit, *caps, "--"] if caps else []

@@ -1,0 +1,184 @@
+"""`sandboxctl`: run a SandboxTask locally, and (later) talk to the operator on a cluster."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from . import __version__
+from .backends import BACKEND_NAMES
+from .errors import BackendUnavailableError, TaskSpecError
+from .events import (
+    Event,
+    LLMReplied,
+    LLMRetrying,
+    Notice,
+    StepStarted,
+    ToolCallFinished,
+    ToolCallStarted,
+)
+from .result import Phase, TaskResult
+from .runner import RunOptions, RunOutcome, run_task
+from .task import SandboxTask, format_validation_error
+from .taskfile import load_task_file, task_from_prompt
+
+EXIT_OK = 0
+EXIT_TASK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class ProgressPrinter:
+    """Renders loop events as one line each on stderr: the step, the command, tokens so far."""
+
+    def __init__(self, stream: TextIO, quiet: bool = False) -> None:
+        self.stream = stream
+        self.quiet = quiet
+
+    def __call__(self, event: Event) -> None:
+        if self.quiet:
+            return
+        line = self.render(event)
+        if line:
+            print(line, file=self.stream, flush=True)
+
+    @staticmethod
+    def render(event: Event) -> str:
+        if isinstance(event, StepStarted):
+            return f"[step {event.step}/{event.max_steps}] tokens so far: {event.total_tokens}"
+        if isinstance(event, LLMReplied):
+            return (
+                f"  model replied in {event.seconds:.1f}s "
+                f"({event.prompt_tokens} prompt + {event.completion_tokens} completion tokens)"
+            )
+        if isinstance(event, ToolCallStarted):
+            prefix = "$ " if event.tool == "execute_bash" else f"{event.tool}: "
+            return f"  {prefix}{event.summary}"
+        if isinstance(event, ToolCallFinished):
+            return f"    -> {event.summary}" if event.tool == "execute_bash" else ""
+        if isinstance(event, LLMRetrying):
+            return f"  retry {event.attempt} in {event.delay_seconds:.1f}s: {event.reason}"
+        if isinstance(event, Notice):
+            return f"  note: {event.message}"
+        return ""
+
+
+def status_block(outcome: RunOutcome) -> str:
+    r: TaskResult = outcome.result
+    u = r.usage
+    lines = [
+        f"phase:       {r.phase}",
+        f"exitReason:  {r.exit_reason}",
+    ]
+    if r.message:
+        lines.append(f"message:     {r.message}")
+    answer = "(none)" if r.answer is None else r.answer
+    if "\n" in answer:
+        answer = "\n" + "\n".join(f"  {line}" for line in answer.splitlines())
+    lines += [
+        f"answer:      {answer}",
+        f"steps:       {r.steps}",
+        f"usage:       {u.prompt_tokens} prompt + {u.completion_tokens} completion = "
+        f"{u.total_tokens} tokens in {u.llm_calls} calls ({u.llm_retries} retries)",
+        f"duration:    {r.duration_seconds:.1f}s on the {outcome.backend} backend",
+        f"trajectory:  {outcome.trajectory_path}",
+        f"outputs:     {outcome.output_dir} ({len(r.outputs)} files)",
+    ]
+    return "\n".join(lines)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sandboxctl", description="Run LLM-in-Sandbox tasks locally or on Kubernetes."
+    )
+    parser.add_argument("--version", action="version", version=f"sandboxctl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run a SandboxTask on this machine in a local sandbox",
+        description=(
+            "Run a SandboxTask on this machine. The endpoint comes from the flags, else "
+            "OPENAI_BASE_URL / OPENAI_API_KEY / OPENAI_MODEL, else the task file."
+        ),
+    )
+    run.add_argument("task", nargs="?", type=Path, help="the task file (YAML)")
+    run.add_argument("--prompt", help="run this prompt with default limits instead of a file")
+    run.add_argument("--backend", choices=BACKEND_NAMES, default="auto")
+    run.add_argument("--model", help="model name (overrides OPENAI_MODEL and the task)")
+    run.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    run.add_argument("--out", type=Path, help="directory for result, trajectory and outputs")
+    run.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+    validate = sub.add_parser("validate", help="check a task file and print the parsed spec")
+    validate.add_argument("task", type=Path)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> tuple[SandboxTask, Path, Path | None]:
+    if args.task is not None and args.prompt is not None:
+        raise TaskSpecError("sandboxctl run: give a task file or --prompt, not both")
+    if args.prompt is not None:
+        try:
+            return task_from_prompt(args.prompt), Path.cwd(), None
+        except ValueError as exc:
+            from pydantic import ValidationError
+
+            if isinstance(exc, ValidationError):
+                raise TaskSpecError(format_validation_error(exc, "--prompt")) from None
+            raise
+    if args.task is None:
+        raise TaskSpecError("sandboxctl run: give a task file, or --prompt TEXT")
+    return load_task_file(args.task), args.task.resolve().parent, args.task
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    task, task_dir, task_file = _load(args)
+    opts = RunOptions(
+        backend=args.backend, model=args.model, base_url=args.base_url, out_dir=args.out
+    )
+    progress = ProgressPrinter(sys.stderr, quiet=args.quiet)
+    outcome = asyncio.run(run_task(task, task_dir, opts, progress, task_file))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "result": outcome.result.model_dump(mode="json", by_alias=True),
+                    "trajectory": str(outcome.trajectory_path),
+                    "outputDir": str(outcome.output_dir),
+                    "backend": outcome.backend,
+                }
+            )
+        )
+    else:
+        print(status_block(outcome))
+    return EXIT_OK if outcome.result.phase is Phase.SUCCEEDED else EXIT_TASK_FAILED
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    task = load_task_file(args.task)
+    print(json.dumps(task.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        return _cmd_validate(args)
+    except (TaskSpecError, BackendUnavailableError) as exc:
+        print(f"sandboxctl {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sandboxctl: interrupted; the sandbox was removed", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Exception types, one per failure class, each mapped to an exit reason by the runner."""
+
+from __future__ import annotations
+
+
+class SandboxAgentError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class TaskSpecError(SandboxAgentError):
+    """The task file or spec is invalid; the message names the field path."""
+
+
+class SandboxError(SandboxAgentError):
+    """The sandbox could not be started, reached, or used."""
+
+
+class BackendUnavailableError(SandboxError):
+    """The requested (or every) sandbox backend is missing on this machine."""
+
+
+class ExecServerError(SandboxError):
+    """The exec server answered a request with an error."""
+
+    def __init__(self, code: str, message: str, status: int) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+class LLMError(SandboxAgentError):
+    """The inference endpoint failed in a way retries could not fix."""

@@ -1,0 +1,63 @@
+"""Events the agent loop emits; presentation (CLI progress, logs, metrics) subscribes to them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeAlias
+
+
+@dataclass(frozen=True)
+class StepStarted:
+    step: int
+    max_steps: int
+    total_tokens: int
+
+
+@dataclass(frozen=True)
+class LLMReplied:
+    step: int
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    content: str
+
+
+@dataclass(frozen=True)
+class LLMRetrying:
+    attempt: int
+    delay_seconds: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class ToolCallStarted:
+    step: int
+    tool: str
+    summary: str
+
+
+@dataclass(frozen=True)
+class ToolCallFinished:
+    step: int
+    tool: str
+    ok: bool
+    seconds: float
+    summary: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something a person watching should know that is not an error (e.g. a shrunken max_tokens)."""
+
+    message: str
+
+
+Event: TypeAlias = (
+    StepStarted | LLMReplied | LLMRetrying | ToolCallStarted | ToolCallFinished | Notice
+)
+EventSink: TypeAlias = Callable[[Event], None]
+
+
+def ignore(_: Event) -> None:
+    return None

@@ -1,0 +1,1329 @@
+"""The exec server that runs inside every sandbox: an authenticated JSON-over-HTTP API for running
+commands in one persistent shell session and for reading, writing and listing workspace files."""
+
+# Runs with any python3 >= 3.8 in any image: standard library only, no newer syntax.
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import errno
+import hmac
+import http.server
+import json
+import os
+import queue
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import socketserver
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from functools import partial
+from types import FrameType
+from typing import IO, Any, Callable, Dict, Iterator, List, NoReturn, Optional, Tuple
+from urllib.parse import urlsplit
+
+__version__ = "0.1.0"
+
+MIB = 1024 * 1024
+DEFAULT_TIMEOUT = 120.0
+MAX_TIMEOUT = 86400.0
+DEFAULT_OUTPUT_BYTES = 32768
+MIN_OUTPUT_BYTES = 1024
+MAX_OUTPUT_BYTES = 16 * MIB
+MAX_COMMAND_BYTES = MIB
+DEFAULT_READ_BYTES = MIB
+MAX_READ_BYTES = 64 * MIB
+DEFAULT_LIST_ENTRIES = 1000
+MAX_LIST_ENTRIES = 100000
+DEFAULT_MAX_BODY_BYTES = 64 * MIB
+READ_CHUNK = 65536
+# Restoring a snapshot runs only builtins; anything slower means the new shell is unusable.
+RESTORE_TIMEOUT = 30.0
+# After the shell dies, how long to keep collecting output still queued in its pipes.
+DRAIN_SECONDS = 2.0
+# A sentinel status line is "<nonce>:<exit code>"; anything longer is not ours.
+MAX_STATUS_BYTES = 32
+
+
+class ApiError(Exception):
+    """An error reply: HTTP status, stable machine-readable code and a human message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "bad_request", message)
+
+
+def display(path: str) -> str:
+    """A path as text for JSON replies, even when the file name is not valid UTF-8."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+class Log:
+    """Writes log lines to stderr from a thread of its own, dropping lines it cannot keep up with.
+
+    The parent often pipes our stderr without reading it; a full pipe must not stall requests.
+    """
+
+    def __init__(self) -> None:
+        self._lines: queue.Queue[str] = queue.Queue(maxsize=1000)
+        threading.Thread(target=self._run, name="execd-log", daemon=True).start()
+
+    def write(self, line: str) -> None:
+        with contextlib.suppress(queue.Full):
+            self._lines.put_nowait(line.rstrip("\n") + "\n")
+
+    def _run(self) -> None:
+        while True:
+            line = self._lines.get()
+            try:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Output capture
+
+
+class CappedBuffer:
+    """Keeps the first and the last bytes of a stream within a fixed budget and counts the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self._head_limit = limit // 2
+        self._tail_limit = limit - self._head_limit
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._total = 0
+
+    def add(self, data: bytes) -> None:
+        if not data:
+            return
+        self._total += len(data)
+        room = self._head_limit - len(self._head)
+        if room > 0:
+            self._head += data[:room]
+            data = data[room:]
+        if data and self._tail_limit > 0:
+            self._tail += data
+            # Trimming only when twice over budget keeps the cost amortised linear.
+            if len(self._tail) > 2 * self._tail_limit:
+                del self._tail[: len(self._tail) - self._tail_limit]
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+    def render(self) -> Tuple[str, int]:
+        """The kept text, with a marker where bytes were cut, and the number of bytes cut."""
+        tail = bytes(self._tail[-self._tail_limit :]) if self._tail_limit else b""
+        omitted = self._total - len(self._head) - len(tail)
+        text = self._head.decode("utf-8", "replace")
+        if omitted:
+            text += "\n[... %d bytes omitted ...]\n" % omitted
+        return text + tail.decode("utf-8", "replace"), omitted
+
+
+class StreamScanner:
+    """Captures one output stream of a command until the command's sentinel line appears in it.
+
+    The sentinel is ``<nonce>:<status>\\n``. Only the newly arrived bytes plus a short held-back
+    tail are searched, so scanning stays linear however much the command prints.
+    """
+
+    def __init__(self, nonce: bytes, limit: int) -> None:
+        self._marker = nonce + b":"
+        self.capture = CappedBuffer(limit)
+        self._pending = b""
+        self.done = False
+        self.status = b""
+
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            return
+        buf = self._pending + data
+        idx = buf.find(self._marker)
+        if idx < 0:
+            keep = min(len(buf), len(self._marker) - 1)
+            self.capture.add(buf[: len(buf) - keep])
+            self._pending = buf[len(buf) - keep :]
+            return
+        start = idx + len(self._marker)
+        end = buf.find(b"\n", start)
+        if end < 0 and len(buf) - start <= MAX_STATUS_BYTES:
+            self.capture.add(buf[:idx])
+            self._pending = buf[idx:]
+            return
+        self.capture.add(buf[:idx])
+        self.status = buf[start:end] if end >= 0 else b""
+        self._pending = b""
+        self.done = True
+
+    def flush(self) -> None:
+        """The stream ended without a sentinel: what was held back is ordinary output."""
+        if not self.done:
+            self.capture.add(self._pending)
+            self._pending = b""
+
+
+class Collector:
+    """Both output streams of one command."""
+
+    def __init__(self, nonce: str, limit: int) -> None:
+        self.streams = (
+            StreamScanner(nonce.encode("ascii"), limit),
+            StreamScanner(nonce.encode("ascii"), limit),
+        )
+
+    @property
+    def done(self) -> bool:
+        return self.streams[0].done and self.streams[1].done
+
+    def exit_code(self) -> int:
+        try:
+            return int(self.streams[0].status)
+        except ValueError:
+            return -1
+
+
+# ---------------------------------------------------------------------------------------------
+# The shell session
+
+
+class Dialect:
+    """How to talk to the session's shell: bash when the image has it, else a POSIX sh."""
+
+    def __init__(self, argv: List[str], is_bash: bool) -> None:
+        self.argv = argv
+        self.is_bash = is_bash
+        # Duplicates of the original stdout/stderr pipes, so sentinels reach us even after a
+        # command redirects the shell's own output (`exec >log`, `exec 2>&1`); dash allows one digit.
+        self.out_fd, self.err_fd = (198, 199) if is_bash else (8, 9)
+        self.b = "builtin " if is_bash else ""
+
+    def init_line(self) -> bytes:
+        return ("exec %d>&1 %d>&2\n" % (self.out_fd, self.err_fd)).encode()
+
+    def command_line(self, script: str, cwd_file: str, env_file: str, nonce: str) -> bytes:
+        """One input line: run the script, snapshot cwd and exports, then print the sentinels.
+
+        The bookkeeping runs with stderr to /dev/null so `set -x` traces stay out of the output,
+        each step tolerates failure so `set -e` cannot end the shell there, and the nonce is
+        printed in two halves so `set -v` echoing this line cannot fake a sentinel.
+        """
+        b = self.b
+        q = shlex.quote
+        source = "builtin source" if self.is_bash else "."
+        half = len(nonce) // 2
+        sentinel = "%sprintf '%%s%%s:%%s\\n' %s %s \"$__execd_rc\"" % (
+            b,
+            nonce[:half],
+            nonce[half:],
+        )
+        steps = [
+            "%spwd >|%s" % (b, q(cwd_file)),
+            "%sexport -p >|%s" % (b, q(env_file)),
+            "%s >&%d" % (sentinel, self.out_fd),
+            "%s >&%d" % (sentinel, self.err_fd),
+        ]
+        guarded = "; ".join("%s || %strue" % (step, b) for step in steps)
+        line = "%s %s </dev/null; { __execd_rc=$?; %s; %sunset __execd_rc; } 2>/dev/null\n" % (
+            source,
+            q(script),
+            guarded,
+            b,
+        )
+        return line.encode("utf-8", "surrogateescape")
+
+    def restore_script(self, env_snapshot: Optional[bytes], cwd: bytes, root: bytes) -> bytes:
+        """Shell code that brings a fresh shell to a snapshot's exported variables and cwd."""
+        b = self.b
+        parts: List[bytes] = []
+        if env_snapshot is not None:
+            if self.is_bash:
+                # Variables unset or unexported since start must not come back from our own env.
+                parts.append(b"builtin unset -v $(builtin compgen -e) 2>/dev/null\n")
+            parts.append(env_snapshot)
+            if not env_snapshot.endswith(b"\n"):
+                parts.append(b"\n")
+        parts.append(
+            (
+                "%scd -- %s 2>/dev/null || %scd -- %s\n"
+                % (b, _quote_bytes(cwd), b, _quote_bytes(root))
+            ).encode("utf-8", "surrogateescape")
+        )
+        return b"".join(parts)
+
+
+def _quote_bytes(path: bytes) -> str:
+    return shlex.quote(path.decode("utf-8", "surrogateescape"))
+
+
+def find_dialect(env: Dict[str, str]) -> Dialect:
+    search = env.get("PATH", os.defpath)
+    bash = shutil.which("bash", path=search)
+    if bash is not None:
+        return Dialect([bash, "--noprofile", "--norc"], True)
+    return Dialect([shutil.which("sh", path=search) or "/bin/sh"], False)
+
+
+class Shell:
+    """One shell process in its own process group, plus the threads that read its output."""
+
+    def __init__(self, dialect: Dialect, env: Dict[str, str], cwd: str) -> None:
+        self.proc = subprocess.Popen(
+            dialect.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+        self.cond = threading.Condition()
+        self.collector: Optional[Collector] = None
+        self.exited = False
+        self.eof = [False, False]
+        assert self.proc.stdout is not None
+        assert self.proc.stderr is not None
+        for index, stream in enumerate((self.proc.stdout, self.proc.stderr)):
+            threading.Thread(
+                target=self._pump, args=(index, stream), name="execd-pump", daemon=True
+            ).start()
+        threading.Thread(target=self._wait, name="execd-wait", daemon=True).start()
+        self.send(dialect.init_line())
+
+    def _pump(self, index: int, stream: IO[bytes]) -> None:
+        fd = stream.fileno()
+        try:
+            while True:
+                try:
+                    data = os.read(fd, READ_CHUNK)
+                except OSError:
+                    data = b""
+                with self.cond:
+                    collector = self.collector
+                    if not data:
+                        self.eof[index] = True
+                        if collector is not None:
+                            collector.streams[index].flush()
+                        self.cond.notify_all()
+                        return
+                    # Output arriving between commands (from background jobs) is dropped.
+                    if collector is not None:
+                        collector.streams[index].feed(data)
+                        if collector.done:
+                            self.cond.notify_all()
+        finally:
+            stream.close()
+
+    def _wait(self) -> None:
+        self.proc.wait()
+        with self.cond:
+            self.exited = True
+            self.cond.notify_all()
+
+    def send(self, line: bytes) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        try:
+            stdin.write(line)
+            stdin.flush()
+        except OSError:
+            # The shell is gone; the caller notices through `exited`.
+            pass
+
+    def exit_code(self) -> int:
+        code = self.proc.returncode
+        if code is None:
+            return -1
+        # Like the shell itself reports a child killed by a signal.
+        return 128 - code if code < 0 else code
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the shell, its children and background jobs."""
+        with contextlib.suppress(OSError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def drain(self, collector: Collector, seconds: float) -> None:
+        """Wait a little for the output still in the pipes, then detach the collector."""
+        deadline = time.monotonic() + seconds
+        with self.cond:
+            while not (self.eof[0] and self.eof[1]):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.cond.wait(remaining)
+            self.collector = None
+            for scanner in collector.streams:
+                scanner.flush()
+
+
+class Outcome:
+    """How one command ended: "done" (sentinel seen), "exited" (shell ended) or "timeout"."""
+
+    def __init__(self, kind: str, exit_code: int, collector: Collector, duration: float) -> None:
+        self.kind = kind
+        self.exit_code = exit_code
+        self.collector = collector
+        self.duration = duration
+
+
+class Session:
+    """The one persistent shell session; commands run one at a time."""
+
+    def __init__(self, root: str, env: Dict[str, str], state_dir: str) -> None:
+        self._root = root
+        self._env = env
+        self._dialect = find_dialect(env)
+        self._state_dir = state_dir
+        self._script = os.path.join(state_dir, "command.sh")
+        self._cwd_file = os.path.join(state_dir, "cwd")
+        self._env_file = os.path.join(state_dir, "env")
+        self._exec_lock = threading.Lock()
+        self._spawn_lock = threading.Lock()
+        self._shell: Optional[Shell] = None
+        self._closed = False
+        self._cwd = os.fsencode(root)
+        self._env_snapshot: Optional[bytes] = None
+
+    def start(self) -> None:
+        with self._exec_lock:
+            self._restart()
+
+    def close(self) -> None:
+        with self._spawn_lock:
+            self._closed = True
+            if self._shell is not None:
+                self._shell.kill()
+        shutil.rmtree(self._state_dir, ignore_errors=True)
+
+    def execute(self, command: bytes, timeout: float, limit: int) -> Dict[str, Any]:
+        with self._exec_lock:
+            restarted = False
+            shell = self._shell
+            if shell is None or shell.exited:
+                shell = self._restart()
+                restarted = True
+            outcome = self._run(shell, command, timeout, limit)
+            if outcome.kind == "done":
+                self._take_snapshot()
+            else:
+                restarted = True
+                try:
+                    self._restart()
+                except ApiError:
+                    # Shutting down, or no shell can start: report the command; the next one retries.
+                    self._shell = None
+            stdout, stdout_cut = outcome.collector.streams[0].capture.render()
+            stderr, stderr_cut = outcome.collector.streams[1].capture.render()
+            return {
+                "exit_code": outcome.exit_code,
+                "stdout": stdout,
+                "stderr": stderr,
+                "stdout_truncated_bytes": stdout_cut,
+                "stderr_truncated_bytes": stderr_cut,
+                "timed_out": outcome.kind == "timeout",
+                "duration_seconds": round(outcome.duration, 3),
+                "session_restarted": restarted,
+                "cwd": self._cwd.decode("utf-8", "replace"),
+            }
+
+    def _restart(self) -> Shell:
+        """Replace the shell with a fresh one brought back to the last snapshot."""
+        root = os.fsencode(self._root)
+        shell = self._spawn()
+        restore = self._dialect.restore_script(self._env_snapshot, self._cwd, root)
+        if self._run(shell, restore, RESTORE_TIMEOUT, MIN_OUTPUT_BYTES).kind == "done":
+            self._take_snapshot()
+            return shell
+        # The snapshot itself broke the new shell; start over from the root with a clean slate.
+        self._env_snapshot = None
+        self._cwd = root
+        shell = self._spawn()
+        restore = self._dialect.restore_script(None, root, root)
+        if self._run(shell, restore, RESTORE_TIMEOUT, MIN_OUTPUT_BYTES).kind == "done":
+            self._take_snapshot()
+        return shell
+
+    def _spawn(self) -> Shell:
+        with self._spawn_lock:
+            if self._closed:
+                raise ApiError(503, "unavailable", "the exec server is shutting down")
+            if self._shell is not None:
+                self._shell.kill()
+            try:
+                self._shell = Shell(self._dialect, self._env, self._root)
+            except OSError as exc:
+                self._shell = None
+                raise ApiError(
+                    500, "internal", "cannot start %s: %s" % (self._dialect.argv[0], exc)
+                ) from exc
+            return self._shell
+
+    def _run(self, shell: Shell, script: bytes, timeout: float, limit: int) -> Outcome:
+        os.makedirs(self._state_dir, mode=0o700, exist_ok=True)
+        fd = os.open(self._script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(script)
+            if not script.endswith(b"\n"):
+                fh.write(b"\n")
+        for path in (self._cwd_file, self._env_file):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        nonce = secrets.token_hex(16)
+        collector = Collector(nonce, limit)
+        with shell.cond:
+            shell.collector = collector
+        started = time.monotonic()
+        deadline = started + timeout
+        shell.send(self._dialect.command_line(self._script, self._cwd_file, self._env_file, nonce))
+        with shell.cond:
+            while not collector.done and not shell.exited:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                shell.cond.wait(remaining)
+            done = collector.done
+            exited = shell.exited
+            if done:
+                shell.collector = None
+        duration = time.monotonic() - started
+        if done:
+            return Outcome("done", collector.exit_code(), collector, duration)
+        shell.kill()
+        if exited:
+            shell.drain(collector, DRAIN_SECONDS)
+            return Outcome("exited", shell.exit_code(), collector, duration)
+        with shell.cond:
+            shell.cond.wait_for(lambda: shell.exited, timeout=5)
+        shell.drain(collector, DRAIN_SECONDS)
+        return Outcome("timeout", 124, collector, duration)
+
+    def _take_snapshot(self) -> None:
+        try:
+            with open(self._cwd_file, "rb") as fh:
+                cwd = fh.read()
+            with open(self._env_file, "rb") as fh:
+                env = fh.read()
+        except OSError:
+            # The command removed our state directory; keep the previous snapshot.
+            return
+        if cwd.endswith(b"\n"):
+            cwd = cwd[:-1]
+        if cwd:
+            self._cwd = cwd
+        self._env_snapshot = env
+
+
+def private_state_dir(root: str) -> str:
+    """A mode-0700 directory for command scripts and snapshots, outside the workspace if we can."""
+    for base in (tempfile.gettempdir(), "/dev/shm", "/var/tmp", os.path.expanduser("~")):
+        real = os.path.realpath(base)
+        if is_inside(real, root) or not os.access(real, os.W_OK | os.X_OK):
+            continue
+        try:
+            return tempfile.mkdtemp(prefix="execd-", dir=real)
+        except OSError:
+            continue
+    return tempfile.mkdtemp(prefix="execd-")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def is_inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _text_slice(fh: IO[bytes], start: int, end: int, max_bytes: int) -> Tuple[bytes, bool, int]:
+    """Lines start..end (1-based, inclusive, end -1 = last) of a file, capped at max_bytes.
+
+    Streams the file in chunks so any size works; returns (content, truncated, total_lines).
+    """
+    out = bytearray()
+    truncated = False
+    line = 1
+    last = b""
+    while True:
+        chunk = fh.read(MIB)
+        if not chunk:
+            break
+        last = chunk[-1:]
+        pos = 0
+        while pos < len(chunk):
+            if end != -1 and line > end:
+                line += chunk.count(b"\n", pos)
+                break
+            if line < start:
+                newlines = chunk.count(b"\n", pos)
+                if line + newlines < start:
+                    line += newlines
+                    break
+                nl = chunk.find(b"\n", pos)
+                line += 1
+                pos = nl + 1
+                continue
+            # Inside the range: take whole lines up to the range end, or the rest of the chunk.
+            stop = len(chunk)
+            lines_taken = chunk.count(b"\n", pos)
+            if end != -1 and line + lines_taken > end:
+                stop = pos
+                for _ in range(end - line + 1):
+                    stop = chunk.find(b"\n", stop) + 1
+                lines_taken = end - line + 1
+            piece = chunk[pos:stop]
+            room = max_bytes - len(out)
+            if len(piece) > room:
+                out += piece[: max(room, 0)]
+                truncated = True
+            else:
+                out += piece
+            line += lines_taken
+            pos = stop
+    total = line - 1 if last in (b"", b"\n") else line
+    return bytes(out), truncated, total
+
+
+def _trim_partial_utf8(data: bytes) -> bytes:
+    """Drop a multi-byte character that a byte cap cut in half."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:
+            expected = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
+            if byte >= 0xC0 and back < expected:
+                return data[:-back]
+            return data
+    return data
+
+
+def _classify(entry: os.DirEntry[str]) -> Tuple[str, int]:
+    if entry.is_symlink():
+        return "symlink", entry.stat(follow_symlinks=False).st_size
+    if entry.is_dir(follow_symlinks=False):
+        return "dir", 0
+    if entry.is_file(follow_symlinks=False):
+        return "file", entry.stat(follow_symlinks=False).st_size
+    return "other", 0
+
+
+def _sorted_entries(path: str) -> List[os.DirEntry[str]]:
+    with os.scandir(path) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+def os_error(exc: OSError, path: str) -> ApiError:
+    shown = repr(path)
+    if exc.errno == errno.ENOENT:
+        return ApiError(404, "no_such_file", "no such file or directory: %s" % shown)
+    if exc.errno == errno.EISDIR:
+        return ApiError(400, "is_directory", "%s is a directory" % shown)
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return ApiError(400, "not_a_directory", "a component of %s is not a directory" % shown)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return ApiError(403, "permission_denied", "permission denied: %s" % shown)
+    return ApiError(500, "internal", "%s: %s" % (shown, exc.strerror or exc))
+
+
+class Files:
+    """The file endpoints, confined to the workspace root."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def resolve(self, given: str) -> str:
+        """The real path a client path names, refused unless it is the root or inside it."""
+        if "\x00" in given:
+            raise bad_request("field 'path' contains a NUL character")
+        joined = given if os.path.isabs(given) else os.path.join(self.root, given)
+        try:
+            real = os.path.realpath(joined)
+        except (OSError, ValueError) as exc:
+            raise bad_request("field 'path' is not usable: %s" % exc) from exc
+        if not is_inside(real, self.root):
+            raise ApiError(
+                403,
+                "path_outside_root",
+                "path %r resolves outside the workspace root %s" % (given, display(self.root)),
+            )
+        return real
+
+    def read_file(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        given = req_str(body, "path")
+        encoding = opt_choice(body, "encoding", ("utf-8", "base64"), "utf-8")
+        start = opt_int(body, "start_line", 1)
+        end = opt_int(body, "end_line", -1)
+        max_bytes = min(opt_int(body, "max_bytes", DEFAULT_READ_BYTES), MAX_READ_BYTES)
+        ranged = body.get("start_line") is not None or body.get("end_line") is not None
+        if ranged and encoding != "utf-8":
+            raise bad_request("fields 'start_line' and 'end_line' need encoding utf-8")
+        if start < 1:
+            raise bad_request("field 'start_line' must be >= 1")
+        if end != -1 and end < start:
+            raise bad_request("field 'end_line' must be -1 or >= start_line")
+        if max_bytes < 1:
+            raise bad_request("field 'max_bytes' must be >= 1")
+        real = self.resolve(given)
+        try:
+            # O_NONBLOCK so that opening a FIFO cannot hang the request.
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            raise os_error(exc, given) from exc
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise ApiError(400, "is_directory", "%r is a directory" % given)
+            if not stat.S_ISREG(st.st_mode):
+                raise bad_request("%r is not a regular file" % given)
+            reply: Dict[str, Any] = {"path": display(real), "encoding": encoding}
+            if encoding == "base64":
+                data = fh.read(max_bytes + 1)
+                reply["content"] = base64.b64encode(data[:max_bytes]).decode("ascii")
+                reply["truncated"] = len(data) > max_bytes
+            else:
+                data, truncated, total = _text_slice(fh, start, end, max_bytes)
+                if truncated:
+                    data = _trim_partial_utf8(data)
+                reply["content"] = data.decode("utf-8", "replace")
+                reply["truncated"] = truncated
+                reply["total_lines"] = total
+            reply["size"] = st.st_size
+            return reply
+
+    def write_file(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        given = req_str(body, "path")
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise bad_request(
+                "field 'content' is required"
+                if content is None
+                else "field 'content' must be a string"
+            )
+        encoding = opt_choice(body, "encoding", ("utf-8", "base64"), "utf-8")
+        append = opt_bool(body, "append", False)
+        mode: Optional[int] = None
+        if body.get("mode") is not None:
+            mode = opt_int(body, "mode", 0o644)
+            if not 0 <= mode <= 0o7777:
+                raise bad_request("field 'mode' must be a permission mode between 0 and 0o7777")
+        if encoding == "base64":
+            try:
+                data = base64.b64decode(content.encode("ascii"), validate=True)
+            except (binascii.Error, UnicodeEncodeError) as exc:
+                raise bad_request("field 'content' is not valid base64") from exc
+        else:
+            try:
+                data = content.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise bad_request("field 'content' is not encodable as UTF-8") from exc
+        real = self.resolve(given)
+        if os.path.isdir(real):
+            raise ApiError(400, "is_directory", "%r is a directory" % given)
+        parent = os.path.dirname(real)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, given) from exc
+        # realpath above already followed every symlink in the parent; re-check after mkdir.
+        if not is_inside(os.path.realpath(parent), self.root):
+            raise ApiError(403, "path_outside_root", "path %r escapes the root" % given)
+        try:
+            if append:
+                size = self._append(real, data, mode)
+            else:
+                size = self._replace(real, parent, data, mode)
+        except OSError as exc:
+            raise os_error(exc, given) from exc
+        return {"path": display(real), "size": size}
+
+    @staticmethod
+    def _append(real: str, data: bytes, mode: Optional[int]) -> int:
+        fd = os.open(real, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644 if mode is None else mode)
+        with os.fdopen(fd, "wb") as fh:
+            if mode is not None:
+                os.fchmod(fd, mode)
+            fh.write(data)
+            fh.flush()
+            return os.fstat(fd).st_size
+
+    @staticmethod
+    def _replace(real: str, parent: str, data: bytes, mode: Optional[int]) -> int:
+        if mode is None:
+            # Overwriting keeps an existing file's mode (an executable script stays executable).
+            try:
+                mode = stat.S_IMODE(os.stat(real).st_mode)
+            except OSError:
+                mode = 0o644
+        fd, tmp = tempfile.mkstemp(prefix=".execd-", suffix=".tmp", dir=parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                os.fchmod(fd, mode)
+            os.replace(tmp, real)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return len(data)
+
+    def list_dir(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        given = req_str(body, "path")
+        recursive = opt_bool(body, "recursive", False)
+        limit = min(opt_int(body, "max_entries", DEFAULT_LIST_ENTRIES), MAX_LIST_ENTRIES)
+        if limit < 1:
+            raise bad_request("field 'max_entries' must be >= 1")
+        real = self.resolve(given)
+        try:
+            if not stat.S_ISDIR(os.stat(real).st_mode):
+                raise ApiError(400, "not_a_directory", "%r is not a directory" % given)
+            top = _sorted_entries(real)
+        except OSError as exc:
+            raise os_error(exc, given) from exc
+        entries: List[Dict[str, Any]] = []
+        truncated = False
+        # Depth-first, each directory's entries by name, a directory right before its contents.
+        stack: List[Tuple[str, Iterator[os.DirEntry[str]]]] = [("", iter(top))]
+        while stack and not truncated:
+            prefix, it = stack[-1]
+            entry = next(it, None)
+            if entry is None:
+                stack.pop()
+                continue
+            try:
+                kind, size = _classify(entry)
+            except OSError:
+                continue
+            if len(entries) >= limit:
+                truncated = True
+                break
+            rel = prefix + entry.name
+            entries.append({"path": display(rel), "type": kind, "size": size})
+            if recursive and kind == "dir":
+                with contextlib.suppress(OSError):
+                    stack.append((rel + "/", iter(_sorted_entries(entry.path))))
+        return {"path": display(real), "entries": entries, "truncated": truncated}
+
+
+# ---------------------------------------------------------------------------------------------
+# Request fields
+
+
+def req_str(body: Dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if value is None:
+        raise bad_request("field %r is required" % name)
+    if not isinstance(value, str):
+        raise bad_request("field %r must be a string" % name)
+    if not value:
+        raise bad_request("field %r must not be empty" % name)
+    return value
+
+
+def opt_int(body: Dict[str, Any], name: str, default: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request("field %r must be an integer" % name)
+    return value
+
+
+def opt_number(body: Dict[str, Any], name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_request("field %r must be a number" % name)
+    return float(value)
+
+
+def opt_bool(body: Dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request("field %r must be a boolean" % name)
+    return value
+
+
+def opt_choice(body: Dict[str, Any], name: str, choices: Tuple[str, ...], default: str) -> str:
+    value = body.get(name)
+    if value is None:
+        return default
+    if value not in choices:
+        raise bad_request("field %r must be one of %s" % (name, ", ".join(choices)))
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+
+class App:
+    """Everything the request handlers share."""
+
+    def __init__(self, root: str, token: str, session: Session, max_body: int, log: Log) -> None:
+        self.root = root
+        self.token = token.encode("utf-8")
+        self.session = session
+        self.files = Files(root)
+        self.max_body = max_body
+        self.log = log
+        self.stop = threading.Event()
+
+    def exec_command(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        command = req_str(body, "command")
+        try:
+            raw = command.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise bad_request("field 'command' is not encodable as UTF-8") from exc
+        if len(raw) > MAX_COMMAND_BYTES:
+            raise bad_request("field 'command' is longer than %d bytes" % MAX_COMMAND_BYTES)
+        timeout = opt_number(body, "timeout", DEFAULT_TIMEOUT)
+        # `not 0 < x` also rejects NaN.
+        if not 0 < timeout <= MAX_TIMEOUT:
+            raise bad_request("field 'timeout' must be > 0 and <= %d seconds" % MAX_TIMEOUT)
+        limit = opt_int(body, "max_output_bytes", DEFAULT_OUTPUT_BYTES)
+        if not MIN_OUTPUT_BYTES <= limit <= MAX_OUTPUT_BYTES:
+            raise bad_request(
+                "field 'max_output_bytes' must be between %d and %d"
+                % (MIN_OUTPUT_BYTES, MAX_OUTPUT_BYTES)
+            )
+        return self.session.execute(raw, timeout, limit)
+
+    def shutdown(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        return {"ok": True}
+
+    def routes(self) -> Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]:
+        return {
+            "/exec": self.exec_command,
+            "/files/read": self.files.read_file,
+            "/files/write": self.files.write_file,
+            "/files/list": self.files.list_dir,
+            "/shutdown": self.shutdown,
+        }
+
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    414: "too_large",
+    431: "too_large",
+}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """One HTTP connection; every failure becomes a JSON error reply."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "execd/" + __version__
+    sys_version = ""
+    # Idle keep-alive connections and stalled uploads give up after this many seconds.
+    timeout = 300
+
+    def __init__(self, request: Any, client_address: Any, server: Any, app: App) -> None:
+        self.app = app
+        self._unread = 0
+        super().__init__(request, client_address, server)
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def do_PUT(self) -> None:
+        self._handle()
+
+    def do_DELETE(self) -> None:
+        self._handle()
+
+    def do_PATCH(self) -> None:
+        self._handle()
+
+    def do_HEAD(self) -> None:
+        self._handle()
+
+    def do_OPTIONS(self) -> None:
+        self._handle()
+
+    def _handle(self) -> None:
+        self._unread = 0
+        stop_after = False
+        try:
+            self._unread = self._content_length()
+            path = urlsplit(self.path).path
+            if path == "/healthz" and self.command == "GET":
+                self._reply(200, {"ok": True, "version": __version__})
+                return
+            self._authorize()
+            handler = self.app.routes().get(path)
+            if handler is None and path != "/healthz":
+                raise ApiError(404, "not_found", "no endpoint %s" % path)
+            if handler is None or self.command != "POST":
+                allowed = "GET" if path == "/healthz" else "POST"
+                raise ApiError(
+                    405, "method_not_allowed", "%s %s: use %s" % (self.command, path, allowed)
+                )
+            body = self._read_json(allow_empty=path == "/shutdown")
+            result = handler(body)
+            stop_after = path == "/shutdown"
+            self.close_connection = self.close_connection or stop_after
+            self._reply(200, result)
+        except ApiError as exc:
+            self._fail(exc)
+        except Exception as exc:
+            self.app.log.write("execd: internal error: %s" % traceback.format_exc())
+            self._fail(ApiError(500, "internal", "%s: %s" % (type(exc).__name__, exc)))
+        finally:
+            if stop_after:
+                self.app.stop.set()
+
+    def _content_length(self) -> int:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise bad_request("chunked request bodies are not supported; send Content-Length")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return 0
+        try:
+            length = int(raw)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            raise bad_request("invalid Content-Length %r" % raw)
+        return length
+
+    def _authorize(self) -> None:
+        header = self.headers.get("Authorization", "")
+        scheme, _, credential = header.strip().partition(" ")
+        given = credential.strip().encode("latin-1", "replace")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(given, self.app.token)
+        if not ok:
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+
+    def _read_json(self, allow_empty: bool) -> Dict[str, Any]:
+        length = self._unread
+        if length > self.app.max_body:
+            raise ApiError(
+                413,
+                "too_large",
+                "request body of %d bytes exceeds the limit of %d bytes"
+                % (length, self.app.max_body),
+            )
+        raw = self._read_exactly(length)
+        self._unread = 0
+        if not raw.strip() and allow_empty:
+            return {}
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise bad_request("request body is not valid JSON: %s" % exc) from exc
+        if not isinstance(body, dict):
+            raise bad_request("request body must be a JSON object")
+        return body
+
+    def _read_exactly(self, length: int) -> bytes:
+        chunks: List[bytes] = []
+        remaining = length
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, READ_CHUNK))
+            if not chunk:
+                self.close_connection = True
+                raise bad_request("request body ended early")
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def _discard_body(self) -> None:
+        """Consume an unread body so the reply is not lost to a TCP reset on close."""
+        remaining = self._unread
+        self._unread = 0
+        if remaining <= 0:
+            return
+        if remaining > self.app.max_body:
+            # Too big to swallow: take what is already buffered, briefly, and hang up.
+            self.close_connection = True
+            remaining = min(remaining, MIB)
+            self.connection.settimeout(1.0)
+        try:
+            while remaining > 0:
+                chunk = self.rfile.read(min(remaining, READ_CHUNK))
+                if not chunk:
+                    self.close_connection = True
+                    return
+                remaining -= len(chunk)
+        except OSError:
+            self.close_connection = True
+
+    def _fail(self, exc: ApiError) -> None:
+        headers: List[Tuple[str, str]] = []
+        if exc.status == 401:
+            headers.append(("WWW-Authenticate", "Bearer"))
+        if exc.status == 405:
+            headers.append(("Allow", "GET" if urlsplit(self.path).path == "/healthz" else "POST"))
+        if exc.status == 413:
+            self.close_connection = True
+        else:
+            self._discard_body()
+        self._reply(exc.status, {"error": {"code": exc.code, "message": exc.message}}, headers)
+        if exc.status == 413:
+            self._discard_body()
+
+    def _reply(
+        self, status: int, obj: Dict[str, Any], headers: Optional[List[Tuple[str, str]]] = None
+    ) -> None:
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "replace")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in headers or []:
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except OSError:
+            # The client went away; nothing left to tell it.
+            self.close_connection = True
+
+    def send_error(
+        self, code: int, message: Optional[str] = None, explain: Optional[str] = None
+    ) -> None:
+        """Errors http.server raises itself (bad request line, unknown method) as JSON too."""
+        self.close_connection = True
+        if code == 501:
+            code = 405
+        error_code = _STATUS_CODES.get(code, "bad_request" if code < 500 else "internal")
+        text = message or (self.responses[code][0] if code in self.responses else "error")
+        self._reply(code, {"error": {"code": error_code, "message": text}})
+
+    def address_string(self) -> str:
+        # Unix-socket peers have no (host, port) address.
+        if isinstance(self.client_address, tuple) and self.client_address:
+            return str(self.client_address[0])
+        return "unix"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        self.app.log.write(
+            "%s execd %s %s"
+            % (time.strftime("%Y-%m-%dT%H:%M:%S"), self.address_string(), format % args)
+        )
+
+
+class TCPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # Skip HTTPServer's getfqdn(): a reverse DNS lookup can stall in an offline sandbox.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+
+class TCP6Server(TCPServer):
+    address_family = socket.AF_INET6
+
+
+class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Startup
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    sys.stderr.write("execd: error: %s\n" % message)
+    sys.exit(code)
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="execd.py", description="Exec server for one sandbox (token from EXECD_TOKEN)."
+    )
+    parser.add_argument("--root", required=True, help="workspace root, created if missing")
+    parser.add_argument("--host", default="127.0.0.1", help="TCP address to bind")
+    parser.add_argument("--port", type=int, help="TCP port; 0 picks a free one")
+    parser.add_argument("--unix-socket", help="path of a unix socket to listen on")
+    parser.add_argument("--ready-file", help="written atomically once listening")
+    parser.add_argument("--token-file", help="file holding the bearer token")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    args = parser.parse_args(argv)
+    if args.port is None and args.unix_socket is None:
+        parser.error("give --port, --unix-socket or both")
+    if args.port is not None and not 0 <= args.port <= 65535:
+        parser.error("--port must be between 0 and 65535")
+    if args.max_body_bytes < 1:
+        parser.error("--max-body-bytes must be positive")
+    return args
+
+
+def read_token(token_file: Optional[str]) -> str:
+    if token_file is not None:
+        try:
+            with open(token_file, encoding="utf-8") as fh:
+                token = fh.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail("cannot read --token-file %s: %s" % (token_file, exc))
+        if not token:
+            fail("--token-file %s is empty" % token_file)
+        return token
+    token = os.environ.get("EXECD_TOKEN", "").strip()
+    if not token:
+        fail("no token: set EXECD_TOKEN or pass --token-file")
+    return token
+
+
+def shell_env(token: str) -> Dict[str, str]:
+    """Our environment minus everything that is ours: EXECD_* and anything holding the token."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("EXECD_") and value.strip() != token
+    }
+
+
+def bind_unix(path: str, handler: Callable[..., Handler]) -> Tuple[UnixServer, int]:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            fail("--unix-socket %s exists and is not a socket" % path)
+        # A socket left behind by an earlier run that did not clean up.
+        os.unlink(path)
+    server = UnixServer(path, handler)
+    return server, os.lstat(path).st_ino
+
+
+def write_ready_file(path: str, info: Dict[str, Any]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ready-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            # Readable by whoever watches for it; it holds no secret.
+            os.fchmod(fd, 0o644)
+            json.dump(info, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    token = read_token(args.token_file)
+    try:
+        os.makedirs(args.root, exist_ok=True)
+    except OSError as exc:
+        fail("cannot create --root %s: %s" % (args.root, exc))
+    root = os.path.realpath(args.root)
+    if not os.path.isdir(root):
+        fail("--root %s is not a directory" % args.root)
+
+    log = Log()
+    session = Session(root, shell_env(token), private_state_dir(root))
+    app = App(root, token, session, args.max_body_bytes, log)
+    handler = partial(Handler, app=app)
+    servers: List[socketserver.BaseServer] = []
+    port: Optional[int] = None
+    sock_path: Optional[str] = None
+    sock_ino = 0
+    try:
+        if args.port is not None:
+            cls = TCP6Server if ":" in args.host else TCPServer
+            tcp = cls((args.host, args.port), handler)
+            port = tcp.server_port
+            servers.append(tcp)
+        if args.unix_socket is not None:
+            sock_path = os.path.abspath(args.unix_socket)
+            unix, sock_ino = bind_unix(sock_path, handler)
+            servers.append(unix)
+    except OSError as exc:
+        session.close()
+        fail("cannot listen: %s" % exc, 1)
+
+    signalled: List[int] = []
+
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+        # Only record it: the main loop notices, and no lock is taken inside a signal handler.
+        signalled.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    try:
+        session.start()
+    except (ApiError, OSError) as exc:
+        log.write("execd: cannot start the shell yet (retried on the first command): %s" % exc)
+    for server in servers:
+        threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        ).start()
+    if args.ready_file is not None:
+        info = {
+            "pid": os.getpid(),
+            "port": port,
+            "unix_socket": sock_path,
+            "root": root,
+            "version": __version__,
+        }
+        write_ready_file(args.ready_file, info)
+    log.write(
+        "execd %s listening (port=%s unix_socket=%s root=%s)" % (__version__, port, sock_path, root)
+    )
+
+    while not signalled and not app.stop.wait(0.1):
+        pass
+    # Let the reply to /shutdown leave before the sockets close.
+    time.sleep(0.05)
+
+    session.close()
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+    if sock_path is not None:
+        try:
+            if os.lstat(sock_path).st_ino == sock_ino:
+                os.unlink(sock_path)
+        except OSError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

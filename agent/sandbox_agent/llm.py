@@ -1,0 +1,256 @@
+"""Chat completions through the official async OpenAI client, with bounded, jittered retries."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import openai
+
+from .errors import LLMError
+from .events import EventSink, LLMRetrying
+
+_BACKOFF_BASE = 1.0
+_BACKOFF_CAP = 60.0
+# A server asking for a longer pause than this is treated as down rather than waited for.
+_RETRY_AFTER_CAP = 600.0
+_RETRYABLE_STATUS = {408, 409, 429}
+
+
+class ContextLengthError(LLMError):
+    """The request did not fit the model's context window."""
+
+
+class DeadlineError(LLMError):
+    """The task's wall-clock deadline passed while waiting for the endpoint."""
+
+
+@dataclass(frozen=True)
+class ToolCallRequest:
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    content: str
+    tool_calls: list[ToolCallRequest]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    usage_reported: bool
+    seconds: float
+    retries: int
+    raw_message: dict[str, Any] = field(default_factory=dict)
+
+
+def _retry_after(exc: openai.APIStatusError) -> float | None:
+    headers = exc.response.headers
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _is_context_length(exc: openai.APIStatusError) -> bool:
+    if getattr(exc, "code", None) == "context_length_exceeded":
+        return True
+    text = str(exc).lower()
+    return "context length" in text or "context_length" in text or "too many tokens" in text
+
+
+def _estimate_tokens(messages: list[dict[str, Any]]) -> int:
+    return len(json.dumps(messages, ensure_ascii=False)) // 4 + 1
+
+
+class ChatLLM:
+    """One model at one endpoint. `complete` returns a Completion or raises an LLMError subclass."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        model: str,
+        *,
+        request_timeout: float,
+        max_retries: int,
+        on_event: EventSink,
+        backoff_base: float = _BACKOFF_BASE,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.base_url = base_url
+        self.model = model
+        self.request_timeout = request_timeout
+        self.max_retries = max_retries
+        self._on_event = on_event
+        self._sleep = sleep
+        self.backoff_base = backoff_base
+        # Our own retry loop decides; the client's built-in retries would hide them from events.
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key, max_retries=0, timeout=request_timeout
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(_BACKOFF_CAP, self.backoff_base * 2**attempt)
+        return random.uniform(ceiling / 2, ceiling)
+
+    async def complete(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None,
+        max_tokens: int,
+        temperature: float | None,
+        top_p: float | None,
+        deadline: float,
+    ) -> Completion:
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+        }
+        if tools:
+            kwargs["tools"] = tools
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+        if top_p is not None:
+            kwargs["top_p"] = top_p
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineError("the task deadline passed while waiting for the model")
+            started = time.monotonic()
+            try:
+                resp = await self._client.chat.completions.create(
+                    **kwargs, timeout=min(self.request_timeout, remaining)
+                )
+                if not resp.choices:
+                    raise _UnusableReplyError("the endpoint replied with no choices")
+                return self._completion(resp, messages, time.monotonic() - started, attempt)
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                if status == 400 and _is_context_length(exc):
+                    raise ContextLengthError(str(exc.message)) from exc
+                if status in _RETRYABLE_STATUS or status >= 500:
+                    reason = f"HTTP {status} from {self.base_url}"
+                    delay = _retry_after(exc)
+                else:
+                    raise LLMError(self._describe_status(exc)) from exc
+            except openai.APITimeoutError:
+                if deadline - time.monotonic() <= 0:
+                    raise DeadlineError(
+                        "the task deadline passed while waiting for the model"
+                    ) from None
+                reason = f"no reply from {self.base_url} within {self.request_timeout:.0f}s"
+                delay = None
+            except openai.APIConnectionError as exc:
+                reason = f"cannot reach {self.base_url}: {_cause(exc)}"
+                delay = None
+            except (openai.APIResponseValidationError, _UnusableReplyError, ValueError) as exc:
+                reason = f"malformed reply from {self.base_url}: {exc}"
+                delay = None
+            if attempt >= self.max_retries:
+                raise LLMError(f"giving up after {attempt + 1} attempts: {reason}")
+            wait = min(delay, _RETRY_AFTER_CAP) if delay is not None else self._backoff(attempt)
+            if time.monotonic() + wait >= deadline:
+                raise DeadlineError(
+                    f"the task deadline would pass before the next retry ({reason})"
+                )
+            attempt += 1
+            self._on_event(LLMRetrying(attempt=attempt, delay_seconds=wait, reason=reason))
+            await self._sleep(wait)
+
+    def _describe_status(self, exc: openai.APIStatusError) -> str:
+        status = exc.status_code
+        if status in (401, 403):
+            return (
+                f"the endpoint {self.base_url} refused the API key (HTTP {status}): "
+                "check --api-key / OPENAI_API_KEY or the key Secret"
+            )
+        if status == 404:
+            return (
+                f"HTTP 404 from {self.base_url}: is the base URL right (it usually ends in /v1) "
+                f"and does the endpoint serve model {self.model!r}? ({exc.message})"
+            )
+        return f"HTTP {status} from {self.base_url}: {exc.message}"
+
+    def _completion(
+        self, resp: Any, messages: list[dict[str, Any]], seconds: float, retries: int
+    ) -> Completion:
+        choice = resp.choices[0]
+        msg = choice.message
+        calls = [
+            ToolCallRequest(
+                id=tc.id or f"call_{i}",
+                name=tc.function.name or "",
+                arguments=tc.function.arguments or "",
+            )
+            for i, tc in enumerate(msg.tool_calls or [])
+            if getattr(tc, "function", None) is not None
+        ]
+        content = msg.content or ""
+        usage = resp.usage
+        if usage is not None and usage.prompt_tokens is not None:
+            prompt, completion, reported = usage.prompt_tokens, usage.completion_tokens or 0, True
+        else:
+            # Some servers omit usage; an estimate keeps the token budget enforceable.
+            prompt = _estimate_tokens(messages)
+            completion = len(content + "".join(c.arguments for c in calls)) // 4 + 1
+            reported = False
+        raw: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            raw["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
+                for c in calls
+            ]
+        return Completion(
+            content=content,
+            tool_calls=calls,
+            finish_reason=str(choice.finish_reason or ""),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            usage_reported=reported,
+            seconds=seconds,
+            retries=retries,
+            raw_message=raw,
+        )
+
+
+class _UnusableReplyError(Exception):
+    """A 200 reply that is unusable (e.g. no choices); worth asking again."""
+
+
+def _cause(exc: BaseException) -> str:
+    inner = exc.__cause__ or exc.__context__
+    while inner is not None and isinstance(inner, httpx.HTTPError | OSError) and inner.__cause__:
+        inner = inner.__cause__
+    return f"{type(inner).__name__}: {inner}" if inner is not None else str(exc)

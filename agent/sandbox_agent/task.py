@@ -1,0 +1,259 @@
+"""The SandboxTask API: one pydantic model that parses task files locally and generates the CRD."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import PurePosixPath
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from .errors import TaskSpecError
+
+API_GROUP = "llmsandbox.io"
+API_VERSION = "v1alpha1"
+KIND = "SandboxTask"
+
+DEFAULT_SANDBOX_IMAGE = "llm-sandbox/sandbox-python:0.1.0"
+MAX_PROMPT_CHARS = 262_144
+MAX_INLINE_INPUT_CHARS = 1_048_576
+
+# Kubernetes quantities, e.g. 500m, 2, 1.5, 512Mi, 4G, 1e3.
+QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
+# DNS-1123 subdomain: what Kubernetes accepts as an object name.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A relative path below /workspace/input (no leading slash); `..` segments are refused by a validator.
+INPUT_PATH_PATTERN = r"^[^/\x00][^\x00]*$"
+# host:port or cidr:port entries of a custom egress allow list.
+ALLOW_ENTRY_PATTERN = r"^[0-9a-fA-F.:]+(/[0-9]{1,3})?:[0-9]{1,5}$"
+
+
+class ApiModel(BaseModel):
+    """camelCase on the wire, snake_case in Python, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+
+class ToolCallFormat(StrEnum):
+    NATIVE = "native"  # the endpoint parses tool calls (OpenAI `tools`)
+    HERMES = "hermes"  # tools described in the prompt, calls parsed from the reply text
+    AUTO = "auto"  # native, and text-parsed when a reply carries no native call
+
+
+class NetworkMode(StrEnum):
+    ISOLATED = "isolated"  # the sandbox reaches nothing (on a cluster: only the inference endpoint)
+    INTERNET = "internet"  # public internet, never cluster, private or link-local ranges
+    ALLOW_LIST = "allowList"  # only the listed cidr:port entries
+
+
+class SecretKeyRef(ApiModel):
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=NAME_PATTERN)]
+    key: Annotated[str, Field(min_length=1, max_length=253)] = "apiKey"
+
+
+class ConfigMapKeyRef(ApiModel):
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=NAME_PATTERN)]
+    key: Annotated[str | None, Field(min_length=1, max_length=253)] = None
+
+
+class InputFile(ApiModel):
+    """A file placed under /workspace/input: inline content, a local file, or a ConfigMap."""
+
+    path: Annotated[str, Field(min_length=1, max_length=1024, pattern=INPUT_PATH_PATTERN)]
+    content: Annotated[str | None, Field(max_length=MAX_INLINE_INPUT_CHARS)] = None
+    file: Annotated[str | None, Field(min_length=1, max_length=4096)] = Field(
+        default=None,
+        description="Local mode only: a file or directory, relative to the task file.",
+    )
+    config_map_ref: ConfigMapKeyRef | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _stays_below_input(cls, value: str) -> str:
+        if ".." in PurePosixPath(value).parts:
+            raise ValueError(f"{value!r} escapes /workspace/input: `..` is not allowed")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> InputFile:
+        sources = [s for s in ("content", "file", "config_map_ref") if getattr(self, s) is not None]
+        if len(sources) != 1:
+            raise ValueError(
+                "set exactly one of content, file or configMapRef "
+                f"(got {', '.join(to_camel(s) for s in sources) or 'none'})"
+            )
+        return self
+
+
+class ModelSpec(ApiModel):
+    name: Annotated[str | None, Field(min_length=1, max_length=256)] = Field(
+        default=None, description="Model name; defaults to the operator's or OPENAI_MODEL."
+    )
+    base_url: Annotated[str | None, Field(pattern=r"^https?://[^\s]+$", max_length=2048)] = Field(
+        default=None, alias="baseURL"
+    )
+    api_key_secret_ref: SecretKeyRef | None = None
+    temperature: Annotated[float | None, Field(ge=0, le=2)] = None
+    top_p: Annotated[float | None, Field(gt=0, le=1)] = None
+    max_tokens_per_call: Annotated[int, Field(ge=16, le=1_048_576)] = 8192
+    tool_call_format: ToolCallFormat = ToolCallFormat.AUTO
+    request_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 600
+
+
+class Limits(ApiModel):
+    max_steps: Annotated[int, Field(ge=1, le=10_000)] = 100
+    max_tokens: Annotated[int, Field(ge=256, le=10_000_000)] = Field(
+        default=131_072,
+        description="Conversation budget: the last call's prompt plus completion tokens.",
+    )
+    max_total_tokens: Annotated[int | None, Field(ge=256, le=1_000_000_000)] = Field(
+        default=None, description="Spend cap: prompt plus completion tokens summed over all calls."
+    )
+    command_timeout_seconds: Annotated[int, Field(ge=1, le=86_400)] = 120
+    active_deadline_seconds: Annotated[int, Field(ge=1, le=604_800)] = 1800
+    max_observation_bytes: Annotated[int, Field(ge=1024, le=1_048_576)] = Field(
+        default=16_384, description="Cap on what one tool result feeds back to the model."
+    )
+    max_llm_retries: Annotated[int, Field(ge=0, le=100)] = 8
+
+
+class Resources(ApiModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    requests: dict[str, Annotated[str, Field(pattern=QUANTITY_PATTERN)]] = Field(
+        default_factory=dict
+    )
+    limits: dict[str, Annotated[str, Field(pattern=QUANTITY_PATTERN)]] = Field(default_factory=dict)
+
+    @field_validator("requests", "limits")
+    @classmethod
+    def _known_resources(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - {"cpu", "memory", "ephemeral-storage"})
+        if unknown:
+            raise ValueError(
+                f"unknown resource {unknown[0]!r}: use cpu, memory or ephemeral-storage"
+            )
+        return value
+
+
+class Network(ApiModel):
+    mode: NetworkMode = NetworkMode.ISOLATED
+    allow: list[Annotated[str, Field(pattern=ALLOW_ENTRY_PATTERN)]] = Field(
+        default_factory=list, max_length=64
+    )
+
+    @model_validator(mode="after")
+    def _allow_only_with_allow_list(self) -> Network:
+        if self.mode is NetworkMode.ALLOW_LIST and not self.allow:
+            raise ValueError("mode allowList needs at least one entry in allow")
+        if self.mode is not NetworkMode.ALLOW_LIST and self.allow:
+            raise ValueError(f"allow is only valid with mode allowList (mode is {self.mode})")
+        return self
+
+
+class SandboxSpec(ApiModel):
+    image: Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")] = (
+        DEFAULT_SANDBOX_IMAGE
+    )
+    resources: Resources = Field(default_factory=Resources)
+    runtime_class_name: Annotated[str | None, Field(max_length=253, pattern=NAME_PATTERN)] = None
+    network: Network = Field(default_factory=Network)
+    max_processes: Annotated[int, Field(ge=16, le=65_536)] = Field(
+        default=1024, description="Process cap (local Docker: --pids-limit)."
+    )
+
+
+class SandboxTaskSpec(ApiModel):
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    inputs: list[InputFile] = Field(default_factory=list, max_length=256)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    limits: Limits = Field(default_factory=Limits)
+    sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
+    priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
+    retries: Annotated[int, Field(ge=0, le=10)] = 1
+
+    @field_validator("inputs")
+    @classmethod
+    def _unique_input_paths(cls, inputs: list[InputFile]) -> list[InputFile]:
+        seen: set[str] = set()
+        for item in inputs:
+            norm = str(PurePosixPath(item.path))
+            if norm in seen:
+                raise ValueError(f"duplicate input path {item.path!r}")
+            seen.add(norm)
+        return inputs
+
+
+class ObjectMeta(ApiModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
+
+    name: Annotated[str | None, Field(max_length=253, pattern=NAME_PATTERN)] = None
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class SandboxTask(ApiModel):
+    api_version: Literal["llmsandbox.io/v1alpha1"] = "llmsandbox.io/v1alpha1"
+    kind: Literal["SandboxTask"] = "SandboxTask"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: SandboxTaskSpec
+    status: dict[str, Any] | None = None
+
+
+_PATTERN_HINTS = {
+    QUANTITY_PATTERN: "must be a Kubernetes quantity such as 500m, 2, 512Mi or 4Gi",
+    NAME_PATTERN: "must be a DNS-1123 name: lower-case letters, digits, '-' and '.'",
+    INPUT_PATH_PATTERN: "must be a relative path (no leading '/')",
+    ALLOW_ENTRY_PATTERN: "must be ADDRESS[/PREFIX]:PORT, e.g. 10.0.0.5:8000 or 10.0.0.0/8:443",
+}
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", part):
+            path += f".{part}" if path else part
+        else:
+            # pydantic's own location parts (e.g. "function-after[...]") are not fields.
+            continue
+    return path or "(root)"
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each starting with the field path as the user wrote it."""
+    lines = []
+    for err in exc.errors():
+        path = _field_path(tuple(err["loc"]))
+        if prefix:
+            path = f"{prefix}.{path}" if path != "(root)" else prefix
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "string_pattern_mismatch":
+            pattern = str((err.get("ctx") or {}).get("pattern", ""))
+            msg = _PATTERN_HINTS.get(pattern, msg)
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"{path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_task(data: object) -> SandboxTask:
+    """Validate a decoded task document; errors name the field path (spec.limits.maxSteps: ...)."""
+    if not isinstance(data, dict):
+        raise TaskSpecError(
+            f"a task file must be a mapping with apiVersion, kind and spec (got {type(data).__name__})"
+        )
+    try:
+        return SandboxTask.model_validate(data, by_alias=True, by_name=False)
+    except ValidationError as exc:
+        raise TaskSpecError(format_validation_error(exc)) from None

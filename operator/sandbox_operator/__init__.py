@@ -1,0 +1,1 @@
+"""The Kubernetes controller for SandboxTask objects."""

@@ -1,0 +1,117 @@
+"""Shared fixtures: the scripted LLM server, and the local sandbox backends this machine offers."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sandbox_agent.backends.docker import docker_reachable
+
+from llmserver import ScriptedLLMServer, llm_server
+from sandbox_agent.backends import choose_backend
+from sandbox_agent.backends.bwrap import bwrap_path
+from sandbox_agent.runner import RunOptions, RunOutcome, run_task
+from sandbox_agent.taskfile import load_task_file
+
+__all__ = ["llm_server"]
+
+# The image container tests run the docker backend with (built by images/base/build.sh).
+TEST_IMAGE = "llm-sandbox/base:bookworm"
+
+
+@cache
+def bwrap_works() -> bool:
+    exe = bwrap_path()
+    if exe is None:
+        return False
+    probe = subprocess.run(
+        [exe, "--ro-bind", "/", "/", "--unshare-user", "--unshare-pid", "true"],
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
+    return probe.returncode == 0
+
+
+@cache
+def docker_image_present(image: str = TEST_IMAGE) -> bool:
+    if not docker_reachable():
+        return False
+    probe = subprocess.run(
+        ["docker", "image", "inspect", image], capture_output=True, timeout=30, check=False
+    )
+    return probe.returncode == 0
+
+
+def _backend_param(name: str) -> Any:
+    marks: list[Any] = []
+    if name == "bwrap":
+        marks = [
+            pytest.mark.bwrap,
+            pytest.mark.skipif(not bwrap_works(), reason="bubblewrap not installed or not usable"),
+        ]
+    elif name == "docker":
+        marks = [
+            pytest.mark.container,
+            pytest.mark.skipif(
+                not docker_image_present(),
+                reason=f"no Docker engine, or image {TEST_IMAGE} missing (bash images/base/build.sh)",
+            ),
+        ]
+    return pytest.param(name, marks=marks, id=name)
+
+
+ALL_BACKENDS = [_backend_param(n) for n in ("process", "bwrap", "docker")]
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each local backend available on this machine."""
+    name: str = request.param
+    assert choose_backend(name).name == name
+    return name
+
+
+def task_doc(prompt: str = "Solve it.", **spec: Any) -> dict[str, Any]:
+    """A SandboxTask document with test-friendly defaults, spec keys as on the wire."""
+    spec.setdefault("model", {})
+    spec["model"].setdefault("name", "scripted-model")
+    spec.setdefault("limits", {})
+    spec["limits"].setdefault("maxSteps", 10)
+    spec["limits"].setdefault("maxLlmRetries", 2)
+    spec.setdefault("sandbox", {})
+    spec["sandbox"].setdefault("image", TEST_IMAGE)
+    return {
+        "apiVersion": "llmsandbox.io/v1alpha1",
+        "kind": "SandboxTask",
+        "metadata": {"name": "test-task"},
+        "spec": {"prompt": prompt, **spec},
+    }
+
+
+@pytest.fixture
+def run_local(tmp_path: Path, llm_server: ScriptedLLMServer) -> Callable[..., RunOutcome]:
+    """Write a task file, run it through the real runner against the scripted server."""
+
+    def run(doc: dict[str, Any], backend: str = "process", **opts: Any) -> RunOutcome:
+        task_file = tmp_path / "task.yaml"
+        task_file.write_text(yaml.safe_dump(doc))
+        task = load_task_file(task_file)
+        options = RunOptions(
+            backend=backend,
+            base_url=opts.pop("base_url", llm_server.base_url),
+            api_key=opts.pop("api_key", "test-key"),
+            out_dir=tmp_path / "run",
+            retry_backoff_seconds=opts.pop("retry_backoff_seconds", 0.01),
+            env=opts.pop("env", {}),
+            **opts,
+        )
+        return asyncio.run(run_task(task, tmp_path, options, task_file=task_file))
+
+    return run

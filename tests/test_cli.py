@@ -1,0 +1,154 @@
+"""`sandboxctl` as a user runs it: a real subprocess, a task file, the scripted endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import task_doc
+from llmserver import ScriptedLLMServer, tool_call
+
+
+def sandboxctl(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox_agent.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def endpoint_env(server: ScriptedLLMServer) -> dict[str, str]:
+    return {
+        "OPENAI_BASE_URL": server.base_url,
+        "OPENAI_API_KEY": "k",
+        "OPENAI_MODEL": "scripted-model",
+    }
+
+
+def test_run_prints_progress_and_the_status_block_and_exits_zero(
+    tmp_path: Path, llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.script(
+        tool_call("execute_bash", {"command": "echo 6*7 | bc || python3 -c 'print(6*7)'"}),
+        tool_call("submit", {"answer": "42"}),
+    )
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(task_doc("6 times 7?")))
+    proc = sandboxctl(
+        "run", "task.yaml", "--backend", "process", "--out", "out", cwd=tmp_path,
+        env=endpoint_env(llm_server),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "[step 1/10]" in proc.stderr
+    assert "$ echo 6*7" in proc.stderr
+    assert "phase:       Succeeded" in proc.stdout
+    assert "exitReason:  submitted" in proc.stdout
+    assert "answer:      42" in proc.stdout
+    assert "trajectory:  out/trajectory.json" in proc.stdout
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["answer"] == "42"
+
+
+def test_flags_override_the_environment_and_the_task(
+    tmp_path: Path, llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.script(tool_call("submit", {"answer": "x"}))
+    (tmp_path / "task.yaml").write_text(
+        yaml.safe_dump(task_doc(model={"name": "from-task", "baseURL": "http://127.0.0.1:9/v1"}))
+    )
+    env = endpoint_env(llm_server) | {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+    proc = sandboxctl(
+        "run", "task.yaml", "--backend", "process", "--base-url", llm_server.base_url,
+        "--model", "from-flag", "--json", "--quiet", cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (llm_server.chat_requests[0].json or {})["model"] == "from-flag"
+    assert json.loads(proc.stdout)["result"]["phase"] == "Succeeded"
+    assert proc.stderr == ""
+
+
+def test_run_with_a_prompt_needs_no_file(tmp_path: Path, llm_server: ScriptedLLMServer) -> None:
+    llm_server.script(tool_call("submit", {"answer": "hello"}))
+    proc = sandboxctl(
+        "run", "--prompt", "Say hello", "--backend", "process", "--out", "o", cwd=tmp_path,
+        env=endpoint_env(llm_server),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    first = llm_server.chat_requests[0].json or {}
+    assert first["messages"][1]["content"] == "Say hello"
+
+
+def test_a_failed_task_exits_one_with_the_reason(
+    tmp_path: Path, llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.set_default(tool_call("execute_bash", {"command": "true"}))
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(task_doc(limits={"maxSteps": 2})))
+    proc = sandboxctl(
+        "run", "task.yaml", "--backend", "process", "--out", "o", cwd=tmp_path,
+        env=endpoint_env(llm_server),
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "phase:       Failed" in proc.stdout
+    assert "exitReason:  max_steps" in proc.stdout
+
+
+def test_an_invalid_task_file_exits_two_naming_the_field(tmp_path: Path) -> None:
+    (tmp_path / "task.yaml").write_text(
+        yaml.safe_dump(task_doc(limits={"maxSteps": -1, "commandTimeout": 5}))
+    )
+    proc = sandboxctl("run", "task.yaml", "--backend", "process", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "spec.limits.maxSteps: Input should be greater than or equal to 1" in proc.stderr
+    assert "spec.limits.commandTimeout: unknown field" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_input_file_exits_two_naming_the_field(tmp_path: Path) -> None:
+    (tmp_path / "task.yaml").write_text(
+        yaml.safe_dump(task_doc(inputs=[{"path": "d.txt", "file": "missing.txt"}]))
+    )
+    proc = sandboxctl(
+        "run", "task.yaml", "--backend", "process", cwd=tmp_path,
+        env={"OPENAI_MODEL": "m"},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "spec.inputs[0].file:" in proc.stderr
+    assert "missing.txt does not exist" in proc.stderr
+
+
+def test_no_model_anywhere_is_a_clear_error(tmp_path: Path) -> None:
+    proc = sandboxctl("run", "--prompt", "hi", "--backend", "process", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "spec.model.name: no model given" in proc.stderr
+
+
+def test_task_file_and_prompt_together_are_refused(tmp_path: Path) -> None:
+    proc = sandboxctl("run", "t.yaml", "--prompt", "x", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "not both" in proc.stderr
+
+
+def test_unknown_backend_is_refused_by_the_parser(tmp_path: Path) -> None:
+    proc = sandboxctl("run", "--prompt", "x", "--backend", "vm", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "invalid choice: 'vm'" in proc.stderr
+
+
+def test_validate_prints_the_parsed_spec_with_defaults(tmp_path: Path) -> None:
+    examples = Path(__file__).parent.parent / "examples"
+    proc = sandboxctl("validate", str(examples / "maths-by-code.yaml"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    spec = json.loads(proc.stdout)["spec"]
+    assert spec["limits"]["maxSteps"] == 30
+    assert spec["sandbox"]["network"]["mode"] == "isolated"

@@ -1,0 +1,189 @@
+"""The SandboxTask model: what a task file may say, and the errors it gets when it is wrong."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox_agent.errors import TaskSpecError
+from sandbox_agent.quantity import parse_quantity
+from sandbox_agent.task import NetworkMode, ToolCallFormat, parse_task
+from sandbox_agent.taskfile import load_task_file
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+
+
+def doc(**spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "llmsandbox.io/v1alpha1", "kind": "SandboxTask", "spec": spec}
+
+
+def error_of(data: Any) -> str:
+    with pytest.raises(TaskSpecError) as info:
+        parse_task(data)
+    return str(info.value)
+
+
+def test_a_minimal_task_gets_sane_defaults() -> None:
+    task = parse_task(doc(prompt="hi"))
+    assert task.spec.limits.max_steps == 100
+    assert task.spec.limits.command_timeout_seconds == 120
+    assert task.spec.model.tool_call_format is ToolCallFormat.AUTO
+    assert task.spec.sandbox.network.mode is NetworkMode.ISOLATED
+    assert task.spec.retries == 1
+
+
+def test_wire_names_are_camel_case_and_round_trip() -> None:
+    data = doc(
+        prompt="p",
+        model={"name": "m", "baseURL": "http://h:8000/v1", "maxTokensPerCall": 512},
+        limits={"maxSteps": 5, "activeDeadlineSeconds": 60},
+        sandbox={"resources": {"limits": {"memory": "2Gi", "ephemeral-storage": "4Gi"}}},
+    )
+    task = parse_task(data)
+    assert task.spec.model.base_url == "http://h:8000/v1"
+    dumped = task.model_dump(by_alias=True, exclude_none=True)
+    assert dumped["spec"]["model"]["baseURL"] == "http://h:8000/v1"
+    assert dumped["spec"]["limits"]["maxSteps"] == 5
+    assert parse_task(dumped) == task
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({}, "spec.prompt: Field required"),
+        ({"prompt": ""}, "spec.prompt: String should have at least 1 character"),
+        ({"prompt": 5}, "spec.prompt: Input should be a valid string"),
+        (
+            {"prompt": "p", "limits": {"maxSteps": 0}},
+            "spec.limits.maxSteps: Input should be greater than or equal to 1",
+        ),
+        (
+            {"prompt": "p", "limits": {"maxSteps": "many"}},
+            "spec.limits.maxSteps: Input should be a valid integer",
+        ),
+        ({"prompt": "p", "limits": {"maxStep": 3}}, "spec.limits.maxStep: unknown field"),
+        ({"prompt": "p", "bogus": 1}, "spec.bogus: unknown field"),
+        (
+            {"prompt": "p", "model": {"toolCallFormat": "json"}},
+            "spec.model.toolCallFormat: Input should be 'native', 'hermes' or 'auto'",
+        ),
+        (
+            {"prompt": "p", "model": {"baseURL": "vllm:8000"}},
+            "spec.model.baseURL: String should match pattern",
+        ),
+        (
+            {"prompt": "p", "inputs": [{"path": "../etc/passwd", "content": "x"}]},
+            "spec.inputs[0].path: '../etc/passwd' escapes /workspace/input",
+        ),
+        (
+            {"prompt": "p", "inputs": [{"path": "/abs", "content": "x"}]},
+            "spec.inputs[0].path: must be a relative path",
+        ),
+        (
+            {"prompt": "p", "inputs": [{"path": "a"}]},
+            "spec.inputs[0]: set exactly one of content, file or configMapRef (got none)",
+        ),
+        (
+            {
+                "prompt": "p",
+                "inputs": [{"path": "a", "content": "x"}, {"path": "a", "content": "y"}],
+            },
+            "spec.inputs: duplicate input path 'a'",
+        ),
+        (
+            {"prompt": "p", "sandbox": {"resources": {"limits": {"memory": "lots"}}}},
+            "spec.sandbox.resources.limits.memory: must be a Kubernetes quantity",
+        ),
+        (
+            {"prompt": "p", "sandbox": {"resources": {"limits": {"gpu": "1"}}}},
+            "spec.sandbox.resources.limits: unknown resource 'gpu'",
+        ),
+        (
+            {"prompt": "p", "sandbox": {"network": {"mode": "everything"}}},
+            "spec.sandbox.network.mode: Input should be",
+        ),
+        (
+            {"prompt": "p", "sandbox": {"network": {"mode": "allowList"}}},
+            "spec.sandbox.network: mode allowList needs at least one entry",
+        ),
+        (
+            {
+                "prompt": "p",
+                "sandbox": {"network": {"mode": "allowList", "allow": ["example.com"]}},
+            },
+            "spec.sandbox.network.allow[0]: must be ADDRESS[/PREFIX]:PORT",
+        ),
+        (
+            {"prompt": "p", "retries": -1},
+            "spec.retries: Input should be greater than or equal to 0",
+        ),
+        ({"prompt": "p" * 300_000}, "spec.prompt: String should have at most 262144 characters"),
+    ],
+)
+def test_invalid_specs_are_rejected_with_the_field_path(
+    spec: dict[str, Any], expected: str
+) -> None:
+    assert expected in error_of(doc(**spec))
+
+
+def test_wrong_api_version_and_non_mapping_documents_are_rejected() -> None:
+    assert "apiVersion" in error_of(
+        {"apiVersion": "v1", "kind": "SandboxTask", "spec": {"prompt": "p"}}
+    )
+    assert "must be a mapping" in error_of(["a", "list"])
+
+
+def test_task_file_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(TaskSpecError, match="nope.yaml: no such task file"):
+        load_task_file(missing)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("spec: [unclosed\n")
+    with pytest.raises(TaskSpecError, match="bad.yaml: invalid YAML"):
+        load_task_file(bad_yaml)
+    two = tmp_path / "two.yaml"
+    two.write_text("spec: {prompt: a}\n---\nspec: {prompt: b}\n")
+    with pytest.raises(TaskSpecError, match="exactly one YAML document, found 2"):
+        load_task_file(two)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("spec: {prompt: a, limits: {maxSteps: -3}}\n")
+    with pytest.raises(
+        TaskSpecError, match=r"wrong.yaml: invalid SandboxTask:\nspec.limits.maxSteps"
+    ):
+        load_task_file(wrong)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_is_a_valid_task(path: Path) -> None:
+    task = load_task_file(path)
+    assert task.metadata.name == path.stem
+    for item in task.spec.inputs:
+        if item.file is not None:
+            assert (path.parent / item.file).is_file()
+
+
+def test_examples_cover_code_long_document_and_strict_format() -> None:
+    assert {p.stem for p in EXAMPLES} >= {"maths-by-code", "long-document", "strict-format"}
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("500m", "0.5"),
+        ("2", "2"),
+        ("1.5", "1.5"),
+        ("512Mi", str(512 * 2**20)),
+        ("4G", "4000000000"),
+        ("1e3", "1000"),
+    ],
+)
+def test_quantities_parse_to_base_units(text: str, value: str) -> None:
+    assert parse_quantity(text) == Decimal(value)
+
+
+def test_a_bad_quantity_names_itself() -> None:
+    with pytest.raises(ValueError, match="'12 GB' is not a Kubernetes quantity"):
+        parse_quantity("12 GB")
