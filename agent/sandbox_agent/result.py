@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,6 +79,35 @@ class TaskResult(WireModel):
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+RESULT_LOG_PREFIX = "LLMSANDBOX_RESULT "
+# Kubernetes keeps at most this much of a termination message.
+TERMINATION_MESSAGE_LIMIT = 4096
+
+
+def termination_message(result: TaskResult, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+    """The result as JSON within `limit` bytes. When it does not fit, the answer is cut and
+    `resultInLog` says the whole result is the last log line (after RESULT_LOG_PREFIX)."""
+    full = result.to_json()
+    if len(full.encode()) <= limit:
+        return full
+    slim = result.model_copy(update={"tool_calls": {}, "outputs": result.outputs[:5]})
+    data = slim.model_dump(mode="json", by_alias=True, exclude_none=True)
+    data["resultInLog"] = True
+    data["answerTruncated"] = True
+    answer = data.pop("answer", None) or ""
+    message = data.pop("message", "") or ""
+    data["message"] = message[:512]
+    room = limit - len(json.dumps(data, ensure_ascii=False).encode()) - 32
+    encoded = answer.encode()[: max(0, room)].decode("utf-8", "ignore")
+    # JSON escaping can grow the text; shrink until the whole message fits.
+    while True:
+        data["answer"] = encoded
+        text = json.dumps(data, ensure_ascii=False)
+        if len(text.encode()) <= limit or not encoded:
+            return text
+        encoded = encoded[: len(encoded) * 3 // 4]
 
 
 def phase_for(reason: ExitReason) -> Phase:
