@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import yaml
-from sandbox_agent.backends.docker import docker_reachable
 
 from llmserver import ScriptedLLMServer, llm_server
 from sandbox_agent.backends import choose_backend
 from sandbox_agent.backends.bwrap import bwrap_path
+from sandbox_agent.backends.docker import docker_reachable
 from sandbox_agent.runner import RunOptions, RunOutcome, run_task
 from sandbox_agent.taskfile import load_task_file
 

@@ -6,8 +6,9 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from . import __version__
 from .backends import BACKEND_NAMES
@@ -91,7 +92,11 @@ def status_block(outcome: RunOutcome) -> str:
     return "\n".join(lines)
 
 
-def _build_parser() -> argparse.ArgumentParser:
+Command = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, Any]:
+    """The parser with the local commands; the operator package adds the cluster ones."""
     parser = argparse.ArgumentParser(
         prog="sandboxctl", description="Run LLM-in-Sandbox tasks locally or on Kubernetes."
     )
@@ -117,7 +122,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a task file and print the parsed spec")
     validate.add_argument("task", type=Path)
-    return parser
+    return parser, sub
 
 
 def _load(args: argparse.Namespace) -> tuple[SandboxTask, Path, Path | None]:
@@ -166,18 +171,24 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+LOCAL_COMMANDS: dict[str, Command] = {"run": _cmd_run, "validate": _cmd_validate}
+
+
+def dispatch(args: argparse.Namespace, commands: dict[str, Command]) -> int:
+    """Run one command; user errors become a message naming the command and exit code 2."""
     try:
-        if args.command == "run":
-            return _cmd_run(args)
-        return _cmd_validate(args)
+        return commands[args.command](args)
     except (TaskSpecError, BackendUnavailableError) as exc:
         print(f"sandboxctl {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("sandboxctl: interrupted; the sandbox was removed", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, _ = build_parser()
+    return dispatch(parser.parse_args(argv), LOCAL_COMMANDS)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,18 @@ class ExitReason(StrEnum):
     """The task spec is invalid; the message names the field."""
     CANCELLED = "cancelled"
     """The run was interrupted (Ctrl-C locally, the task deleted on a cluster)."""
+    IMAGE_PULL_ERROR = "image_pull_error"
+    """A container image could not be pulled (cluster only)."""
+    CONFIG_ERROR = "config_error"
+    """A Secret or ConfigMap the pod needs does not exist (cluster only)."""
+    OOM_KILLED = "oom_killed"
+    """A container used more memory than its limit (cluster only)."""
+    EVICTED = "evicted"
+    """The node evicted the pod, e.g. under memory or disk pressure (cluster only; retried)."""
+    POD_LOST = "pod_lost"
+    """The pod was deleted or vanished before reporting a result (cluster only; retried)."""
+    AGENT_CRASHED = "agent_crashed"
+    """The agent container exited without reporting a result (cluster only; retried)."""
 
 
 class WireModel(BaseModel):

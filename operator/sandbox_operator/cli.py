@@ -1,0 +1,274 @@
+"""`sandboxctl`: the local commands (run, validate) plus the cluster ones (crd, submit, get, wait, logs)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sandbox_agent.cli import LOCAL_COMMANDS, Command, build_parser, dispatch
+from sandbox_agent.errors import TaskSpecError
+from sandbox_agent.task import SandboxTask
+from sandbox_agent.taskfile import load_task_file
+
+from .crd import crd_yaml
+from .kube import API_GROUP, API_VERSION, TASKS, KubeClient, KubeError
+from .status import TaskStatus
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+# Larger local files belong in a ConfigMap (spec.inputs[].configMapRef), not inline in the task.
+MAX_INLINED_FILE_BYTES = 256 * 1024
+TERMINAL = {"Succeeded", "Failed", "Cancelled"}
+
+
+def _client(args: argparse.Namespace) -> KubeClient:
+    try:
+        return KubeClient.from_environment()
+    except KubeError as exc:
+        raise TaskSpecError(f"cannot reach a cluster: {exc.message} (set KUBECONFIG)") from None
+
+
+def _namespace(args: argparse.Namespace, client: KubeClient) -> str:
+    return str(args.namespace or client.info.default_namespace or "default")
+
+
+def _with_client(fn: Callable[[argparse.Namespace, KubeClient], Awaitable[int]]) -> Command:
+    def run(args: argparse.Namespace) -> int:
+        async def go() -> int:
+            client = _client(args)
+            try:
+                return await fn(args, client)
+            except KubeError as exc:
+                print(f"sandboxctl {args.command}: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+            finally:
+                await client.close()
+
+        return asyncio.run(go())
+
+    return run
+
+
+def inline_local_inputs(task: SandboxTask, task_dir: Path) -> SandboxTask:
+    """`file:` inputs become inline content, so a local task file can be submitted as it is."""
+    inputs = []
+    for i, item in enumerate(task.spec.inputs):
+        if item.file is None:
+            inputs.append(item)
+            continue
+        source = task_dir / item.file
+        where = f"spec.inputs[{i}].file"
+        if not source.is_file():
+            raise TaskSpecError(f"{where}: {source} is not a file (directories need a ConfigMap)")
+        if source.stat().st_size > MAX_INLINED_FILE_BYTES:
+            raise TaskSpecError(
+                f"{where}: {source} is larger than {MAX_INLINED_FILE_BYTES} bytes; put it in a "
+                "ConfigMap and use configMapRef"
+            )
+        try:
+            content = source.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise TaskSpecError(f"{where}: {source} is not UTF-8 text; use a ConfigMap") from None
+        inputs.append(item.model_copy(update={"file": None, "content": content}))
+    return task.model_copy(update={"spec": task.spec.model_copy(update={"inputs": inputs})})
+
+
+def task_manifest(task: SandboxTask, fallback_name: str) -> dict[str, Any]:
+    body = task.model_dump(mode="json", by_alias=True, exclude_none=True)
+    body.pop("status", None)
+    meta = body.setdefault("metadata", {})
+    for empty in ("labels", "annotations"):
+        if not meta.get(empty):
+            meta.pop(empty, None)
+    if not meta.get("name"):
+        meta["generateName"] = f"{fallback_name}-"
+    return body
+
+
+async def _submit(args: argparse.Namespace, client: KubeClient) -> int:
+    path: Path = args.task
+    task = inline_local_inputs(load_task_file(path), path.resolve().parent)
+    namespace = _namespace(args, client)
+    body = task_manifest(task, path.stem.lower().replace("_", "-"))
+    body["metadata"].pop("namespace", None)
+    created = await client.create(TASKS, namespace, body)
+    print(f"sandboxtask/{created['metadata']['name']} created in namespace {namespace}")
+    return EXIT_OK
+
+
+def _age(created: str | None) -> str:
+    if not created:
+        return "?"
+    then = datetime.fromisoformat(created.replace("Z", "+00:00"))
+    seconds = int((datetime.now(UTC) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+def table(items: list[dict[str, Any]], all_namespaces: bool) -> str:
+    headers = ["NAME", "PHASE", "STEPS", "TOKENS", "ANSWER", "REASON", "AGE"]
+    if all_namespaces:
+        headers.insert(0, "NAMESPACE")
+    rows = [headers]
+    for body in items:
+        st = TaskStatus.model_validate(body.get("status") or {})
+        row = [
+            body["metadata"]["name"],
+            str(st.phase or "Pending"),
+            "" if st.steps is None else str(st.steps),
+            "" if st.usage is None else str(st.usage.total_tokens),
+            st.answer_short or "",
+            str(st.exit_reason or ""),
+            _age(body["metadata"].get("creationTimestamp")),
+        ]
+        if all_namespaces:
+            row.insert(0, body["metadata"].get("namespace", ""))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
+    return "\n".join(
+        "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+async def _get(args: argparse.Namespace, client: KubeClient) -> int:
+    if args.name:
+        body = await client.get(TASKS, _namespace(args, client), args.name)
+        if body is None:
+            print(f"sandboxctl get: sandboxtask {args.name!r} not found", file=sys.stderr)
+            return EXIT_FAILED
+        if args.output == "json":
+            print(json.dumps(body, indent=2))
+            return EXIT_OK
+        items = [body]
+    else:
+        items = await client.list(TASKS, None if args.all_namespaces else _namespace(args, client))
+        if args.output == "json":
+            print(json.dumps({"items": items}, indent=2))
+            return EXIT_OK
+    print(table(items, args.all_namespaces))
+    return EXIT_OK
+
+
+def describe(body: dict[str, Any]) -> str:
+    st = TaskStatus.model_validate(body.get("status") or {})
+    lines = [
+        f"name:        {body['metadata']['name']}",
+        f"phase:       {st.phase}",
+        f"exitReason:  {st.exit_reason}",
+    ]
+    if st.message:
+        lines.append(f"message:     {st.message}")
+    lines.append(f"answer:      {st.answer if st.answer is not None else '(none)'}")
+    if st.answer_truncated:
+        lines.append("             (cut; the full answer is in the agent's log)")
+    lines.append(f"steps:       {st.steps}")
+    if st.usage is not None:
+        cost = f", ~${st.usage.cost_usd:.4f}" if st.usage.cost_usd is not None else ""
+        lines.append(
+            f"usage:       {st.usage.prompt_tokens} prompt + {st.usage.completion_tokens} "
+            f"completion = {st.usage.total_tokens} tokens{cost}"
+        )
+    lines.append(f"pod:         {st.pod_name} (attempt {st.attempt})")
+    return "\n".join(lines)
+
+
+async def _wait(args: argparse.Namespace, client: KubeClient) -> int:
+    namespace = _namespace(args, client)
+    deadline = time.monotonic() + args.timeout
+    while True:
+        body = await client.get(TASKS, namespace, args.name)
+        if body is None:
+            print(
+                f"sandboxctl wait: sandboxtask {args.name!r} not found in {namespace}",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        phase = (body.get("status") or {}).get("phase")
+        if phase in TERMINAL:
+            print(describe(body))
+            return EXIT_OK if phase == "Succeeded" else EXIT_FAILED
+        if time.monotonic() >= deadline:
+            print(
+                f"sandboxctl wait: {args.name} is still {phase or 'Pending'} after {args.timeout:.0f}s",
+                file=sys.stderr,
+            )
+            return EXIT_TIMEOUT
+        await asyncio.sleep(args.interval)
+
+
+async def _logs(args: argparse.Namespace, client: KubeClient) -> int:
+    namespace = _namespace(args, client)
+    body = await client.get(TASKS, namespace, args.name)
+    if body is None:
+        print(
+            f"sandboxctl logs: sandboxtask {args.name!r} not found in {namespace}", file=sys.stderr
+        )
+        return EXIT_FAILED
+    pod = (body.get("status") or {}).get("podName")
+    if not pod:
+        print(
+            f"sandboxctl logs: {args.name} has no pod yet (phase {(body.get('status') or {}).get('phase', 'Pending')})",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    text = await client.pod_log(namespace, pod, args.container, args.tail)
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _crd(args: argparse.Namespace) -> int:
+    sys.stdout.write(crd_yaml())
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, sub = build_parser()
+    sub.add_parser("crd", help="print the SandboxTask CustomResourceDefinition (YAML)")
+
+    def cluster(name: str, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+        p.add_argument("-n", "--namespace", help="namespace (default: the kubeconfig's)")
+        return p
+
+    submit = cluster("submit", "create a SandboxTask on the cluster from a task file")
+    submit.add_argument("task", type=Path)
+    get = cluster("get", "list SandboxTasks, or show one")
+    get.add_argument("name", nargs="?")
+    get.add_argument("-A", "--all-namespaces", action="store_true")
+    get.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    wait = cluster("wait", "wait until a task ends; print its result; exit 0 only on success")
+    wait.add_argument("name")
+    wait.add_argument("--timeout", type=float, default=3600.0)
+    wait.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    logs = cluster("logs", "print the log of a task's pod")
+    logs.add_argument("name")
+    logs.add_argument("-c", "--container", choices=["agent", "sandbox"], default="agent")
+    logs.add_argument("--tail", type=int, default=1000)
+
+    commands: dict[str, Command] = {
+        **LOCAL_COMMANDS,
+        "crd": _crd,
+        "submit": _with_client(_submit),
+        "get": _with_client(_get),
+        "wait": _with_client(_wait),
+        "logs": _with_client(_logs),
+    }
+    return dispatch(parser.parse_args(argv), commands)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["API_GROUP", "API_VERSION", "main"]

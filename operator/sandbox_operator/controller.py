@@ -1,0 +1,600 @@
+"""The operator's decisions over time: validate, admit, create the pod, follow it, write the result.
+
+kopf watches SandboxTasks and their pods and calls `Operator.on_task` / `Operator.on_pod`; all
+writes go through KubeClient. Every step may run twice (a restart, a repeated watch event): pods
+and ConfigMaps have deterministic names, so a second create is a 409 that is simply adopted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from sandbox_agent.result import ExitReason, Phase, TaskResult, phase_for
+from sandbox_agent.task import SandboxTask, format_validation_error
+
+from .admission import Candidate, positions, to_admit
+from .failures import PodState, PodVerdict, assess_pod
+from .kube import TASKS, ConflictError, KubeClient, KubeError
+from .metrics import Metrics
+from .pod import build_pod, pod_name
+from .policy import shared_policies, task_policy
+from .result import ResultError, parse_log_result, parse_termination_message
+from .settings import OperatorSettings, cost_usd
+from .status import (
+    ConditionType,
+    Reason,
+    TaskStatus,
+    answer_for_status,
+    answer_short,
+    rfc3339,
+    set_condition,
+)
+from .taskconfig import SpecError, build_task_configmap, validate_for_cluster
+
+log = logging.getLogger("sandbox_operator")
+
+TASK_UID_LABEL = "llmsandbox.io/task-uid"
+ATTEMPT_LABEL = "llmsandbox.io/attempt"
+MANAGED_SELECTOR = {"app.kubernetes.io/managed-by": "llm-sandbox-operator"}
+ACTIVE = {Phase.PENDING, Phase.RUNNING}
+TERMINAL = {Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED}
+# Reason for the Complete condition per exit reason, where it differs from Failed.
+_COMPLETE_REASONS = {
+    ExitReason.SUBMITTED: Reason.SUCCEEDED,
+    ExitReason.INVALID_SPEC: Reason.INVALID_SPEC,
+    ExitReason.IMAGE_PULL_ERROR: Reason.IMAGE_PULL_FAILED,
+    ExitReason.CONFIG_ERROR: Reason.CONFIG_MISSING,
+    ExitReason.OOM_KILLED: Reason.OOM_KILLED,
+    ExitReason.EVICTED: Reason.EVICTED,
+    ExitReason.DEADLINE: Reason.DEADLINE_EXCEEDED,
+    ExitReason.POD_LOST: Reason.POD_DELETED,
+    ExitReason.CANCELLED: Reason.CANCELLED,
+}
+_LOG_TAIL_LINES = 20
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _seconds_between(start: str | None, end: datetime) -> float | None:
+    begun = _parse_time(start)
+    return round((end - begun).total_seconds(), 3) if begun else None
+
+
+def _status_of(body: dict[str, Any]) -> TaskStatus:
+    try:
+        return TaskStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        # A status we cannot read (hand-edited, or older) is treated as empty: the task restarts.
+        return TaskStatus()
+
+
+def _key(body: dict[str, Any]) -> tuple[str, str, str]:
+    meta = body["metadata"]
+    return meta["uid"], meta.get("namespace", "default"), meta["name"]
+
+
+def _complete_reason(reason: ExitReason) -> str:
+    return _COMPLETE_REASONS.get(reason, Reason.FAILED).value
+
+
+class Operator:
+    """All state is a cache of the API; losing it (a restart) loses nothing."""
+
+    def __init__(self, settings: OperatorSettings, kube: KubeClient) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.tasks: dict[str, dict[str, Any]] = {}
+        self.pods: dict[str, dict[str, Any]] = {}  # by pod uid
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._admission = asyncio.Lock()
+        self._policies_ready: set[str] = set()
+        self.metrics = Metrics(self.count_by_phase, settings.max_running_tasks)
+
+    # -- index -------------------------------------------------------------------------------
+
+    def count_by_phase(self) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for body in self.tasks.values():
+            phase = (body.get("status") or {}).get("phase")
+            counts[phase or Phase.PENDING.value] += 1
+        return dict(counts)
+
+    def _lock(self, uid: str) -> asyncio.Lock:
+        return self._locks.setdefault(uid, asyncio.Lock())
+
+    def _phase(self, uid: str) -> Phase | None:
+        phase = (self.tasks.get(uid, {}).get("status") or {}).get("phase")
+        return Phase(phase) if phase else None
+
+    async def prime(self, namespaces: list[str]) -> None:
+        """Read every task and managed pod once, so admission counts right from the first event."""
+        scopes: list[str | None] = list(namespaces) or [None]
+        for ns in scopes:
+            for body in await self.kube.list(TASKS, ns):
+                self.tasks[body["metadata"]["uid"]] = body
+            for pod in await self.kube.list("pods", ns, MANAGED_SELECTOR):
+                self.pods[pod["metadata"]["uid"]] = pod
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def on_task(self, event_type: str | None, body: dict[str, Any]) -> None:
+        uid, namespace, _ = _key(body)
+        if event_type == "DELETED":
+            self.tasks.pop(uid, None)
+            self._locks.pop(uid, None)
+            # Owner references garbage-collect the pod too; deleting it now frees the slot sooner.
+            for pod in self._pods_of(uid):
+                await self._delete_pod(namespace, pod["metadata"]["name"])
+        else:
+            known = self.tasks.get(uid)
+            if known is None or _newer(body, known):
+                self.tasks[uid] = body
+            async with self._lock(uid):
+                await self._reconcile(uid)
+        await self.admit()
+
+    async def on_pod(self, event_type: str | None, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        if event_type == "DELETED":
+            self.pods.pop(meta["uid"], None)
+        else:
+            self.pods[meta["uid"]] = pod
+        uid = (meta.get("labels") or {}).get(TASK_UID_LABEL)
+        if not uid or uid not in self.tasks:
+            return
+        async with self._lock(uid):
+            await self._follow_pod(uid, pod, deleted=event_type == "DELETED")
+        await self.admit()
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    async def _reconcile(self, uid: str) -> None:
+        body = self.tasks.get(uid)
+        if body is None:
+            return
+        status = _status_of(body)
+        if status.phase in TERMINAL:
+            return
+        if status.phase is None:
+            task = await self._validate(body)
+            if task is not None:
+                await self._enqueue(uid)
+            return
+        if status.phase in ACTIVE:
+            pod = await self._current_pod(uid, body, status)
+            if pod is None:
+                if status.phase is Phase.PENDING:
+                    # Admitted, but the operator stopped before the pod was created.
+                    await self._start_attempt(uid, status.attempt or 1, resume=True)
+                else:
+                    await self._pod_lost(uid, "the pod is gone")
+            else:
+                await self._follow_pod(uid, pod, deleted=False)
+
+    async def _validate(self, body: dict[str, Any]) -> SandboxTask | None:
+        uid = body["metadata"]["uid"]
+        try:
+            task = SandboxTask.model_validate(
+                {k: body.get(k) for k in ("apiVersion", "kind", "spec")},
+                by_alias=True,
+                by_name=False,
+            )
+            validate_for_cluster(task, self.settings)
+        except ValidationError as exc:
+            await self._finish_without_run(
+                uid, ExitReason.INVALID_SPEC, format_validation_error(exc).replace("\n", "; ")
+            )
+            return None
+        except SpecError as exc:
+            await self._finish_without_run(uid, ExitReason.INVALID_SPEC, str(exc))
+            return None
+        return task
+
+    def _waiting(self) -> list[Candidate]:
+        return [
+            _candidate(body)
+            for body in self.tasks.values()
+            if (body.get("status") or {}).get("phase") == Phase.QUEUED.value
+        ]
+
+    def _running_count(self) -> int:
+        return sum(1 for uid in self.tasks if self._phase(uid) in ACTIVE)
+
+    async def _enqueue(self, uid: str) -> None:
+        """A new valid task: straight to a slot when one is free and nobody waits ahead."""
+        async with self._admission:
+            body = self.tasks[uid]
+            me = _candidate(body)
+            chosen = to_admit(
+                [*self._waiting(), me], self._running_count(), self.settings.max_running_tasks
+            )
+            if me in chosen:
+                await self._admit_one(uid, from_new=True)
+                return
+            place = positions([*self._waiting(), me])[uid]
+            now = _now()
+            status = TaskStatus(phase=Phase.QUEUED, queue_position=place)
+            status.conditions = set_condition(
+                [],
+                ConditionType.ADMITTED,
+                "False",
+                Reason.QUEUED,
+                f"waiting for one of {self.settings.max_running_tasks} run slots "
+                f"(position {place})",
+                now,
+            )
+            await self._write_status(uid, status)
+
+    async def admit(self) -> None:
+        """Fill free slots from the queue (priority, then age)."""
+        async with self._admission:
+            for cand in to_admit(
+                self._waiting(), self._running_count(), self.settings.max_running_tasks
+            ):
+                async with self._lock(cand.uid):
+                    if self._phase(cand.uid) is Phase.QUEUED:
+                        await self._admit_one(cand.uid, from_new=False)
+
+    async def _admit_one(self, uid: str, from_new: bool) -> None:
+        body = self.tasks[uid]
+        now = _now()
+        created = body["metadata"].get("creationTimestamp")
+        queued = _seconds_between(created, now)
+        if queued is not None:
+            self.metrics.queue_wait.observe(max(0.0, queued))
+        await self._start_attempt(uid, 1, resume=False, queued_seconds=queued)
+
+    async def _start_attempt(
+        self,
+        uid: str,
+        attempt: int,
+        *,
+        resume: bool,
+        queued_seconds: float | None = None,
+        retry_note: str = "",
+    ) -> None:
+        """Record the attempt in status first (it holds the slot), then create what it needs."""
+        body = self.tasks[uid]
+        _, namespace, name = _key(body)
+        task = SandboxTask.model_validate(
+            {k: body.get(k) for k in ("apiVersion", "kind", "spec")}, by_alias=True
+        )
+        pod = build_pod(
+            task_with_meta(task, body),
+            namespace=namespace,
+            uid=uid,
+            attempt=attempt,
+            settings=self.settings,
+        )
+        if not resume:
+            now = _now()
+            old = _status_of(body)
+            status = TaskStatus(
+                phase=Phase.PENDING,
+                pod_name=pod["metadata"]["name"],
+                attempt=attempt,
+                queued_seconds=queued_seconds if queued_seconds is not None else old.queued_seconds,
+                start_time=old.start_time,
+                observed_generation=body["metadata"].get("generation"),
+            )
+            conditions = set_condition(
+                old.conditions,
+                ConditionType.ADMITTED,
+                "True",
+                Reason.ADMITTED,
+                "run slot granted",
+                now,
+            )
+            if retry_note:
+                conditions = set_condition(
+                    conditions, ConditionType.COMPLETE, "False", Reason.RETRYING, retry_note, now
+                )
+                status.message = retry_note
+            status.conditions = conditions
+            await self._write_status(uid, status, clear=["queuePosition"])
+        try:
+            await self._ensure_policies(task_with_meta(task, body), namespace, uid)
+            await self._create(
+                "configmaps",
+                namespace,
+                build_task_configmap(
+                    task_with_meta(task, body), namespace=namespace, uid=uid, settings=self.settings
+                ),
+            )
+            await self._create("pods", namespace, pod)
+        except KubeError as exc:
+            log.warning("creating the pod for %s/%s failed: %s", namespace, name, exc)
+            await self._finish_without_run(
+                uid,
+                ExitReason.CONFIG_ERROR,
+                f"the operator could not create the pod: {exc.message}",
+            )
+
+    async def _create(self, resource: str, namespace: str, obj: dict[str, Any]) -> None:
+        try:
+            await self.kube.create(resource, namespace, obj)
+        except ConflictError:
+            # Created by an earlier run of this same step: adopt it.
+            return
+
+    async def _ensure_policies(self, task: SandboxTask, namespace: str, uid: str) -> None:
+        if namespace not in self._policies_ready:
+            for policy in shared_policies(namespace, self.settings):
+                await self._create("networkpolicies", namespace, policy)
+            self._policies_ready.add(namespace)
+        own = task_policy(task, namespace=namespace, uid=uid, settings=self.settings)
+        if own is not None:
+            await self._create("networkpolicies", namespace, own)
+
+    def _pods_of(self, uid: str) -> list[dict[str, Any]]:
+        return [
+            p for p in self.pods.values()
+            if (p["metadata"].get("labels") or {}).get(TASK_UID_LABEL) == uid
+        ]  # fmt: skip
+
+    async def _current_pod(
+        self, uid: str, body: dict[str, Any], status: TaskStatus
+    ) -> dict[str, Any] | None:
+        name = status.pod_name
+        for pod in self._pods_of(uid):
+            if pod["metadata"]["name"] == name:
+                return pod
+        # Not seen by the watch (yet): ask the API before concluding anything.
+        namespace = body["metadata"].get("namespace", "default")
+        return await self.kube.get("pods", namespace, name) if name else None
+
+    async def _follow_pod(self, uid: str, pod: dict[str, Any], deleted: bool) -> None:
+        body = self.tasks.get(uid)
+        if body is None:
+            return
+        status = _status_of(body)
+        if status.phase not in ACTIVE or pod["metadata"]["name"] != status.pod_name:
+            return  # an old attempt's pod, or the task already ended
+        if deleted:
+            await self._pod_lost(uid, "the pod was deleted")
+            return
+        task_limits = ((body.get("spec") or {}).get("sandbox") or {}).get("resources") or {}
+        verdict = assess_pod(pod, (task_limits.get("limits") or {}).get("memory"))
+        if verdict.state is PodState.RUNNING and status.phase is Phase.PENDING:
+            now = _now()
+            admitted = _parse_time(body["metadata"].get("creationTimestamp"))
+            if admitted is not None:
+                startup = (now - admitted).total_seconds() - (status.queued_seconds or 0.0)
+                self.metrics.pod_startup.observe(max(0.0, startup))
+            status.phase = Phase.RUNNING
+            status.start_time = status.start_time or verdict.started_at or rfc3339(now)
+            status.conditions = set_condition(
+                status.conditions,
+                ConditionType.READY,
+                "True",
+                Reason.RUNNING,
+                f"pod {status.pod_name} is running",
+                now,
+            )
+            status.conditions = set_condition(
+                status.conditions, ConditionType.POD_SCHEDULED, "True", Reason.SCHEDULED, "", now
+            )
+            status.message = None
+            await self._write_status(uid, status, clear=["message"])
+        elif verdict.state is PodState.FINISHED:
+            await self._finish_from_pod(uid, pod, verdict)
+        elif verdict.state is PodState.FAILED:
+            await self._fail_from_pod(uid, pod, verdict)
+
+    async def _finish_from_pod(self, uid: str, pod: dict[str, Any], verdict: PodVerdict) -> None:
+        assert verdict.termination_message is not None
+        meta = pod["metadata"]
+        try:
+            result, in_log = parse_termination_message(verdict.termination_message)
+            if in_log:
+                text = await self.kube.pod_log(
+                    meta["namespace"], meta["name"], "agent", _LOG_TAIL_LINES
+                )
+                result = parse_log_result(text)
+        except (ResultError, KubeError) as exc:
+            await self._fail_from_pod(
+                uid,
+                pod,
+                PodVerdict(
+                    PodState.FAILED,
+                    ExitReason.AGENT_CRASHED,
+                    "AgentCrashed",
+                    f"cannot read the agent's result: {exc}",
+                    retryable=True,
+                ),
+            )
+            return
+        await self._finish(uid, result, pod)
+
+    async def _fail_from_pod(self, uid: str, pod: dict[str, Any], verdict: PodVerdict) -> None:
+        assert verdict.exit_reason is not None
+        body = self.tasks[uid]
+        status = _status_of(body)
+        retries = int((body.get("spec") or {}).get("retries", 1))
+        attempt = status.attempt or 1
+        if pod.get("status", {}).get("phase") in ("Pending", "Running"):
+            # A pod stuck pulling or misconfigured would hold its slot forever.
+            await self._delete_pod(pod["metadata"]["namespace"], pod["metadata"]["name"])
+        if verdict.retryable and attempt <= retries:
+            self.metrics.retries.labels(exit_reason=verdict.exit_reason.value).inc()
+            note = f"attempt {attempt} failed ({verdict.message}); starting attempt {attempt + 1}"
+            await self._start_attempt(uid, attempt + 1, resume=False, retry_note=note)
+            return
+        result = TaskResult(
+            phase=phase_for(verdict.exit_reason),
+            exit_reason=verdict.exit_reason,
+            message=verdict.message,
+        )
+        if verdict.termination_message:
+            # The agent may still have reported steps and usage before the pod failed.
+            try:
+                reported, _ = parse_termination_message(verdict.termination_message)
+                result = reported.model_copy(
+                    update={
+                        "phase": result.phase,
+                        "exit_reason": result.exit_reason,
+                        "message": result.message,
+                    }
+                )
+            except ResultError:
+                pass
+        await self._finish(uid, result, pod)
+
+    async def _pod_lost(self, uid: str, why: str) -> None:
+        body = self.tasks[uid]
+        fake_pod = {
+            "metadata": {
+                "name": _status_of(body).pod_name or "",
+                "namespace": body["metadata"].get("namespace", "default"),
+            },
+            "status": {"phase": "Failed"},
+        }
+        await self._fail_from_pod(
+            uid,
+            fake_pod,
+            PodVerdict(
+                PodState.FAILED,
+                ExitReason.POD_LOST,
+                "PodDeleted",
+                f"{why} before the agent reported",
+                retryable=True,
+            ),
+        )
+
+    async def _finish_without_run(self, uid: str, reason: ExitReason, message: str) -> None:
+        await self._finish(
+            uid, TaskResult(phase=phase_for(reason), exit_reason=reason, message=message), None
+        )
+
+    async def _finish(self, uid: str, result: TaskResult, pod: dict[str, Any] | None) -> None:
+        body = self.tasks[uid]
+        status = _status_of(body)
+        now = _now()
+        model = _model_name(body, self.settings)
+        cost = cost_usd(
+            self.settings, model, result.usage.prompt_tokens, result.usage.completion_tokens
+        )
+        usage = result.usage.model_copy(update={"cost_usd": cost})
+        answer, cut = answer_for_status(result.answer)
+        status.phase = result.phase
+        status.exit_reason = result.exit_reason
+        status.answer = answer
+        status.answer_truncated = cut or result.answer_truncated or None
+        status.answer_short = answer_short(answer)
+        status.steps = result.steps
+        status.usage = usage
+        status.tool_calls = result.tool_calls
+        status.outputs = result.outputs
+        status.message = result.message or None
+        status.completion_time = rfc3339(now)
+        status.queue_position = None
+        run = _seconds_between(status.start_time, now)
+        status.run_seconds = run
+        if run is not None:
+            self.metrics.run_duration.observe(max(0.0, run))
+        status.conditions = set_condition(
+            status.conditions,
+            ConditionType.COMPLETE,
+            "True",
+            _complete_reason(result.exit_reason),
+            result.message or "the model submitted an answer",
+            now,
+        )
+        if pod is not None:
+            status.conditions = set_condition(
+                status.conditions,
+                ConditionType.READY,
+                "False",
+                _complete_reason(result.exit_reason),
+                "the pod has ended",
+                now,
+            )
+        await self._write_status(uid, status, clear=["queuePosition"])
+        self.metrics.completed.labels(
+            phase=result.phase.value, exit_reason=result.exit_reason.value
+        ).inc()
+        self.metrics.record_result(model, result, cost)
+
+    async def _delete_pod(self, namespace: str, name: str) -> None:
+        try:
+            await self.kube.delete("pods", namespace, name)
+        except KubeError as exc:
+            log.warning("deleting pod %s/%s failed: %s", namespace, name, exc)
+
+    async def _write_status(
+        self,
+        uid: str,
+        status: TaskStatus,
+        clear: list[str] | None = None,
+    ) -> None:
+        body = self.tasks[uid]
+        _, namespace, name = _key(body)
+        patch: dict[str, Any] = status.to_api()
+        for field in clear or []:
+            patch.setdefault(field, None)
+        try:
+            updated = await self.kube.patch_status(TASKS, namespace, name, patch)
+        except KubeError as exc:
+            if exc.status == 404:
+                self.tasks.pop(uid, None)
+                return
+            raise
+        # The watch will bring this too; caching it now keeps admission counts exact.
+        self.tasks[uid] = updated
+
+
+def _newer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    try:
+        return int(a["metadata"].get("resourceVersion", 0)) >= int(
+            b["metadata"].get("resourceVersion", 0)
+        )
+    except (TypeError, ValueError):
+        return True
+
+
+def _candidate(body: dict[str, Any]) -> Candidate:
+    uid, namespace, name = _key(body)
+    priority = (body.get("spec") or {}).get("priority", 0)
+    return Candidate(
+        uid=uid,
+        namespace=namespace,
+        name=name,
+        priority=priority if isinstance(priority, int) else 0,
+        created=body["metadata"].get("creationTimestamp", ""),
+    )
+
+
+def _model_name(body: dict[str, Any], settings: OperatorSettings) -> str:
+    model = ((body.get("spec") or {}).get("model") or {}).get("name")
+    return str(model or settings.default_model or "unknown")
+
+
+def task_with_meta(task: SandboxTask, body: dict[str, Any]) -> SandboxTask:
+    meta = body["metadata"]
+    return task.model_copy(
+        update={
+            "metadata": task.metadata.model_copy(
+                update={"name": meta["name"], "namespace": meta.get("namespace")}
+            )
+        }
+    )
+
+
+__all__ = ["Operator", "pod_name"]

@@ -1,0 +1,153 @@
+"""What a pod's status says about its task: still starting, running, finished, or a named failure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sandbox_agent.result import ExitReason
+
+_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+_CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError"}
+
+
+class PodState(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    FINISHED = "finished"  # the agent reported; the result is in its termination message
+    FAILED = "failed"  # a named failure; see exit_reason
+
+
+@dataclass(frozen=True)
+class PodVerdict:
+    state: PodState
+    exit_reason: ExitReason | None = None
+    condition_reason: str = ""
+    message: str = ""
+    retryable: bool = False
+    termination_message: str | None = None
+    started_at: str | None = None
+
+
+def _statuses(pod: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    return list((pod.get("status") or {}).get(key) or [])
+
+
+def _images(pod: dict[str, Any]) -> dict[str, str]:
+    spec = pod.get("spec") or {}
+    return {
+        c["name"]: c.get("image", "")
+        for c in (spec.get("initContainers") or []) + (spec.get("containers") or [])
+    }
+
+
+def _waiting_failure(pod: dict[str, Any]) -> PodVerdict | None:
+    images = _images(pod)
+    for cs in _statuses(pod, "initContainerStatuses") + _statuses(pod, "containerStatuses"):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason", "")
+        detail = waiting.get("message", "") or reason
+        name = cs.get("name", "?")
+        if reason in _PULL_REASONS:
+            image = cs.get("image") or images.get(name, "?")
+            which = "spec.sandbox.image" if name == "sandbox" else "the operator's agentImage"
+            return PodVerdict(
+                PodState.FAILED,
+                ExitReason.IMAGE_PULL_ERROR,
+                "ImagePullFailed",
+                f"cannot pull image {image!r} for container {name} ({reason}: {detail}); "
+                f"check {which} and the registry's pull secret",
+            )
+        if reason in _CONFIG_REASONS:
+            return PodVerdict(
+                PodState.FAILED,
+                ExitReason.CONFIG_ERROR,
+                "ConfigMissing",
+                f"container {name} cannot start: {detail}; create it, or fix the reference "
+                "(spec.model.apiKeySecretRef, spec.inputs[].configMapRef)",
+            )
+    return None
+
+
+def _terminated(pod: dict[str, Any], name: str) -> dict[str, Any] | None:
+    for cs in _statuses(pod, "containerStatuses"):
+        if cs.get("name") == name:
+            term = (cs.get("state") or {}).get("terminated")
+            return dict(term) if term else None
+    return None
+
+
+def _started_at(pod: dict[str, Any]) -> str | None:
+    for cs in _statuses(pod, "containerStatuses"):
+        running = (cs.get("state") or {}).get("running")
+        if running and running.get("startedAt"):
+            return str(running["startedAt"])
+    return (pod.get("status") or {}).get("startTime")
+
+
+def assess_pod(pod: dict[str, Any], memory_limit: str | None = None) -> PodVerdict:
+    """Pure: the verdict for one task pod, from its status alone."""
+    status = pod.get("status") or {}
+    phase = status.get("phase", "Pending")
+    if phase in ("Pending", "Running", "Unknown"):
+        failure = _waiting_failure(pod)
+        if failure is not None:
+            return failure
+        if phase == "Running":
+            return PodVerdict(PodState.RUNNING, started_at=_started_at(pod))
+        return PodVerdict(PodState.STARTING)
+    if status.get("reason") == "Evicted":
+        return PodVerdict(
+            PodState.FAILED,
+            ExitReason.EVICTED,
+            "Evicted",
+            f"the node evicted the pod: {status.get('message', 'no message')}",
+            retryable=True,
+        )
+    if status.get("reason") == "DeadlineExceeded":
+        return PodVerdict(
+            PodState.FAILED,
+            ExitReason.DEADLINE,
+            "DeadlineExceeded",
+            "the pod ran past its activeDeadlineSeconds (limits.activeDeadlineSeconds plus the "
+            "operator's grace period) and was stopped",
+        )
+    sandbox = _terminated(pod, "sandbox") or {}
+    agent = _terminated(pod, "agent") or {}
+    if sandbox.get("reason") == "OOMKilled":
+        limit = f" ({memory_limit})" if memory_limit else ""
+        return PodVerdict(
+            PodState.FAILED,
+            ExitReason.OOM_KILLED,
+            "OOMKilled",
+            f"the sandbox container ran out of memory{limit}; raise "
+            "spec.sandbox.resources.limits.memory or make the task use less",
+            termination_message=agent.get("message") or None,
+        )
+    if agent.get("reason") == "OOMKilled":
+        return PodVerdict(
+            PodState.FAILED,
+            ExitReason.OOM_KILLED,
+            "OOMKilled",
+            "the agent container ran out of memory; raise the operator's agentResources",
+        )
+    if agent.get("message"):
+        return PodVerdict(PodState.FINISHED, termination_message=str(agent["message"]))
+    if agent:
+        return PodVerdict(
+            PodState.FAILED,
+            ExitReason.AGENT_CRASHED,
+            "AgentCrashed",
+            f"the agent container exited with code {agent.get('exitCode')} "
+            f"({agent.get('reason', 'no reason')}) without reporting a result; see its log",
+            retryable=True,
+        )
+    return PodVerdict(
+        PodState.FAILED,
+        ExitReason.POD_LOST,
+        "PodFailed",
+        f"the pod ended ({phase}: {status.get('reason', '')} {status.get('message', '')}) "
+        "before the agent reported",
+        retryable=True,
+    )

@@ -1,0 +1,60 @@
+"""kopf wiring: thin handlers that hand watch events to the Operator (see controller.py)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import kopf
+
+from .controller import MANAGED_SELECTOR, Operator
+from .kube import API_GROUP, API_VERSION, TASKS, KubeClient
+from .settings import load_settings
+
+log = logging.getLogger("sandbox_operator")
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    # Only watch events are handled: no finalizers, no progress annotations, no extra writes.
+    settings.persistence.finalizer = "llmsandbox.io/unused"
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    config = load_settings()
+    kube = KubeClient.from_environment()
+    operator = Operator(config, kube)
+    await operator.prime(config.watched_namespaces)
+    if config.metrics_port:
+        operator.metrics.serve(config.metrics_port)
+    memo["operator"] = operator
+    log.info(
+        "llm-sandbox operator started: maxRunningTasks=%d, %d tasks known",
+        config.max_running_tasks,
+        len(operator.tasks),
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: Any, **_: Any) -> None:
+    operator: Operator | None = memo.get("operator")
+    if operator is not None:
+        await operator.kube.close()
+
+
+@kopf.on.event(API_GROUP, API_VERSION, TASKS)
+async def task_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    operator: Operator = memo["operator"]
+    await operator.on_task(type, _plain(body))
+
+
+@kopf.on.event("", "v1", "pods", labels=MANAGED_SELECTOR)
+async def pod_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    operator: Operator = memo["operator"]
+    await operator.on_pod(type, _plain(body))
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    """A deep, mutable copy: kopf's Body is a live read-only view."""
+    return copy.deepcopy(dict(body))

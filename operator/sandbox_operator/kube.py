@@ -1,0 +1,272 @@
+"""A thin async client for the few Kubernetes API calls the operator makes (aiohttp, like kopf).
+
+kopf watches; this client writes: create, merge-patch, delete, and the odd read. Every call is
+counted by verb and resource, so the load benchmark can report API writes per task.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import ssl
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+import kopf
+
+API_GROUP = "llmsandbox.io"
+API_VERSION = "v1alpha1"
+TASKS = "sandboxtasks"
+# Every API call this client may make, as (verb, resource): the RBAC role is derived from it.
+API_CALLS: tuple[tuple[str, str], ...] = (
+    ("get", "sandboxtasks"),
+    ("list", "sandboxtasks"),
+    ("watch", "sandboxtasks"),
+    ("patch", "sandboxtasks/status"),
+    ("get", "pods"),
+    ("list", "pods"),
+    ("watch", "pods"),
+    ("create", "pods"),
+    ("delete", "pods"),
+    ("get", "pods/log"),
+    ("create", "configmaps"),
+    ("get", "configmaps"),
+    ("create", "networkpolicies"),
+    ("get", "networkpolicies"),
+    ("patch", "networkpolicies"),
+    ("create", "events"),
+)
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"HTTP {status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class ConflictError(KubeError):
+    """409: the object already exists (create) or changed underneath (update)."""
+
+
+def resource_path(
+    resource: str,
+    namespace: str | None = None,
+    name: str | None = None,
+    subresource: str | None = None,
+) -> str:
+    """The API path of a resource we use; `resource` is a plural name (pods, sandboxtasks, ...)."""
+    prefix = {
+        "pods": "/api/v1",
+        "configmaps": "/api/v1",
+        "secrets": "/api/v1",
+        "events": "/api/v1",
+        "namespaces": "/api/v1",
+        "networkpolicies": "/apis/networking.k8s.io/v1",
+        TASKS: f"/apis/{API_GROUP}/{API_VERSION}",
+    }[resource]
+    path = prefix
+    if namespace is not None:
+        path += f"/namespaces/{quote(namespace)}"
+    path += f"/{resource}"
+    if name is not None:
+        path += f"/{quote(name)}"
+    if subresource is not None:
+        path += f"/{subresource}"
+    return path
+
+
+def matches_labels(obj: Mapping[str, Any], selector: Mapping[str, str]) -> bool:
+    labels = obj.get("metadata", {}).get("labels") or {}
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
+    if info.insecure:
+        return False
+    if not (info.ca_path or info.ca_data or info.certificate_path or info.certificate_data):
+        return True
+    ctx = ssl.create_default_context()
+    if info.ca_path:
+        ctx.load_verify_locations(cafile=str(info.ca_path))
+    elif info.ca_data:
+        data = info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data
+        ctx.load_verify_locations(cadata=data)
+    cert, key = info.certificate_path, info.private_key_path
+    if info.certificate_data or info.private_key_data:
+        # ssl wants files for client certificates; kubeconfig often carries them inline.
+        cert = _to_file(info.certificate_data)
+        key = _to_file(info.private_key_data)
+    if cert:
+        ctx.load_cert_chain(certfile=str(cert), keyfile=str(key) if key else None)
+    return ctx
+
+
+def _to_file(data: str | bytes | None) -> str | None:
+    if not data:
+        return None
+    raw = data if isinstance(data, bytes) else data.encode()
+    if not raw.lstrip().startswith(b"-----"):
+        raw = base64.b64decode(raw)
+    fh = tempfile.NamedTemporaryFile(prefix="llmsandbox-cred-", delete=False)  # noqa: SIM115
+    with fh:
+        fh.write(raw)
+    return fh.name
+
+
+class KubeClient:
+    """One aiohttp session against one API server, with the operator's credentials."""
+
+    def __init__(self, info: kopf.ConnectionInfo) -> None:
+        self.info = info
+        self.server = info.server.rstrip("/")
+        headers = {"Accept": "application/json"}
+        if info.token:
+            headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
+        auth = None
+        if info.username and info.password:
+            auth = aiohttp.BasicAuth(info.username, info.password)
+        self._session = aiohttp.ClientSession(
+            headers=headers,
+            auth=auth,
+            connector=aiohttp.TCPConnector(ssl=_ssl_context(info), limit=32),
+            timeout=aiohttp.ClientTimeout(total=60),
+        )
+        self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    @classmethod
+    def from_environment(cls) -> KubeClient:
+        """In-cluster service account first, then the user's kubeconfig."""
+        settings = kopf.OperatorSettings()
+        info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(
+            settings=settings
+        )
+        if info is None:
+            raise KubeError(0, "NoCredentials", "no service account and no kubeconfig found")
+        return cls(info)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def _request(
+        self,
+        verb: str,
+        method: str,
+        path: str,
+        *,
+        resource: str,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+        text: bool = False,
+    ) -> Any:
+        self.calls[(verb, resource)] += 1
+        url = self.server + path
+        if params:
+            url += "?" + urlencode(params)
+        data = json.dumps(body) if body is not None else None
+        async with self._session.request(
+            method, url, data=data, headers={"Content-Type": content_type}
+        ) as resp:
+            raw = await resp.text()
+            if resp.status >= 400:
+                try:
+                    status = json.loads(raw)
+                    reason, message = status.get("reason", ""), status.get("message", raw)
+                except ValueError:
+                    reason, message = resp.reason or "", raw[:500]
+                cls = ConflictError if resp.status == 409 else KubeError
+                raise cls(resp.status, str(reason), str(message))
+            if text:
+                return raw
+            return json.loads(raw) if raw else {}
+
+    async def get(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = await self._request(
+                "get", "GET", resource_path(resource, namespace, name), resource=resource
+            )
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return obj
+
+    async def list(
+        self,
+        resource: str,
+        namespace: str | None,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        params = (
+            {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
+        )
+        data = await self._request(
+            "list", "GET", resource_path(resource, namespace), resource=resource, params=params
+        )
+        items: list[dict[str, Any]] = data.get("items", [])
+        # Filter here too: selectors are cheap to re-check, and some API servers ignore them.
+        return [i for i in items if not labels or matches_labels(i, labels)]
+
+    async def create(self, resource: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        obj: dict[str, Any] = await self._request(
+            "create", "POST", resource_path(resource, namespace), resource=resource, body=body
+        )
+        return obj
+
+    async def patch_status(
+        self, resource: str, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        obj: dict[str, Any] = await self._request(
+            "patch",
+            "PATCH",
+            resource_path(resource, namespace, name, "status"),
+            resource=f"{resource}/status",
+            body={"status": status},
+            content_type="application/merge-patch+json",
+        )
+        return obj
+
+    async def merge_patch(
+        self, resource: str, namespace: str, name: str, patch: dict[str, Any]
+    ) -> dict[str, Any]:
+        obj: dict[str, Any] = await self._request(
+            "patch",
+            "PATCH",
+            resource_path(resource, namespace, name),
+            resource=resource,
+            body=patch,
+            content_type="application/merge-patch+json",
+        )
+        return obj
+
+    async def delete(self, resource: str, namespace: str, name: str) -> bool:
+        try:
+            await self._request(
+                "delete",
+                "DELETE",
+                resource_path(resource, namespace, name),
+                resource=resource,
+                body={"propagationPolicy": "Background"},
+            )
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str:
+        text: str = await self._request(
+            "get",
+            "GET",
+            resource_path("pods", namespace, name, "log"),
+            resource="pods/log",
+            params={"container": container, "tailLines": str(tail_lines)},
+            text=True,
+        )
+        return text

@@ -1,0 +1,143 @@
+"""Prometheus metrics: names as sentences, base units, no task name or UID as a label."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sandbox_agent import __version__
+from sandbox_agent.result import Phase, TaskResult
+
+_DURATION_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600)
+_STARTUP_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+class _PhaseCollector(Collector):
+    """Tasks by phase, computed at scrape time from the operator's index (no drift to fix)."""
+
+    def __init__(self, count_by_phase: Callable[[], dict[str, int]]) -> None:
+        self._count = count_by_phase
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "llmsandbox_tasks", "SandboxTasks the operator knows of, by phase.", labels=["phase"]
+        )
+        counts = self._count()
+        for phase in Phase:
+            family.add_metric([phase.value], counts.get(phase.value, 0))
+        yield family
+
+
+class Metrics:
+    def __init__(self, count_by_phase: Callable[[], dict[str, int]], max_running: int) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.registry.register(_PhaseCollector(count_by_phase))
+        self.completed = Counter(
+            "llmsandbox_tasks_completed_total",
+            "Tasks that reached a terminal phase, by phase and exit reason.",
+            ["phase", "exit_reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "llmsandbox_task_retries_total",
+            "Task attempts restarted after an infrastructure failure, by exit reason.",
+            ["exit_reason"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "llmsandbox_queue_wait_seconds",
+            "Time from a task's creation to its admission.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.pod_startup = Histogram(
+            "llmsandbox_pod_startup_seconds",
+            "Time from a task's admission to its pod running.",
+            buckets=_STARTUP_BUCKETS,
+            registry=r,
+        )
+        self.run_duration = Histogram(
+            "llmsandbox_task_run_seconds",
+            "Time from a task's pod running to the task's end.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.llm_requests = Counter(
+            "llmsandbox_llm_requests_total",
+            "Chat-completion requests the agents made, by model.",
+            ["model"],
+            registry=r,
+        )
+        self.llm_retries = Counter(
+            "llmsandbox_llm_retries_total",
+            "Chat-completion requests the agents retried (429, 5xx, timeouts), by model.",
+            ["model"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "llmsandbox_llm_tokens_total",
+            "Tokens the agents used, by model and direction (prompt or completion).",
+            ["model", "direction"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "llmsandbox_estimated_cost_usd_total",
+            "Estimated inference cost in US dollars, from the operator's token prices, by model.",
+            ["model"],
+            registry=r,
+        )
+        self.tool_calls = Counter(
+            "llmsandbox_tool_calls_total",
+            "Tool calls the models made, by tool.",
+            ["tool"],
+            registry=r,
+        )
+        self.max_running = Gauge(
+            "llmsandbox_max_running_tasks",
+            "The operator's cap on tasks running at once.",
+            registry=r,
+        )
+        self.max_running.set(max_running)
+        self.build_info = Gauge(
+            "llmsandbox_build_info",
+            "Always 1; the labels say which build is running.",
+            ["version"],
+            registry=r,
+        )
+        self.build_info.labels(version=__version__).set(1)
+
+    def record_result(self, model: str, result: TaskResult, cost: float | None) -> None:
+        usage = result.usage
+        self.llm_requests.labels(model=model).inc(usage.llm_calls)
+        self.llm_retries.labels(model=model).inc(usage.llm_retries)
+        self.tokens.labels(model=model, direction="prompt").inc(usage.prompt_tokens)
+        self.tokens.labels(model=model, direction="completion").inc(usage.completion_tokens)
+        if cost:
+            self.cost.labels(model=model).inc(cost)
+        for tool, n in result.tool_calls.items():
+            self.tool_calls.labels(tool=tool).inc(n)
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)
+
+
+# Every metric family the operator exports; the dashboard and alerts are checked against it.
+METRIC_NAMES = (
+    "llmsandbox_tasks",
+    "llmsandbox_tasks_completed_total",
+    "llmsandbox_task_retries_total",
+    "llmsandbox_queue_wait_seconds",
+    "llmsandbox_pod_startup_seconds",
+    "llmsandbox_task_run_seconds",
+    "llmsandbox_llm_requests_total",
+    "llmsandbox_llm_retries_total",
+    "llmsandbox_llm_tokens_total",
+    "llmsandbox_estimated_cost_usd_total",
+    "llmsandbox_tool_calls_total",
+    "llmsandbox_max_running_tasks",
+    "llmsandbox_build_info",
+)

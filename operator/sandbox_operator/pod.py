@@ -1,0 +1,266 @@
+"""The pod for one attempt of a task: the sandbox container, the agent container, and what they share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sandbox_agent.task import SandboxTask
+
+from .settings import OperatorSettings
+from .taskconfig import (
+    LABEL_ATTEMPT,
+    MAX_LABEL_LENGTH,
+    TASK_CONFIG_KEY,
+    bounded_name,
+    inline_input_key,
+    input_target,
+    resolve_api_key_secret,
+    task_configmap_name,
+    task_metadata,
+    task_name,
+    validate_for_cluster,
+)
+
+EXECD_DIR = "/opt/llmsandbox"
+RUN_DIR = "/run/execd"
+WORKSPACE = "/workspace"
+INPUT_DIR = "/workspace/input"
+TASK_DIR = "/etc/llmsandbox"
+TERMINATION_LOG = "/dev/termination-log"
+NOBODY = 65534
+
+SANDBOX_CONTAINER = "sandbox"
+AGENT_CONTAINER = "agent"
+INSTALL_CONTAINER = "install-execd"
+
+# The init container only copies one file and writes a token.
+INSTALL_REQUESTS = {"cpu": "50m", "memory": "64Mi"}
+INSTALL_LIMITS = {"cpu": "500m", "memory": "128Mi"}
+
+
+def pod_name(task_name: str, attempt: int) -> str:
+    """`<task>-a<attempt>`, shortened with a hash of the task name to fit a DNS label."""
+    if attempt < 0:
+        raise ValueError(f"attempt must be >= 0 (got {attempt})")
+    return bounded_name(task_name, f"-a{attempt}", max_length=MAX_LABEL_LENGTH, dns_label=True)
+
+
+def hardened_security_context(*, read_only_root: bool) -> dict[str, Any]:
+    context: dict[str, Any] = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "privileged": False,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if read_only_root:
+        context["readOnlyRootFilesystem"] = True
+    return context
+
+
+def _resources(requests: dict[str, str], limits: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = dict(requests)
+    if limits:
+        out["limits"] = dict(limits)
+    return out
+
+
+def _input_volumes(task: SandboxTask) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The volumes and sandbox mounts that place spec.inputs under /workspace/input.
+
+    One projected volume holds every input with a known file path (inline content from the task
+    ConfigMap, single ConfigMap keys) plus whole ConfigMaps meant for /workspace/input itself. A
+    whole ConfigMap for a subdirectory cannot be projected there without knowing its keys, so it
+    gets its own volume mounted at that subdirectory; the kubelet creates the mount point inside
+    the read-only projected volume.
+    """
+    inputs = task.spec.inputs
+    if not inputs:
+        return [], []
+    inline_items = [
+        {"key": inline_input_key(i), "path": input_target(item)}
+        for i, item in enumerate(inputs)
+        if item.content is not None
+    ]
+    sources: list[dict[str, Any]] = []
+    if inline_items:
+        name = task_configmap_name(task_name(task))
+        sources.append({"configMap": {"name": name, "items": inline_items}})
+    volumes: list[dict[str, Any]] = []
+    nested_mounts: list[dict[str, Any]] = []
+    for i, item in enumerate(inputs):
+        ref = item.config_map_ref
+        if ref is None:
+            continue
+        target = input_target(item)
+        if ref.key is not None:
+            sources.append(
+                {"configMap": {"name": ref.name, "items": [{"key": ref.key, "path": target}]}}
+            )
+        elif target == ".":
+            sources.append({"configMap": {"name": ref.name}})
+        else:
+            volumes.append({"name": f"input-{i}", "configMap": {"name": ref.name}})
+            nested_mounts.append(
+                {"name": f"input-{i}", "mountPath": f"{INPUT_DIR}/{target}", "readOnly": True}
+            )
+    projected = {"name": "inputs", "projected": {"sources": sources}}
+    mounts = [{"name": "inputs", "mountPath": INPUT_DIR, "readOnly": True}, *nested_mounts]
+    return [projected, *volumes], mounts
+
+
+def _volumes(task: SandboxTask, input_volumes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    workspace: dict[str, Any] = {}
+    disk = task.spec.sandbox.resources.limits.get("ephemeral-storage")
+    if disk:
+        workspace["sizeLimit"] = disk
+    return [
+        {"name": "execd-bin", "emptyDir": {"sizeLimit": "16Mi"}},
+        {"name": "execd-run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+        {"name": "workspace", "emptyDir": workspace},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "agent-tmp", "emptyDir": {}},
+        {
+            "name": "task",
+            "configMap": {
+                "name": task_configmap_name(task_name(task)),
+                "items": [{"key": TASK_CONFIG_KEY, "path": TASK_CONFIG_KEY}],
+            },
+        },
+        *input_volumes,
+    ]
+
+
+def _install_container(settings: OperatorSettings) -> dict[str, Any]:
+    return {
+        "name": INSTALL_CONTAINER,
+        "image": settings.agent_image,
+        "command": [
+            "python",
+            "-m",
+            "sandbox_agent.pod",
+            "install",
+            "--execd-dir",
+            EXECD_DIR,
+            "--run-dir",
+            RUN_DIR,
+        ],
+        "volumeMounts": [
+            {"name": "execd-bin", "mountPath": EXECD_DIR},
+            {"name": "execd-run", "mountPath": RUN_DIR},
+        ],
+        "resources": _resources(INSTALL_REQUESTS, INSTALL_LIMITS),
+        "securityContext": hardened_security_context(read_only_root=True),
+    }
+
+
+def _sandbox_container(
+    task: SandboxTask, settings: OperatorSettings, input_mounts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    sandbox = task.spec.sandbox
+    # The model fills in its own default image; the operator's configured default wins over that.
+    image = sandbox.image if "image" in sandbox.model_fields_set else settings.default_sandbox_image
+    return {
+        "name": SANDBOX_CONTAINER,
+        "image": image,
+        "command": [
+            "python3",
+            f"{EXECD_DIR}/execd.py",
+            "--root",
+            WORKSPACE,
+            "--unix-socket",
+            f"{RUN_DIR}/execd.sock",
+            "--token-file",
+            f"{RUN_DIR}/token",
+            "--ready-file",
+            f"{RUN_DIR}/ready.json",
+        ],
+        # Only HOME: whatever runs here is model-written code, so it gets no credential at all.
+        "env": [{"name": "HOME", "value": "/tmp/home"}],
+        "volumeMounts": [
+            {"name": "execd-bin", "mountPath": EXECD_DIR, "readOnly": True},
+            {"name": "execd-run", "mountPath": RUN_DIR},
+            {"name": "workspace", "mountPath": WORKSPACE},
+            *input_mounts,
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "resources": _resources(sandbox.resources.requests, sandbox.resources.limits),
+        # Writable root: sandbox images write caches and scratch files where they like.
+        "securityContext": hardened_security_context(read_only_root=False),
+    }
+
+
+def _agent_container(task: SandboxTask, settings: OperatorSettings) -> dict[str, Any]:
+    secret = resolve_api_key_secret(task, settings)
+    return {
+        "name": AGENT_CONTAINER,
+        "image": settings.agent_image,
+        "command": [
+            "python",
+            "-m",
+            "sandbox_agent.pod",
+            "run",
+            "--task",
+            f"{TASK_DIR}/{TASK_CONFIG_KEY}",
+            "--run-dir",
+            RUN_DIR,
+            "--termination-log",
+            TERMINATION_LOG,
+        ],
+        "env": [
+            {
+                "name": "OPENAI_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}},
+            },
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+        ],
+        "volumeMounts": [
+            {"name": "execd-run", "mountPath": RUN_DIR},
+            {"name": "task", "mountPath": TASK_DIR, "readOnly": True},
+            {"name": "agent-tmp", "mountPath": "/tmp"},
+        ],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
+        "resources": _resources(settings.agent_resources.requests, settings.agent_resources.limits),
+        "securityContext": hardened_security_context(read_only_root=True),
+    }
+
+
+def build_pod(
+    task: SandboxTask, *, namespace: str, uid: str, attempt: int, settings: OperatorSettings
+) -> dict[str, Any]:
+    """The pod manifest for one attempt; SpecError when the task cannot run on this cluster."""
+    validate_for_cluster(task, settings)
+    name = task_name(task)
+    metadata = task_metadata(task, name=pod_name(name, attempt), namespace=namespace, uid=uid)
+    metadata["labels"][LABEL_ATTEMPT] = str(attempt)
+    # `kubectl logs <pod>` then shows the agent, whose last line is the result.
+    metadata["annotations"]["kubectl.kubernetes.io/default-container"] = AGENT_CONTAINER
+    input_volumes, input_mounts = _input_volumes(task)
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "activeDeadlineSeconds": (
+            task.spec.limits.active_deadline_seconds + settings.deadline_grace_seconds
+        ),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 10,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": NOBODY,
+            "runAsGroup": NOBODY,
+            "fsGroup": NOBODY,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumes": _volumes(task, input_volumes),
+        "initContainers": [_install_container(settings)],
+        "containers": [
+            _sandbox_container(task, settings, input_mounts),
+            _agent_container(task, settings),
+        ],
+    }
+    if task.spec.sandbox.runtime_class_name:
+        spec["runtimeClassName"] = task.spec.sandbox.runtime_class_name
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}

@@ -1,0 +1,149 @@
+"""The operator's one settings object, read from `LLMSANDBOX_*` environment variables."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sandbox_agent.task import DEFAULT_SANDBOX_IMAGE, NAME_PATTERN, Resources
+
+ENV_PREFIX = "LLMSANDBOX_"
+
+Port = Annotated[int, Field(ge=1, le=65_535)]
+# Label keys and values as Kubernetes accepts them (prefix/name = value).
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+
+
+class SettingsError(ValueError):
+    """The operator's environment is invalid; one line per variable, named as it is set."""
+
+
+class EgressRule(BaseModel):
+    """Where task pods may connect besides DNS: how they reach the inference endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cidrs: list[str] = Field(default_factory=list)
+    namespace_selector: dict[str, str] | None = None
+    pod_selector: dict[str, str] | None = None
+    ports: list[Port] = Field(default_factory=list)
+
+    @field_validator("cidrs")
+    @classmethod
+    def _canonical_cidrs(cls, cidrs: list[str]) -> list[str]:
+        out = []
+        for cidr in cidrs:
+            try:
+                out.append(str(ipaddress.ip_network(cidr, strict=True)))
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not a CIDR such as 10.0.0.0/8: {exc}") from None
+        return out
+
+    @field_validator("namespace_selector", "pod_selector")
+    @classmethod
+    def _valid_labels(cls, selector: dict[str, str] | None) -> dict[str, str] | None:
+        for key, value in (selector or {}).items():
+            if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+                raise ValueError(f"{key}={value!r} is not a valid label selector")
+        return selector
+
+    @model_validator(mode="after")
+    def _names_a_destination(self) -> EgressRule:
+        # A NetworkPolicy egress rule without `to` matches every destination.
+        if not self.cidrs and self.namespace_selector is None and self.pod_selector is None:
+            raise ValueError(
+                "set cidrs, namespace_selector or pod_selector: a rule without a destination "
+                "would allow every address"
+            )
+        return self
+
+
+class TokenPrice(BaseModel):
+    """USD per million tokens of one model, for the cost metric and status.usage.costUSD."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_per_million: Annotated[float, Field(ge=0)]
+    completion_per_million: Annotated[float, Field(ge=0)]
+
+
+def _default_agent_resources() -> Resources:
+    return Resources(
+        requests={"cpu": "100m", "memory": "256Mi"},
+        limits={"cpu": "1", "memory": "512Mi"},
+    )
+
+
+class OperatorSettings(BaseSettings):
+    """Defaults for tasks, the agent container, network policy, admission and metrics.
+
+    Lists, dicts and models are JSON in the environment, e.g.
+    `LLMSANDBOX_INFERENCE_EGRESS='[{"namespace_selector": {"kubernetes.io/metadata.name": "inference"}, "ports": [8000]}]'`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    default_base_url: Annotated[str | None, Field(pattern=r"^https?://[^\s]+$")] = None
+    default_model: Annotated[str | None, Field(min_length=1)] = None
+    default_api_key_secret: Annotated[str | None, Field(max_length=253, pattern=NAME_PATTERN)] = (
+        None
+    )
+    default_api_key_secret_key: Annotated[str, Field(min_length=1, max_length=253)] = "apiKey"
+    agent_image: Annotated[str, Field(min_length=1, pattern=r"^[^\s]+$")] = (
+        "llm-sandbox/agent:0.1.0"
+    )
+    default_sandbox_image: Annotated[str, Field(min_length=1, pattern=r"^[^\s]+$")] = (
+        DEFAULT_SANDBOX_IMAGE
+    )
+    agent_resources: Resources = Field(default_factory=_default_agent_resources)
+    inference_egress: list[EgressRule] = Field(default_factory=list)
+    dns_egress: bool = True
+    max_running_tasks: Annotated[int, Field(ge=1)] = 10
+    watched_namespaces: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]] = Field(
+        default_factory=list, description="Namespaces to watch; empty means all."
+    )
+    metrics_port: Port = 9090
+    token_prices: dict[str, TokenPrice] = Field(default_factory=dict)
+    deadline_grace_seconds: Annotated[int, Field(ge=0, le=3600)] = 60
+    # The kubelet keeps at most 4096 bytes of a container's termination message.
+    termination_message_limit: Annotated[int, Field(ge=256, le=4096)] = 4096
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    head, *rest = loc
+    name = f"{ENV_PREFIX}{str(head).upper()}"
+    for part in rest:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return name
+
+
+def load_settings() -> OperatorSettings:
+    """Read the environment once at start-up; SettingsError names each bad variable."""
+    try:
+        return OperatorSettings()
+    except ValidationError as exc:
+        lines = [
+            f"{_env_name(tuple(err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        ]
+        raise SettingsError("\n".join(lines)) from None
+
+
+def cost_usd(
+    settings: OperatorSettings, model: str, prompt_tokens: int, completion_tokens: int
+) -> float | None:
+    """Estimated cost of the tokens, or None when the operator has no price for the model."""
+    price = settings.token_prices.get(model)
+    if price is None:
+        return None
+    return (
+        prompt_tokens * price.prompt_per_million + completion_tokens * price.completion_per_million
+    ) / 1_000_000
