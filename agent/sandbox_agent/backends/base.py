@@ -68,6 +68,10 @@ class Sandbox(ABC):
         self.token = new_token()
         # Private host directory for the socket and the ready file; removed on stop.
         self.rundir = Path(tempfile.mkdtemp(prefix=f"llmsandbox-{self.name}-"))
+        # The exec server's own log, outside anything the sandbox can write to; read on failure.
+        fd, log = tempfile.mkstemp(prefix=f"llmsandbox-{self.name}-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(log)
         self._stopped = False
 
     @abstractmethod
@@ -86,6 +90,7 @@ class Sandbox(ABC):
             await self._teardown()
         finally:
             shutil.rmtree(self.rundir, ignore_errors=True)
+            self.log_path.unlink(missing_ok=True)
 
     async def __aenter__(self) -> ExecEndpoint:
         try:
@@ -104,7 +109,11 @@ class Sandbox(ABC):
 
 
 async def wait_for_ready_file(
-    ready_file: Path, proc: asyncio.subprocess.Process, timeout: float, what: str
+    ready_file: Path,
+    proc: asyncio.subprocess.Process,
+    timeout: float,
+    what: str,
+    log_path: Path | None = None,
 ) -> dict[str, object]:
     """Poll for the exec server's ready file; fail fast, with its stderr, if the process dies."""
     deadline = time.monotonic() + timeout
@@ -119,10 +128,18 @@ async def wait_for_ready_file(
         if proc.returncode is not None:
             raise SandboxError(
                 f"{what} exited with code {proc.returncode} before the exec server was ready: "
-                f"{await _stderr_tail(proc)}"
+                f"{_file_tail(log_path) if log_path else await _stderr_tail(proc)}"
             )
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.005)
     raise SandboxError(f"{what}: the exec server was not ready after {timeout:.0f}s")
+
+
+def _file_tail(path: Path, limit: int = 2000) -> str:
+    try:
+        data = path.read_bytes()[-limit:]
+    except OSError:
+        return "(no log)"
+    return data.decode("utf-8", "replace").strip() or "(no output)"
 
 
 async def _stderr_tail(proc: asyncio.subprocess.Process, limit: int = 2000) -> str:
@@ -164,6 +181,17 @@ def host_env_for_sandbox(extra: dict[str, str]) -> dict[str, str]:
     }
     env.update(extra)
     return env
+
+
+def seal_rundir(rundir: Path) -> None:
+    """After start, keep the sandbox from writing into the host directory that holds its socket.
+
+    Only root can hand the directory to another owner; elsewhere file sizes stay capped by the
+    backend's limits instead.
+    """
+    if os.geteuid() == 0:
+        os.chown(rundir, 65534, 65534)
+        rundir.chmod(0o755)
 
 
 def which(cmd: str) -> str | None:

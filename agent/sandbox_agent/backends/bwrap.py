@@ -15,6 +15,7 @@ from .base import (
     SandboxConfig,
     execd_source,
     host_env_for_sandbox,
+    seal_rundir,
     terminate,
     wait_for_ready_file,
 )
@@ -100,6 +101,8 @@ class BwrapSandbox(Sandbox):
         args += [
             "--",
             "python3",
+            "-I",
+            "-S",
             "/run/execd-bin/execd.py",
             "--root",
             WORKSPACE,
@@ -117,20 +120,26 @@ class BwrapSandbox(Sandbox):
         token_file.write_text(self.token)
         token_file.chmod(0o600)
         ulimits = _ulimit_prefix(self.config)
-        self._proc = await asyncio.create_subprocess_exec(
-            *ulimits,
-            *self.command(),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        )
+        with self.log_path.open("wb") as log:
+            self._proc = await asyncio.create_subprocess_exec(
+                *ulimits,
+                *self.command(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            )
         await wait_for_ready_file(
-            self.rundir / "ready.json", self._proc, self.config.start_timeout, "bwrap sandbox"
+            self.rundir / "ready.json",
+            self._proc,
+            self.config.start_timeout,
+            "bwrap sandbox",
+            self.log_path,
         )
         # The exec server read its token at start; the file need not outlive that.
         token_file.unlink(missing_ok=True)
+        seal_rundir(self.rundir)
         return ExecEndpoint(
             token=self.token, workspace=WORKSPACE, uds=str(self.rundir / "execd.sock")
         )

@@ -39,23 +39,28 @@ class ProcessSandbox(Sandbox):
             | self.config.env
         )
         env["EXECD_TOKEN"] = self.token
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(execd_source()),
-            "--root",
-            str(self.workspace),
-            "--unix-socket",
-            str(sock),
-            "--ready-file",
-            str(ready),
-            cwd=self.workspace,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
+        with self.log_path.open("wb") as log:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-I",
+                "-S",
+                str(execd_source()),
+                "--root",
+                str(self.workspace),
+                "--unix-socket",
+                str(sock),
+                "--ready-file",
+                str(ready),
+                cwd=self.workspace,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+            )
+        await wait_for_ready_file(
+            ready, self._proc, self.config.start_timeout, "process sandbox", self.log_path
         )
-        await wait_for_ready_file(ready, self._proc, self.config.start_timeout, "process sandbox")
         return ExecEndpoint(token=self.token, workspace=str(self.workspace), uds=str(sock))
 
     async def _teardown(self) -> None:
