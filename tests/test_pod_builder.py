@@ -324,6 +324,7 @@ def test_the_agent_reads_its_config_and_reports_through_the_termination_log(
         "--task", "/etc/llmsandbox/task.json",
         "--run-dir", "/run/execd",
         "--termination-log", "/dev/termination-log",
+        "--execd-timeout", str(SETTINGS.execd_ready_timeout_seconds),
     ]  # fmt: skip
     assert agent["terminationMessagePath"] == "/dev/termination-log"
     assert agent["terminationMessagePolicy"] == "File"

@@ -208,6 +208,8 @@ def _agent_container(task: SandboxTask, settings: OperatorSettings) -> dict[str,
             RUN_DIR,
             "--termination-log",
             TERMINATION_LOG,
+            "--execd-timeout",
+            str(settings.execd_ready_timeout_seconds),
         ],
         "env": [
             {

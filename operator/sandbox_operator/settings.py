@@ -113,6 +113,8 @@ class OperatorSettings(BaseSettings):
     metrics_port: Port = 9090
     token_prices: dict[str, TokenPrice] = Field(default_factory=dict)
     deadline_grace_seconds: Annotated[int, Field(ge=0, le=3600)] = 60
+    # How long the agent waits for the sandbox container's exec server before giving up.
+    execd_ready_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 120
     # The kubelet keeps at most 4096 bytes of a container's termination message.
     termination_message_limit: Annotated[int, Field(ge=256, le=4096)] = 4096
 
