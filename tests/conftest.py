@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from k8s.fixtures import arun_operator, k8s, kubelet, run_operator
 from llmserver import ScriptedLLMServer, llm_server
 from sandbox_agent.backends import choose_backend
 from sandbox_agent.backends.bwrap import bwrap_path
@@ -19,7 +20,7 @@ from sandbox_agent.backends.docker import docker_reachable
 from sandbox_agent.runner import RunOptions, RunOutcome, run_task
 from sandbox_agent.taskfile import load_task_file
 
-__all__ = ["llm_server"]
+__all__ = ["arun_operator", "k8s", "kubelet", "llm_server", "run_operator"]
 
 # The image container tests run the docker backend with (built by images/base/build.sh).
 TEST_IMAGE = "llm-sandbox/base:bookworm"

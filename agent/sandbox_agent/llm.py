@@ -28,6 +28,10 @@ class ContextLengthError(LLMError):
     """The request did not fit the model's context window."""
 
 
+class EndpointUnreachableError(LLMError):
+    """Every attempt failed to connect to the endpoint (DNS, refused, reset, TLS)."""
+
+
 class DeadlineError(LLMError):
     """The task's wall-clock deadline passed while waiting for the endpoint."""
 
@@ -171,6 +175,10 @@ class ChatLLM:
             except openai.APIConnectionError as exc:
                 reason = f"cannot reach {self.base_url}: {_cause(exc)}"
                 delay = None
+                if attempt >= self.max_retries:
+                    raise EndpointUnreachableError(
+                        f"giving up after {attempt + 1} attempts: {reason}"
+                    ) from None
             except (openai.APIResponseValidationError, _UnusableReplyError, ValueError) as exc:
                 reason = f"malformed reply from {self.base_url}: {exc}"
                 delay = None

@@ -11,7 +11,14 @@ from typing import Any
 from .errors import ExecServerError, LLMError, SandboxError
 from .events import EventSink, LLMReplied, Notice, StepStarted, ToolCallFinished, ToolCallStarted
 from .execclient import ExecClient
-from .llm import ChatLLM, Completion, ContextLengthError, DeadlineError, ToolCallRequest
+from .llm import (
+    ChatLLM,
+    Completion,
+    ContextLengthError,
+    DeadlineError,
+    EndpointUnreachableError,
+    ToolCallRequest,
+)
 from .prompt import continue_message, system_prompt, user_message
 from .result import ExitReason, TaskResult, Usage, phase_for
 from .task import Limits, ToolCallFormat
@@ -40,6 +47,7 @@ class _Ending:
     reason: ExitReason
     message: str = ""
     answer: str | None = None
+    cause: str | None = None
 
 
 def _summarize(name: str, arguments: str) -> str:
@@ -112,6 +120,7 @@ class AgentLoop:
             phase=phase_for(ending.reason),
             exit_reason=ending.reason,
             message=ending.message,
+            cause=ending.cause,
             answer=answer,
             steps=self.steps,
             usage=self.usage,
@@ -165,6 +174,8 @@ class AgentLoop:
                 continue
             except DeadlineError as exc:
                 return _Ending(ExitReason.DEADLINE, self._deadline_message(str(exc)))
+            except EndpointUnreachableError as exc:
+                return _Ending(ExitReason.LLM_ERROR, str(exc), cause="EndpointUnreachable")
             except LLMError as exc:
                 return _Ending(ExitReason.LLM_ERROR, str(exc))
             self.steps += 1

@@ -102,6 +102,7 @@ async def run(
             phase=phase_for(ExitReason.SANDBOX_ERROR),
             exit_reason=ExitReason.SANDBOX_ERROR,
             message=str(exc),
+            cause="ExecServerNotReady",
         )
     llm = ChatLLM(
         config.model.base_url,

@@ -81,6 +81,8 @@ class TaskResult(WireModel):
     phase: Phase
     exit_reason: ExitReason
     message: str = ""
+    # A CamelCase name for the cause when it is known (EndpointUnreachable, ExecServerNotReady).
+    cause: str | None = None
     answer: str | None = None
     answer_truncated: bool = False
     steps: int = 0

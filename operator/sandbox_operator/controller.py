@@ -90,8 +90,10 @@ def _key(body: dict[str, Any]) -> tuple[str, str, str]:
     return meta["uid"], meta.get("namespace", "default"), meta["name"]
 
 
-def _complete_reason(reason: ExitReason) -> str:
-    return _COMPLETE_REASONS.get(reason, Reason.FAILED).value
+def _complete_reason(result: TaskResult) -> str:
+    if result.cause in {Reason.ENDPOINT_UNREACHABLE.value, Reason.EXEC_SERVER_NOT_READY.value}:
+        return result.cause
+    return _COMPLETE_REASONS.get(result.exit_reason, Reason.FAILED).value
 
 
 class Operator:
@@ -191,11 +193,7 @@ class Operator:
     async def _validate(self, body: dict[str, Any]) -> SandboxTask | None:
         uid = body["metadata"]["uid"]
         try:
-            task = SandboxTask.model_validate(
-                {k: body.get(k) for k in ("apiVersion", "kind", "spec")},
-                by_alias=True,
-                by_name=False,
-            )
+            task = _task(body)
             validate_for_cluster(task, self.settings)
         except ValidationError as exc:
             await self._finish_without_run(
@@ -273,11 +271,9 @@ class Operator:
         """Record the attempt in status first (it holds the slot), then create what it needs."""
         body = self.tasks[uid]
         _, namespace, name = _key(body)
-        task = SandboxTask.model_validate(
-            {k: body.get(k) for k in ("apiVersion", "kind", "spec")}, by_alias=True
-        )
+        task = _task(body)
         pod = build_pod(
-            task_with_meta(task, body),
+            task,
             namespace=namespace,
             uid=uid,
             attempt=attempt,
@@ -310,13 +306,11 @@ class Operator:
             status.conditions = conditions
             await self._write_status(uid, status, clear=["queuePosition"])
         try:
-            await self._ensure_policies(task_with_meta(task, body), namespace, uid)
+            await self._ensure_policies(task, namespace, uid)
             await self._create(
                 "configmaps",
                 namespace,
-                build_task_configmap(
-                    task_with_meta(task, body), namespace=namespace, uid=uid, settings=self.settings
-                ),
+                build_task_configmap(task, namespace=namespace, uid=uid, settings=self.settings),
             )
             await self._create("pods", namespace, pod)
         except KubeError as exc:
@@ -372,6 +366,10 @@ class Operator:
             return
         task_limits = ((body.get("spec") or {}).get("sandbox") or {}).get("resources") or {}
         verdict = assess_pod(pod, (task_limits.get("limits") or {}).get("memory"))
+        if pod["metadata"].get("deletionTimestamp") and verdict.state is not PodState.FINISHED:
+            # Being deleted: whatever the kubelet reports while killing it, the pod is lost.
+            await self._pod_lost(uid, "the pod was deleted")
+            return
         if verdict.state is PodState.RUNNING and status.phase is Phase.PENDING:
             now = _now()
             admitted = _parse_time(body["metadata"].get("creationTimestamp"))
@@ -451,6 +449,7 @@ class Operator:
                         "phase": result.phase,
                         "exit_reason": result.exit_reason,
                         "message": result.message,
+                        "cause": None,
                     }
                 )
             except ResultError:
@@ -513,7 +512,7 @@ class Operator:
             status.conditions,
             ConditionType.COMPLETE,
             "True",
-            _complete_reason(result.exit_reason),
+            _complete_reason(result),
             result.message or "the model submitted an answer",
             now,
         )
@@ -522,7 +521,7 @@ class Operator:
                 status.conditions,
                 ConditionType.READY,
                 "False",
-                _complete_reason(result.exit_reason),
+                _complete_reason(result),
                 "the pod has ended",
                 now,
             )
@@ -586,14 +585,18 @@ def _model_name(body: dict[str, Any], settings: OperatorSettings) -> str:
     return str(model or settings.default_model or "unknown")
 
 
-def task_with_meta(task: SandboxTask, body: dict[str, Any]) -> SandboxTask:
+def _task(body: dict[str, Any]) -> SandboxTask:
+    """The task as the pydantic model sees it; raises ValidationError naming the field."""
     meta = body["metadata"]
-    return task.model_copy(
-        update={
-            "metadata": task.metadata.model_copy(
-                update={"name": meta["name"], "namespace": meta.get("namespace")}
-            )
-        }
+    return SandboxTask.model_validate(
+        {
+            "apiVersion": body.get("apiVersion"),
+            "kind": body.get("kind"),
+            "metadata": {"name": meta["name"], "namespace": meta.get("namespace")},
+            "spec": body.get("spec"),
+        },
+        by_alias=True,
+        by_name=False,
     )
 
 

@@ -110,7 +110,8 @@ class OperatorSettings(BaseSettings):
     watched_namespaces: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]] = Field(
         default_factory=list, description="Namespaces to watch; empty means all."
     )
-    metrics_port: Port = 9090
+    # 0 turns the metrics endpoint off (tests read the registry directly).
+    metrics_port: Annotated[int, Field(ge=0, le=65_535)] = 9090
     token_prices: dict[str, TokenPrice] = Field(default_factory=dict)
     deadline_grace_seconds: Annotated[int, Field(ge=0, le=3600)] = 60
     # How long the agent waits for the sandbox container's exec server before giving up.

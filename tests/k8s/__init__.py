@@ -1,0 +1,1 @@
+"""Test harness: an emulated Kubernetes API server and a test kubelet that runs pods locally."""
