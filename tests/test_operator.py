@@ -356,6 +356,66 @@ def test_a_missing_api_key_secret_is_named(
     assert llm_server.chat_requests == []
 
 
+def test_a_missing_input_configmap_is_named_at_once(
+    k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
+) -> None:
+    k8s.create(secret())
+    k8s.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "docs", "namespace": "default"},
+            "data": {"a.txt": "A"},
+        }
+    )
+    with run_operator(OPERATOR, env=operator_env(llm_server)):
+        k8s.create(task("nocm", inputs=[{"path": "d", "configMapRef": {"name": "absent"}}]))
+        k8s.create(
+            task(
+                "nokey",
+                inputs=[{"path": "b.txt", "configMapRef": {"name": "docs", "key": "b.txt"}}],
+            )
+        )
+        nocm = wait_phase(k8s, "nocm", TERMINAL)
+        nokey = wait_phase(k8s, "nokey", TERMINAL)
+    assert nocm["exitReason"] == "config_error"
+    assert 'spec.inputs[0].configMapRef: configmap "absent" not found' in nocm["message"]
+    assert "has no key 'b.txt'" in nokey["message"]
+    assert pods_of(k8s, "nocm") == []
+
+
+def test_inputs_from_a_configmap_reach_the_sandbox(
+    k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.set_default(answer_after_tool("read", "cat input/docs/a.txt input/single.txt"))
+    k8s.create(secret())
+    k8s.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "docs", "namespace": "default"},
+            "data": {"a.txt": "from-a", "b.txt": "from-b"},
+        }
+    )
+    with run_operator(OPERATOR, env=operator_env(llm_server)):
+        k8s.create(
+            task(
+                "withcm",
+                inputs=[
+                    {"path": "docs", "configMapRef": {"name": "docs"}},
+                    {"path": "single.txt", "configMapRef": {"name": "docs", "key": "b.txt"}},
+                ],
+            )
+        )
+        st = wait_phase(k8s, "withcm", TERMINAL)
+    pods = pods_of(k8s, "withcm")
+    assert st["phase"] == "Succeeded", kubelet.read_log(
+        "default", pods[0]["metadata"]["name"], "sandbox"
+    )
+    observation = llm_server.chat_requests[1].json["messages"][-1]["content"]
+    assert "from-afrom-b" in observation.replace("\n", "").replace("\n", "")
+
+
 def test_the_wall_clock_deadline_stops_the_task(
     k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
 ) -> None:

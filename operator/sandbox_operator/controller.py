@@ -272,6 +272,10 @@ class Operator:
         body = self.tasks[uid]
         _, namespace, name = _key(body)
         task = _task(body)
+        missing = await self._missing_config_map(task, namespace)
+        if missing:
+            await self._finish_without_run(uid, ExitReason.CONFIG_ERROR, missing)
+            return
         pod = build_pod(
             task,
             namespace=namespace,
@@ -320,6 +324,23 @@ class Operator:
                 ExitReason.CONFIG_ERROR,
                 f"the operator could not create the pod: {exc.message}",
             )
+
+    async def _missing_config_map(self, task: SandboxTask, namespace: str) -> str | None:
+        """A pod whose ConfigMap volume is missing would wait in ContainerCreating until its
+        deadline with no status to show why; checking first names the problem at once."""
+        for i, item in enumerate(task.spec.inputs):
+            ref = item.config_map_ref
+            if ref is None:
+                continue
+            found = await self.kube.get("configmaps", namespace, ref.name)
+            where = f"spec.inputs[{i}].configMapRef"
+            if found is None:
+                return f'{where}: configmap "{ref.name}" not found in namespace {namespace}; create it before the task'
+            if ref.key is not None and ref.key not in (found.get("data") or {}) | (
+                found.get("binaryData") or {}
+            ):
+                return f'{where}: configmap "{ref.name}" has no key {ref.key!r}'
+        return None
 
     async def _create(self, resource: str, namespace: str, obj: dict[str, Any]) -> None:
         try:
@@ -504,6 +525,9 @@ class Operator:
         status.message = result.message or None
         status.completion_time = rfc3339(now)
         status.queue_position = None
+        if status.start_time is None and pod is not None:
+            # A quick pod can finish before the watch ever showed it Running.
+            status.start_time = _first_start(pod)
         run = _seconds_between(status.start_time, now)
         status.run_seconds = run
         if run is not None:
@@ -557,6 +581,15 @@ class Operator:
             raise
         # The watch will bring this too; caching it now keeps admission counts exact.
         self.tasks[uid] = updated
+
+
+def _first_start(pod: dict[str, Any]) -> str | None:
+    starts = [
+        str(term["startedAt"])
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []
+        if (term := (cs.get("state") or {}).get("terminated")) and term.get("startedAt")
+    ]
+    return min(starts) if starts else None
 
 
 def _newer(a: dict[str, Any], b: dict[str, Any]) -> bool:

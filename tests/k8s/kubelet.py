@@ -230,6 +230,30 @@ def expand_vars(text: str, env: Mapping[str, str]) -> str:
     return _VAR_REF.sub(replace, text)
 
 
+def _make_nested_mountpoints(mounts: list[tuple[str, Path, bool]]) -> None:
+    """A mount inside another volume needs its directory there, even in a read-only volume:
+    the kubelet creates it in the volume's host directory (MakeNestedMountpoints)."""
+    for target, _, _ in mounts:
+        for outer, outer_host, _ in mounts:
+            if target != outer and target.startswith(outer.rstrip("/") + "/"):
+                (outer_host / os.path.relpath(target, outer)).mkdir(parents=True, exist_ok=True)
+
+
+@functools.cache
+def _code_under_tmp() -> tuple[str, ...]:
+    """Where the containers' Python finds the project when that is below /tmp (a checkout
+    or virtualenv in /tmp, as CI may use): the fresh /tmp of each container would hide it."""
+    import sandbox_agent
+    import sandbox_operator
+
+    paths = {
+        str(Path(str(module.__file__)).resolve().parent.parent)
+        for module in (sandbox_agent, sandbox_operator)
+    }
+    paths |= {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}
+    return tuple(sorted(p for p in paths if p.startswith("/tmp/")))
+
+
 def _root_args(targets: list[str]) -> list[str]:
     """bwrap arguments for a root like ``--ro-bind / /`` in which ``targets`` (paths with the
     host's symlinks resolved) can be created.
@@ -1107,6 +1131,7 @@ class _PodWorker:
             # (so /var/run -> /run would miss): give it the resolved path.
             target = os.path.realpath(mount["mountPath"])
             mounts.append((target, host, bool(mount.get("readOnly"))))
+        _make_nested_mountpoints(mounts)
         message_target = os.path.realpath(
             spec.get("terminationMessagePath", "/dev/termination-log")
         )
@@ -1114,6 +1139,8 @@ class _PodWorker:
         targets = [m[0] for m in mounts] + [message_target, workdir]
         cmd = [self.kubelet.bwrap, *_root_args(targets)]
         cmd += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+        for code in _code_under_tmp():
+            cmd += ["--ro-bind", code, code]
         for target, host, read_only in sorted(mounts, key=lambda m: len(Path(m[0]).parts)):
             cmd += ["--ro-bind" if read_only else "--bind", str(host), target]
         cmd += ["--bind", str(container.message_path), message_target]
