@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from sandbox_agent.backends import BwrapSandbox, DockerSandbox, ProcessSandbox, SandboxConfig
 from sandbox_agent.backends.base import Sandbox
@@ -52,6 +53,16 @@ def sync_median(fn: Callable[[], object], rounds: int) -> float:
     return statistics.median(samples)
 
 
+def run_fresh(cmd: str) -> object:
+    return subprocess.run(["bash", "-c", cmd], capture_output=True, check=True)
+
+
+def run_docker_exec(container: str, cmd: str) -> object:
+    return subprocess.run(
+        ["docker", "exec", container, "bash", "-c", cmd], capture_output=True, check=True
+    )
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:9.2f} ms"
 
@@ -60,10 +71,7 @@ async def exec_round_trips(image: str, rounds: int) -> None:
     print("\n== exec round trip (median of", rounds, "runs) ==")
     fresh: dict[str, float] = {}
     for label, cmd in COMMANDS.items():
-        fresh[label] = sync_median(
-            lambda cmd=cmd: subprocess.run(["bash", "-c", cmd], capture_output=True, check=True),
-            rounds,
-        )
+        fresh[label] = sync_median(partial(run_fresh, cmd), rounds)
     if not docker_reachable():
         print("docker: skipped (no engine); fresh subprocess only")
         for label in COMMANDS:
@@ -78,15 +86,10 @@ async def exec_round_trips(image: str, rounds: int) -> None:
             )
             for label, cmd in COMMANDS.items():
                 ours = await median_seconds(
-                    lambda cmd=cmd: client.exec(cmd, 30, max_output_bytes=OUTPUT_CAP), rounds
+                    partial(client.exec, cmd, 30, max_output_bytes=OUTPUT_CAP), rounds
                 )
                 docker_exec = sync_median(
-                    lambda cmd=cmd: subprocess.run(
-                        ["docker", "exec", sandbox.container_name, "bash", "-c", cmd],
-                        capture_output=True,
-                        check=True,
-                    ),
-                    rounds,
+                    partial(run_docker_exec, sandbox.container_name, cmd), rounds
                 )
                 print(
                     f"{label:8s} {ms(ours)} {ms(docker_exec)} {ms(fresh[label])}  "

@@ -44,6 +44,7 @@ ATTEMPT_LABEL = "llmsandbox.io/attempt"
 MANAGED_SELECTOR = {"app.kubernetes.io/managed-by": "llm-sandbox-operator"}
 ACTIVE = {Phase.PENDING, Phase.RUNNING}
 TERMINAL = {Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED}
+_TERMINAL_VALUES = {p.value for p in TERMINAL}
 # Reason for the Complete condition per exit reason, where it differs from Failed.
 _COMPLETE_REASONS = {
     ExitReason.SUBMITTED: Reason.SUCCEEDED,
@@ -107,6 +108,8 @@ class Operator:
         self._locks: dict[str, asyncio.Lock] = {}
         self._admission = asyncio.Lock()
         self._policies_ready: set[str] = set()
+        self._active: set[str] = set()
+        self._queued: set[str] = set()
         self.metrics = Metrics(self.count_by_phase, settings.max_running_tasks)
 
     # -- index -------------------------------------------------------------------------------
@@ -130,7 +133,7 @@ class Operator:
         scopes: list[str | None] = list(namespaces) or [None]
         for ns in scopes:
             for body in await self.kube.list(TASKS, ns):
-                self.tasks[body["metadata"]["uid"]] = body
+                self._remember(body)
             for pod in await self.kube.list("pods", ns, MANAGED_SELECTOR):
                 self.pods[pod["metadata"]["uid"]] = pod
 
@@ -139,7 +142,7 @@ class Operator:
     async def on_task(self, event_type: str | None, body: dict[str, Any]) -> None:
         uid, namespace, _ = _key(body)
         if event_type == "DELETED":
-            self.tasks.pop(uid, None)
+            self._forget(uid)
             self._locks.pop(uid, None)
             # Owner references garbage-collect the pod too; deleting it now frees the slot sooner.
             for pod in self._pods_of(uid):
@@ -147,18 +150,18 @@ class Operator:
         else:
             known = self.tasks.get(uid)
             if known is None or _newer(body, known):
-                self.tasks[uid] = body
+                self._remember(body)
             async with self._lock(uid):
                 await self._reconcile(uid)
         await self.admit()
 
     async def on_pod(self, event_type: str | None, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
-        if event_type == "DELETED":
+        uid = _task_uid(pod)
+        if event_type == "DELETED" or self._phase(uid) in TERMINAL:
             self.pods.pop(meta["uid"], None)
         else:
             self.pods[meta["uid"]] = pod
-        uid = (meta.get("labels") or {}).get(TASK_UID_LABEL)
         if not uid or uid not in self.tasks:
             return
         async with self._lock(uid):
@@ -205,15 +208,32 @@ class Operator:
             return None
         return task
 
+    def _remember(self, body: dict[str, Any]) -> None:
+        """Cache a task and keep the admission sets in step, so admission costs O(queue)."""
+        uid = body["metadata"]["uid"]
+        self.tasks[uid] = body
+        phase = (body.get("status") or {}).get("phase")
+        self._active.discard(uid)
+        self._queued.discard(uid)
+        if phase in (Phase.PENDING.value, Phase.RUNNING.value):
+            self._active.add(uid)
+        elif phase == Phase.QUEUED.value:
+            self._queued.add(uid)
+        elif phase in _TERMINAL_VALUES:
+            # A finished task's pods are never looked at again.
+            for pod_uid in [k for k, p in self.pods.items() if _task_uid(p) == uid]:
+                del self.pods[pod_uid]
+
+    def _forget(self, uid: str) -> None:
+        self.tasks.pop(uid, None)
+        self._active.discard(uid)
+        self._queued.discard(uid)
+
     def _waiting(self) -> list[Candidate]:
-        return [
-            _candidate(body)
-            for body in self.tasks.values()
-            if (body.get("status") or {}).get("phase") == Phase.QUEUED.value
-        ]
+        return [_candidate(self.tasks[uid]) for uid in self._queued]
 
     def _running_count(self) -> int:
-        return sum(1 for uid in self.tasks if self._phase(uid) in ACTIVE)
+        return len(self._active)
 
     async def _enqueue(self, uid: str) -> None:
         """A new valid task: straight to a slot when one is free and nobody waits ahead."""
@@ -242,6 +262,8 @@ class Operator:
 
     async def admit(self) -> None:
         """Fill free slots from the queue (priority, then age)."""
+        if not self._queued or self._running_count() >= self.settings.max_running_tasks:
+            return
         async with self._admission:
             for cand in to_admit(
                 self._waiting(), self._running_count(), self.settings.max_running_tasks
@@ -316,7 +338,10 @@ class Operator:
                 namespace,
                 build_task_configmap(task, namespace=namespace, uid=uid, settings=self.settings),
             )
-            await self._create("pods", namespace, pod)
+            created = await self._create("pods", namespace, pod)
+            if created is not None:
+                # Known now, so a status event that outruns the pod's ADDED needs no API read.
+                self.pods[created["metadata"]["uid"]] = created
         except KubeError as exc:
             log.warning("creating the pod for %s/%s failed: %s", namespace, name, exc)
             await self._finish_without_run(
@@ -342,12 +367,14 @@ class Operator:
                 return f'{where}: configmap "{ref.name}" has no key {ref.key!r}'
         return None
 
-    async def _create(self, resource: str, namespace: str, obj: dict[str, Any]) -> None:
+    async def _create(
+        self, resource: str, namespace: str, obj: dict[str, Any]
+    ) -> dict[str, Any] | None:
         try:
-            await self.kube.create(resource, namespace, obj)
+            return await self.kube.create(resource, namespace, obj)
         except ConflictError:
             # Created by an earlier run of this same step: adopt it.
-            return
+            return None
 
     async def _ensure_policies(self, task: SandboxTask, namespace: str, uid: str) -> None:
         if namespace not in self._policies_ready:
@@ -576,11 +603,15 @@ class Operator:
             updated = await self.kube.patch_status(TASKS, namespace, name, patch)
         except KubeError as exc:
             if exc.status == 404:
-                self.tasks.pop(uid, None)
+                self._forget(uid)
                 return
             raise
         # The watch will bring this too; caching it now keeps admission counts exact.
-        self.tasks[uid] = updated
+        self._remember(updated)
+
+
+def _task_uid(pod: dict[str, Any]) -> str:
+    return str((pod["metadata"].get("labels") or {}).get(TASK_UID_LABEL, ""))
 
 
 def _first_start(pod: dict[str, Any]) -> str | None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import os
+import py_compile
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,6 +42,30 @@ _SECRET_HOME_PATHS = (
     ".pypirc",
     ".npmrc",
 )
+
+
+# Imported rather than run as a script so Python can use bytecode compiled ahead of time: it
+# saves compiling the exec server on every start, about a quarter of the sandbox's start time.
+# os._exit, as execd's own __main__ does: request threads have nothing to finish at exit.
+_LAUNCH = (
+    "import os, sys; sys.path.insert(0, '/run/execd-bin'); import execd; os._exit(execd.main())"
+)
+
+
+@functools.cache
+def _compiled_execd() -> Path:
+    """The exec server with its bytecode beside it, mounted read-only into every sandbox.
+
+    A sandbox whose python3 has another version ignores the bytecode (the magic number
+    differs) and compiles in memory; nothing in the sandbox can write to it.
+    """
+    root = Path(tempfile.mkdtemp(prefix="llmsandbox-execd-"))
+    source = root / "execd.py"
+    shutil.copy2(execd_source(), source)
+    cache = root / "__pycache__" / f"execd.{sys.implementation.cache_tag}.pyc"
+    py_compile.compile(str(source), cfile=str(cache), doraise=True)
+    atexit.register(shutil.rmtree, root, True)
+    return root
 
 
 def bwrap_path() -> str | None:
@@ -83,7 +111,7 @@ class BwrapSandbox(Sandbox):
             "--tmpfs", "/run",
             "--bind", str(self.host_workspace), WORKSPACE,
             "--bind", str(self.rundir), "/run/execd",
-            "--ro-bind", str(execd_source()), "/run/execd-bin/execd.py",
+            "--ro-bind", str(_compiled_execd()), "/run/execd-bin",
             "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--hostname", "sandbox",
@@ -103,7 +131,8 @@ class BwrapSandbox(Sandbox):
             "python3",
             "-I",
             "-S",
-            "/run/execd-bin/execd.py",
+            "-c",
+            _LAUNCH,
             "--root",
             WORKSPACE,
             "--unix-socket",
