@@ -1139,10 +1139,11 @@ class _PodWorker:
         targets = [m[0] for m in mounts] + [message_target, workdir]
         cmd = [self.kubelet.bwrap, *_root_args(targets)]
         cmd += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-        for code in _code_under_tmp():
-            cmd += ["--ro-bind", code, code]
         for target, host, read_only in sorted(mounts, key=lambda m: len(Path(m[0]).parts)):
             cmd += ["--ro-bind" if read_only else "--bind", str(host), target]
+        # After the volumes: a volume at /tmp (the agent's) would hide the code otherwise.
+        for code in _code_under_tmp():
+            cmd += ["--ro-bind", code, code]
         cmd += ["--bind", str(container.message_path), message_target]
         if workdir != "/":
             cmd += ["--dir", workdir]
