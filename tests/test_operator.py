@@ -190,6 +190,29 @@ def test_max_running_tasks_caps_concurrent_pods_and_all_tasks_finish(
     assert all(len(pods_of(k8s, n)) == 1 for n in names)
 
 
+def test_queue_positions_follow_the_queue(
+    k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.set_default(answer_after_tool("done", "sleep 0.5"))
+    k8s.create(secret())
+    env = operator_env(
+        llm_server, LLMSANDBOX_MAX_RUNNING_TASKS="1", LLMSANDBOX_QUEUE_REFRESH_SECONDS="0.2"
+    )
+    with run_operator(OPERATOR, env=env):
+        k8s.create(task("p0"))
+        wait_phase(k8s, "p0", {"Pending", "Running"})
+        for i in (1, 2, 3):
+            k8s.create(task(f"p{i}"))
+            time.sleep(0.05)
+        k8s.wait_for(lambda: status(k8s, "p3").get("queuePosition") == 3, timeout=20)
+        wait_phase(k8s, "p1", {"Pending", "Running", "Succeeded"})
+        # p1 left the queue: p3 moves up without anything else happening to it.
+        k8s.wait_for(lambda: status(k8s, "p3").get("queuePosition") in (1, 2), timeout=20)
+        for i in (1, 2, 3):
+            assert wait_phase(k8s, f"p{i}", TERMINAL)["phase"] == "Succeeded"
+    assert "queuePosition" not in status(k8s, "p3")
+
+
 def test_a_higher_priority_task_is_admitted_before_older_ones(
     k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
 ) -> None:

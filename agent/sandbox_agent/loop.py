@@ -6,7 +6,7 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import ExecServerError, LLMError, SandboxError
 from .events import EventSink, LLMReplied, Notice, StepStarted, ToolCallFinished, ToolCallStarted
@@ -32,6 +32,19 @@ ANSWER_FILE = "output/answer.txt"
 MAX_ANSWER_BYTES = 1024 * 1024
 
 
+class ModelOptions(Protocol):
+    """The sampling options a task's model section carries (ModelSpec, PodModelConfig)."""
+
+    @property
+    def tool_call_format(self) -> ToolCallFormat: ...
+    @property
+    def max_tokens_per_call(self) -> int: ...
+    @property
+    def temperature(self) -> float | None: ...
+    @property
+    def top_p(self) -> float | None: ...
+
+
 @dataclass(frozen=True)
 class AgentSettings:
     model: str
@@ -40,6 +53,17 @@ class AgentSettings:
     temperature: float | None
     top_p: float | None
     limits: Limits
+
+    @classmethod
+    def of(cls, model: str, options: ModelOptions, limits: Limits) -> AgentSettings:
+        return cls(
+            model=model,
+            tool_call_format=options.tool_call_format,
+            max_tokens_per_call=options.max_tokens_per_call,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            limits=limits,
+        )
 
 
 @dataclass

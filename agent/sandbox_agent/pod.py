@@ -123,14 +123,7 @@ async def run(
             llm,
             client,
             WORKSPACE,
-            AgentSettings(
-                model=config.model.name,
-                tool_call_format=config.model.tool_call_format,
-                max_tokens_per_call=config.model.max_tokens_per_call,
-                temperature=config.model.temperature,
-                top_p=config.model.top_p,
-                limits=config.limits,
-            ),
+            AgentSettings.of(config.model.name, config.model, config.limits),
             _log,
             trajectory,
         )

@@ -217,14 +217,7 @@ async def run_task(
                 llm,
                 client,
                 exec_endpoint.workspace,
-                AgentSettings(
-                    model=endpoint.model,
-                    tool_call_format=spec.model.tool_call_format,
-                    max_tokens_per_call=spec.model.max_tokens_per_call,
-                    temperature=spec.model.temperature,
-                    top_p=spec.model.top_p,
-                    limits=spec.limits,
-                ),
+                AgentSettings.of(endpoint.model, spec.model, spec.limits),
                 on_event,
                 trajectory,
             )

@@ -260,6 +260,22 @@ class Operator:
             )
             await self._write_status(uid, status)
 
+    async def refresh_queue_positions(self, head: int = 100) -> int:
+        """Rewrite queuePosition where the queue has moved; only the first `head` places, so a
+        long queue costs at most `head` writes per refresh. Returns how many were written."""
+        written = 0
+        for uid, place in positions(self._waiting()).items():
+            if place > head:
+                continue
+            async with self._lock(uid):
+                status = _status_of(self.tasks.get(uid, {}))
+                if status.phase is not Phase.QUEUED or status.queue_position == place:
+                    continue
+                status.queue_position = place
+                await self._write_status(uid, status)
+                written += 1
+        return written
+
     async def admit(self) -> None:
         """Fill free slots from the queue (priority, then age)."""
         if not self._queued or self._running_count() >= self.settings.max_running_tasks:
@@ -330,7 +346,8 @@ class Operator:
                 )
                 status.message = retry_note
             status.conditions = conditions
-            await self._write_status(uid, status, clear=["queuePosition"])
+            if not await self._write_status(uid, status, clear=["queuePosition"]):
+                return  # the task was deleted meanwhile: nothing to run
         try:
             await self._ensure_policies(task, namespace, uid)
             await self._create(
@@ -593,7 +610,8 @@ class Operator:
         uid: str,
         status: TaskStatus,
         clear: list[str] | None = None,
-    ) -> None:
+    ) -> bool:
+        """Merge-patch the status; False when the task no longer exists."""
         body = self.tasks[uid]
         _, namespace, name = _key(body)
         patch: dict[str, Any] = status.to_api()
@@ -604,10 +622,11 @@ class Operator:
         except KubeError as exc:
             if exc.status == 404:
                 self._forget(uid)
-                return
+                return False
             raise
         # The watch will bring this too; caching it now keeps admission counts exact.
         self._remember(updated)
+        return True
 
 
 def _task_uid(pod: dict[str, Any]) -> str:

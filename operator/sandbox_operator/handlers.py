@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 from typing import Any
@@ -29,6 +30,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     if config.metrics_port:
         operator.metrics.serve(config.metrics_port)
     memo["operator"] = operator
+    memo["queue_refresher"] = asyncio.create_task(_refresh_queue(operator))
     log.info(
         "llm-sandbox operator started: maxRunningTasks=%d, %d tasks known",
         config.max_running_tasks,
@@ -38,9 +40,22 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
+    refresher: asyncio.Task[None] | None = memo.get("queue_refresher")
+    if refresher is not None:
+        refresher.cancel()
     operator: Operator | None = memo.get("operator")
     if operator is not None:
         await operator.kube.close()
+
+
+async def _refresh_queue(operator: Operator) -> None:
+    while True:
+        await asyncio.sleep(operator.settings.queue_refresh_seconds)
+        try:
+            await operator.refresh_queue_positions()
+        except Exception:
+            # A failed refresh (API hiccup) is retried on the next round; it must not stop them.
+            log.exception("refreshing queue positions failed")
 
 
 @kopf.on.event(API_GROUP, API_VERSION, TASKS)

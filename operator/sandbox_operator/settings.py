@@ -114,6 +114,8 @@ class OperatorSettings(BaseSettings):
     metrics_port: Annotated[int, Field(ge=0, le=65_535)] = 9090
     token_prices: dict[str, TokenPrice] = Field(default_factory=dict)
     deadline_grace_seconds: Annotated[int, Field(ge=0, le=3600)] = 60
+    # How often queued tasks' status.queuePosition is brought up to date.
+    queue_refresh_seconds: Annotated[float, Field(gt=0, le=3600)] = 30
     # How long the agent waits for the sandbox container's exec server before giving up.
     execd_ready_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 120
     # The kubelet keeps at most 4096 bytes of a container's termination message.
