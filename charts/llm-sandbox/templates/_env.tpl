@@ -1,0 +1,41 @@
+{{/* The operator's LLMSANDBOX_* settings (docs/operator.md); lists and dicts are JSON. */}}
+{{- define "llm-sandbox.operatorEnv" -}}
+{{- with .Values.inference.baseURL }}
+- name: LLMSANDBOX_DEFAULT_BASE_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.inference.model }}
+- name: LLMSANDBOX_DEFAULT_MODEL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.inference.apiKeySecret.name }}
+- name: LLMSANDBOX_DEFAULT_API_KEY_SECRET
+  value: {{ . | quote }}
+{{- end }}
+- name: LLMSANDBOX_DEFAULT_API_KEY_SECRET_KEY
+  value: {{ .Values.inference.apiKeySecret.key | quote }}
+- name: LLMSANDBOX_AGENT_IMAGE
+  value: {{ include "llm-sandbox.agentImage" . | quote }}
+- name: LLMSANDBOX_AGENT_RESOURCES
+  value: {{ .Values.agent.resources | toJson | quote }}
+- name: LLMSANDBOX_DEFAULT_SANDBOX_IMAGE
+  value: {{ .Values.sandbox.defaultImage | quote }}
+- name: LLMSANDBOX_INFERENCE_EGRESS
+  value: {{ .Values.inferenceEgress | toJson | quote }}
+- name: LLMSANDBOX_DNS_EGRESS
+  value: {{ .Values.dnsEgress | quote }}
+- name: LLMSANDBOX_MAX_RUNNING_TASKS
+  value: {{ .Values.maxRunningTasks | quote }}
+- name: LLMSANDBOX_TOKEN_PRICES
+  value: {{ .Values.tokenPrices | toJson | quote }}
+- name: LLMSANDBOX_WATCHED_NAMESPACES
+  value: {{ .Values.watchedNamespaces | toJson | quote }}
+- name: LLMSANDBOX_METRICS_PORT
+  value: {{ .Values.metrics.port | quote }}
+- name: LLMSANDBOX_QUEUE_REFRESH_SECONDS
+  value: {{ .Values.queueRefreshSeconds | quote }}
+- name: LLMSANDBOX_DEADLINE_GRACE_SECONDS
+  value: {{ .Values.deadlineGraceSeconds | quote }}
+- name: LLMSANDBOX_EXECD_READY_TIMEOUT_SECONDS
+  value: {{ .Values.execdReadyTimeoutSeconds | quote }}
+{{- end -}}

@@ -1,0 +1,415 @@
+"""The Helm chart: renders, validates against Kubernetes 1.29-1.33, grants exactly what the
+operator uses, and its dashboard and alerts query only metrics the operator exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sandbox_operator.kube import API_CALLS, resource_path
+from sandbox_operator.metrics import METRIC_NAMES
+from sandbox_operator.settings import ENV_PREFIX, OperatorSettings
+
+helm = pytest.importorskip("helm_python", reason="needs helm-python-sdk")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "llm-sandbox"
+KUBE_VERSIONS = ("1.29", "1.30", "1.31", "1.32", "1.33")
+RELEASE = "llm-sandbox"
+NAMESPACE = "llm-sandbox"
+
+NON_DEFAULT: dict[str, Any] = {
+    "watchedNamespaces": ["team-a", "team-b"],
+    "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+    "prometheusRule": {"enabled": True},
+    "grafanaDashboard": {"enabled": True, "folder": "LLM"},
+    "inference": {
+        "baseURL": "http://vllm.inference:8000/v1",
+        "model": "Qwen/Qwen3-Coder-30B-A3B-Instruct",
+        "apiKeySecret": {"name": "llm-key", "key": "token"},
+    },
+    "inferenceEgress": [
+        {"namespace_selector": {"kubernetes.io/metadata.name": "inference"}, "ports": [8000]}
+    ],
+    "tokenPrices": {
+        "Qwen/Qwen3-Coder-30B-A3B-Instruct": {
+            "prompt_per_million": 0.1,
+            "completion_per_million": 0.3,
+        }
+    },
+    "maxRunningTasks": 50,
+}
+
+# Verbs and resources kopf itself needs in standalone mode (no peering), beyond API_CALLS.
+KOPF_CLUSTER_RULES = {
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+}
+KOPF_CLUSTERWIDE_RULES = {("", "namespaces"): {"list", "watch"}}
+KOPF_EVENT_RULES = {("events.k8s.io", "events"): {"create"}}
+# Prometheus' own series that alerts may use besides the operator's metrics.
+PROMETHEUS_BUILTINS = {"up"}
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm.Chart.load(str(CHART)) as loaded:
+        yield loaded
+
+
+def render(chart, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    rendered = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return [
+        doc
+        for path, text in rendered.items()
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+@pytest.fixture(scope="module")
+def default_objects(chart) -> list[dict[str, Any]]:
+    return render(chart)
+
+
+@pytest.fixture(scope="module")
+def custom_objects(chart) -> list[dict[str, Any]]:
+    return render(chart, NON_DEFAULT)
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def api_group(resource: str) -> str:
+    """The API group of a resource the operator's client uses, from the client's own paths."""
+    prefix = resource_path(resource.split("/")[0])
+    return "" if prefix.startswith("/api/") else prefix.split("/")[2]
+
+
+def grants(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def needed_by_operator() -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for verb, resource in API_CALLS:
+        out.setdefault((api_group(resource), resource), set()).add(verb)
+    return out
+
+
+def merge(*parts: dict[tuple[str, str], set[str]]) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for part in parts:
+        for key, verbs in part.items():
+            out.setdefault(key, set()).update(verbs)
+    return out
+
+
+# -- rendering and validity ---------------------------------------------------------------------
+
+
+def test_chart_metadata_names_version_and_app_version(chart):
+    assert chart.metadata["apiVersion"] == "v2"
+    assert chart.version == "0.1.0"
+    assert chart.metadata["appVersion"] == "0.1.0"
+
+
+@pytest.mark.parametrize("values", [None, NON_DEFAULT], ids=["default", "custom"])
+def test_helm_lint_reports_no_warnings_or_errors(values):
+    report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems, report
+    assert not report["errors"], report
+
+
+@pytest.mark.parametrize("which", ["default_objects", "custom_objects"])
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_every_builtin_object_is_valid_for_supported_kubernetes(request, which, version):
+    for obj in request.getfixturevalue(which):
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # Prometheus Operator CRDs: shape checked below
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_default_render_has_operator_rbac_and_metrics_service_only(default_objects):
+    kinds = sorted(o["kind"] for o in default_objects)
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+    ]
+
+
+def test_monitoring_objects_have_the_prometheus_operator_shape(custom_objects):
+    (monitor,) = by_kind(custom_objects, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    (service,) = by_kind(custom_objects, "Service")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+
+    (rule,) = by_kind(custom_objects, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    for group in rule["spec"]["groups"]:
+        assert group["name"]
+        assert group["rules"]
+        for alert in group["rules"]:
+            assert set(alert) <= {"alert", "expr", "for", "labels", "annotations"}
+            assert alert["alert"]
+            assert isinstance(alert["expr"], str)
+            assert re.fullmatch(r"\d+[smh]", alert["for"])
+            assert alert["labels"]["severity"] in {"critical", "warning", "info"}
+            assert alert["annotations"]["summary"]
+            assert alert["annotations"]["description"]
+
+
+def test_monitoring_objects_are_off_by_default(default_objects):
+    kinds = {o["kind"] for o in default_objects}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule", "ConfigMap"}
+
+
+# -- the operator Deployment --------------------------------------------------------------------
+
+
+def operator_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = by_kind(objects, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_operator_runs_locked_down(default_objects):
+    (deployment,) = by_kind(default_objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    container = operator_container(default_objects)
+    assert container["command"] == ["python", "-m", "sandbox_operator"]
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert container["resources"]["requests"]
+    assert container["resources"]["limits"]
+    assert (
+        pod["serviceAccountName"]
+        == by_kind(default_objects, "ServiceAccount")[0]["metadata"]["name"]
+    )
+
+
+def test_probes_hit_kopfs_liveness_endpoint(default_objects):
+    container = operator_container(default_objects)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe in ("livenessProbe", "readinessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] == "/healthz"
+        assert ports[get["port"]] == 8080
+
+
+def operator_env(objects: list[dict[str, Any]]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in operator_container(objects)["env"]}
+
+
+@pytest.mark.parametrize("which", ["default_objects", "custom_objects"])
+def test_env_is_accepted_by_the_operators_settings(request, monkeypatch, which):
+    env = operator_env(request.getfixturevalue(which))
+    assert all(name.startswith(ENV_PREFIX) for name in env)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = OperatorSettings()
+    assert settings.max_running_tasks == (50 if which == "custom_objects" else 10)
+
+
+def test_custom_values_reach_the_operator_as_json(custom_objects):
+    env = operator_env(custom_objects)
+    assert json.loads(env["LLMSANDBOX_WATCHED_NAMESPACES"]) == NON_DEFAULT["watchedNamespaces"]
+    assert json.loads(env["LLMSANDBOX_INFERENCE_EGRESS"]) == NON_DEFAULT["inferenceEgress"]
+    assert json.loads(env["LLMSANDBOX_TOKEN_PRICES"]) == NON_DEFAULT["tokenPrices"]
+    assert env["LLMSANDBOX_DEFAULT_BASE_URL"] == NON_DEFAULT["inference"]["baseURL"]
+    assert env["LLMSANDBOX_DEFAULT_API_KEY_SECRET"] == "llm-key"
+    assert env["LLMSANDBOX_DEFAULT_API_KEY_SECRET_KEY"] == "token"
+
+
+def test_metrics_service_targets_the_metrics_port(default_objects):
+    (service,) = by_kind(default_objects, "Service")
+    ports = {p["name"]: p["containerPort"] for p in operator_container(default_objects)["ports"]}
+    (port,) = service["spec"]["ports"]
+    assert ports[port["targetPort"]] == port["port"]
+    assert str(port["port"]) == operator_env(default_objects)["LLMSANDBOX_METRICS_PORT"]
+
+
+# -- RBAC ---------------------------------------------------------------------------------------
+
+
+def test_clusterwide_rbac_grants_exactly_api_calls_and_kopfs_needs(default_objects):
+    (role,) = by_kind(default_objects, "ClusterRole")
+    expected = merge(
+        needed_by_operator(), KOPF_CLUSTER_RULES, KOPF_CLUSTERWIDE_RULES, KOPF_EVENT_RULES
+    )
+    assert grants(role["rules"]) == expected
+    (binding,) = by_kind(default_objects, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["namespace"] == NAMESPACE
+
+
+def test_namespaced_rbac_is_a_role_per_watched_namespace(custom_objects):
+    (cluster_role,) = by_kind(custom_objects, "ClusterRole")
+    # CRDs are cluster-scoped; namespaces are not watched when kopf has a fixed list.
+    assert grants(cluster_role["rules"]) == KOPF_CLUSTER_RULES
+    roles = by_kind(custom_objects, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == NON_DEFAULT["watchedNamespaces"]
+    for role in roles:
+        assert grants(role["rules"]) == merge(needed_by_operator(), KOPF_EVENT_RULES)
+    bindings = by_kind(custom_objects, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == NON_DEFAULT["watchedNamespaces"]
+
+
+@pytest.mark.parametrize("which", ["default_objects", "custom_objects"])
+def test_rbac_has_no_wildcards_and_no_secrets(request, which):
+    for obj in request.getfixturevalue(which):
+        for rule in obj.get("rules", []):
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], rule
+            assert "secrets" not in rule["resources"]
+
+
+# -- dashboard and alerts -----------------------------------------------------------------------
+
+_METRIC_TOKEN = re.compile(r"\bllmsandbox_[a-z0-9_]+")
+_SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\{")
+
+
+def family(series: str) -> str:
+    """The family a queried series belongs to (`_bucket`, `_sum`, `_count` of histograms)."""
+    for suffix in ("_bucket", "_sum", "_count"):
+        base = series.removesuffix(suffix)
+        if base != series and base in METRIC_NAMES:
+            return base
+    return series
+
+
+def dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
+    exprs = []
+    for panel in dashboard["panels"]:
+        exprs += [t["expr"] for t in panel.get("targets", [])]
+    for var in dashboard["templating"]["list"]:
+        if var.get("type") == "query":
+            exprs.append(var["definition"])
+    return exprs
+
+
+@pytest.fixture(scope="module")
+def dashboard(custom_objects) -> dict[str, Any]:
+    (configmap,) = by_kind(custom_objects, "ConfigMap")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    loaded: dict[str, Any] = json.loads(configmap["data"]["llm-sandbox.json"])
+    assert loaded == json.loads((CHART / "dashboards" / "llm-sandbox.json").read_text())
+    return loaded
+
+
+def test_dashboard_queries_only_exported_metrics(dashboard):
+    queried = {family(m) for e in dashboard_exprs(dashboard) for m in _METRIC_TOKEN.findall(e)}
+    assert queried <= set(METRIC_NAMES), queried - set(METRIC_NAMES)
+
+
+def test_every_exported_metric_is_on_the_dashboard(dashboard):
+    queried = {family(m) for e in dashboard_exprs(dashboard) for m in _METRIC_TOKEN.findall(e)}
+    assert set(METRIC_NAMES) <= queried, set(METRIC_NAMES) - queried
+
+
+def test_dashboard_shows_latency_quantiles_from_histogram_buckets(dashboard):
+    exprs = "\n".join(dashboard_exprs(dashboard))
+    for histogram in (
+        "llmsandbox_queue_wait_seconds",
+        "llmsandbox_pod_startup_seconds",
+        "llmsandbox_task_run_seconds",
+    ):
+        for q in ("0.5", "0.9", "0.99"):
+            assert f"histogram_quantile({q}, sum by (le) (rate({histogram}_bucket" in exprs
+
+
+def test_dashboard_panels_do_not_overlap(dashboard):
+    cells: set[tuple[int, int]] = set()
+    for panel in dashboard["panels"]:
+        pos = panel["gridPos"]
+        mine = {
+            (x, y)
+            for x in range(pos["x"], pos["x"] + pos["w"])
+            for y in range(pos["y"], pos["y"] + pos["h"])
+        }
+        assert not cells & mine, panel["title"]
+        assert pos["x"] + pos["w"] <= 24
+        cells |= mine
+
+
+def test_alerts_query_only_exported_metrics(custom_objects):
+    (rule,) = by_kind(custom_objects, "PrometheusRule")
+    alerts = [a for g in rule["spec"]["groups"] for a in g["rules"]]
+    names = {a["alert"] for a in alerts}
+    assert {
+        "LLMSandboxOperatorDown",
+        "LLMSandboxTaskFailureRatioHigh",
+        "LLMSandboxQueueNotDraining",
+        "LLMSandboxLLMErrorRatioHigh",
+    } <= names
+    for alert in alerts:
+        metrics = {family(m) for m in _METRIC_TOKEN.findall(alert["expr"])}
+        assert metrics, alert["alert"]
+        assert metrics <= set(METRIC_NAMES), (alert["alert"], metrics - set(METRIC_NAMES))
+        # Every series selector (all carry label matchers) is ours or one Prometheus provides.
+        selected = {family(m) for m in _SELECTOR.findall(alert["expr"])}
+        assert selected <= set(METRIC_NAMES) | PROMETHEUS_BUILTINS, alert["alert"]
+
+
+# -- values schema and committed manifests ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"maxRunningTasks": 0},
+        {"watchedNamespaces": ["Not_A_Namespace"]},
+        {"operator": {"image": {"pullPolicy": "Sometimes"}}},
+        {"tokenPrices": {"m": {"prompt_per_million": -1, "completion_per_million": 1}}},
+        {"inferenceEgress": [{"ports": [8000]}]},
+        {"unknownKey": True},
+    ],
+)
+def test_values_schema_rejects_bad_values(chart, bad):
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(bad)
+    with pytest.raises(helm.HelmError):
+        chart.render(bad, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_values_schema_accepts_the_custom_values(chart):
+    chart.validate_schema(NON_DEFAULT)
+
+
+def test_committed_manifests_equal_a_fresh_render():
+    fresh = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "render-manifests.sh"), "-"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    committed = (ROOT / "manifests" / "llm-sandbox.yaml").read_text()
+    assert committed == fresh, (
+        "manifests/llm-sandbox.yaml is stale: run scripts/render-manifests.sh"
+    )
