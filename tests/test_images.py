@@ -1,0 +1,136 @@
+"""The real images, run the way a pod runs them: an init step copies the exec server into a
+shared volume, the sandbox container serves it, and the agent container (sharing the sandbox's
+network namespace) solves a task against the scripted LLM server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import docker_image_present
+from llmserver import ScriptedLLMServer, tool_call
+from sandbox_agent.backends.docker import docker_reachable
+
+pytestmark = [
+    pytest.mark.container,
+    pytest.mark.skipif(
+        not docker_reachable() or not docker_image_present(),
+        reason="no Docker engine, or no base image (bash images/base/build.sh)",
+    ),
+]
+
+ROOT = Path(__file__).parent.parent
+TAG = "test"
+AGENT = f"llm-sandbox/agent:{TAG}"
+SANDBOX = f"llm-sandbox/sandbox-python:{TAG}"
+HARDENED = ["--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--user", "65534:65534"]
+
+
+def docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def images() -> None:
+    build = subprocess.run(
+        ["bash", str(ROOT / "images" / "build.sh"), TAG],
+        capture_output=True, text=True, timeout=1500, check=False,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+
+
+@pytest.fixture
+def pod_dirs(tmp_path: Path) -> dict[str, Path]:
+    dirs = {name: tmp_path / name for name in ("bin", "run", "task", "term")}
+    for d in dirs.values():
+        d.mkdir()
+        d.chmod(0o777)  # what fsGroup does for the pod's emptyDirs
+    return dirs
+
+
+def test_the_sandbox_image_has_the_papers_toolset(images: None) -> None:
+    probe = docker(
+        "run", "--rm", *HARDENED, SANDBOX, "python3", "-c",
+        "import numpy, scipy, sympy, pandas, matplotlib; import shutil; "
+        "print(all(shutil.which(t) for t in ('git', 'curl', 'gcc', 'make')))",
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "True"
+    whoami = docker("run", "--rm", SANDBOX, "id", "-u")
+    assert whoami.stdout.strip() == "65534"
+
+
+def test_the_images_run_a_task_as_a_pod_would(
+    images: None, pod_dirs: dict[str, Path], llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.script(
+        tool_call(
+            "execute_bash",
+            {
+                "command": "python3 -c 'import sympy; print(sympy.factorint(2**32 + 1))' | tee output/answer.txt"
+            },
+        ),
+        tool_call("submit", {"answer": "{641: 1, 6700417: 1}"}),
+    )
+    (pod_dirs["task"] / "task.json").write_text(
+        json.dumps(
+            {
+                "name": "image-test",
+                "prompt": "Factor 2**32 + 1.",
+                "model": {"name": "scripted-model", "baseURL": llm_server.base_url},
+                "limits": {"maxSteps": 5},
+            }
+        )
+    )
+    bin_mount = f"{pod_dirs['bin']}:/opt/llmsandbox"
+    run_mount = f"{pod_dirs['run']}:/run/execd"
+    init = docker(
+        "run", "--rm", *HARDENED, "-v", bin_mount, "-v", run_mount, AGENT,
+        "python", "-m", "sandbox_agent.pod", "install", "--execd-dir", "/opt/llmsandbox", "--run-dir", "/run/execd",
+    )  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    sandbox = f"llmsandbox-imgtest-{uuid.uuid4().hex[:8]}"
+    # The pod's shared network namespace: the host's here, so the agent reaches the LLM server.
+    started = docker(
+        "run", "-d", "--name", sandbox, "--network", "host", *HARDENED,
+        "-v", f"{bin_mount}:ro", "-v", run_mount, "--tmpfs", "/workspace:exec,uid=65534,gid=65534",
+        "--tmpfs", "/tmp:exec,uid=65534,gid=65534", "-e", "HOME=/tmp/home", SANDBOX,
+        "python3", "/opt/llmsandbox/execd.py", "--root", "/workspace", "--unix-socket", "/run/execd/execd.sock",
+        "--token-file", "/run/execd/token", "--ready-file", "/run/execd/ready.json",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    try:
+        agent = docker(
+            "run", "--rm", "--network", f"container:{sandbox}", *HARDENED, "--read-only",
+            "--tmpfs", "/tmp", "-v", run_mount, "-v", f"{pod_dirs['task']}:/etc/llmsandbox:ro",
+            "-v", f"{pod_dirs['term']}:/term", "-e", "OPENAI_API_KEY=sk-image-test", AGENT,
+            "python", "-m", "sandbox_agent.pod", "run", "--task", "/etc/llmsandbox/task.json",
+            "--run-dir", "/run/execd", "--termination-log", "/term/message", "--execd-timeout", "60",
+            timeout=300,
+        )  # fmt: skip
+        assert agent.returncode == 0, agent.stderr
+        result = json.loads((pod_dirs["term"] / "message").read_text())
+        assert result["phase"] == "Succeeded", result
+        assert result["answer"] == "{641: 1, 6700417: 1}"
+        observation = llm_server.chat_requests[1].json["messages"][-1]["content"]
+        assert "641" in observation
+        # The agent stopped the exec server, so the sandbox container ends as the pod would.
+        for _ in range(100):
+            state = docker(
+                "inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}", sandbox
+            ).stdout.split()
+            if state and state[0] == "false":
+                break
+            time.sleep(0.1)
+        assert state == ["false", "0"]
+        sandbox_env = docker("inspect", "-f", "{{json .Config.Env}}", sandbox).stdout
+        assert "sk-image-test" not in sandbox_env
+    finally:
+        docker("rm", "-f", sandbox)
