@@ -413,3 +413,30 @@ def test_committed_manifests_equal_a_fresh_render():
     assert committed == fresh, (
         "manifests/llm-sandbox.yaml is stale: run scripts/render-manifests.sh"
     )
+
+
+def _kind_up_values() -> dict[str, Any]:
+    """The --set values scripts/kind-up.sh passes to helm, with placeholder shell values."""
+    script = (Path(__file__).parent.parent / "scripts" / "kind-up.sh").read_text()
+    values: dict[str, Any] = {}
+    for key, raw in re.findall(r"--set ([\w.]+)=(\S+)", script):
+        text = raw.strip('"').replace("${tag}", "0.1.0").replace("$tag", "0.1.0")
+        text = text.replace("$OPENAI_BASE_URL", "http://10.0.0.1:8000/v1").replace(
+            "$OPENAI_MODEL", "m"
+        )
+        node = values
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = text
+    return values
+
+
+def test_the_kind_quickstart_values_render_and_reach_the_operator(chart):
+    values = _kind_up_values()
+    assert values["inference"]["baseURL"] == "http://10.0.0.1:8000/v1"
+    objects = render(chart, values)
+    env = operator_env(objects)
+    assert env["LLMSANDBOX_DEFAULT_BASE_URL"] == "http://10.0.0.1:8000/v1"
+    assert env["LLMSANDBOX_AGENT_IMAGE"] == "llm-sandbox/agent:0.1.0"
+    assert env["LLMSANDBOX_DEFAULT_API_KEY_SECRET"] == "llm-key"
