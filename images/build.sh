@@ -14,6 +14,7 @@ for name in sandbox agent operator; do
   image="llm-sandbox/${name}:${tag}"
   [ "$name" = sandbox ] && image="llm-sandbox/sandbox-python:${tag}"
   echo "images: building ${image}"
-  docker build --network host -q -f "images/${name}/Dockerfile" -t "${image}" . >/dev/null
+  docker build --network host -q --build-arg "AGENT_IMAGE=llm-sandbox/agent:${tag}" \
+    -f "images/${name}/Dockerfile" -t "${image}" . >/dev/null
 done
 echo "images: llm-sandbox/sandbox-python:${tag} llm-sandbox/agent:${tag} llm-sandbox/operator:${tag}"

@@ -134,3 +134,17 @@ def test_the_images_run_a_task_as_a_pod_would(
         assert "sk-image-test" not in sandbox_env
     finally:
         docker("rm", "-f", sandbox)
+
+
+def test_the_operator_image_runs_the_operator_as_nobody(images: None) -> None:
+    config = json.loads(
+        docker("inspect", "-f", "{{json .Config}}", f"llm-sandbox/operator:{TAG}").stdout
+    )
+    assert config["Cmd"] == ["python", "-m", "sandbox_operator"]
+    assert config["User"] == "65534:65534"
+    # Without settings it must refuse clearly, not crash: a bad value names its variable.
+    bad = docker(
+        "run", "--rm", "-e", "LLMSANDBOX_MAX_RUNNING_TASKS=0", f"llm-sandbox/operator:{TAG}"
+    )
+    assert bad.returncode == 2
+    assert "LLMSANDBOX_MAX_RUNNING_TASKS" in bad.stderr
