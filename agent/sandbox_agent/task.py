@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from .errors import TaskSpecError
@@ -89,6 +98,9 @@ class InputFile(ApiModel):
                 "set exactly one of content, file or configMapRef "
                 f"(got {', '.join(to_camel(s) for s in sources) or 'none'})"
             )
+        # A ConfigMap may land in the input directory itself (all keys, or path/key).
+        if str(PurePosixPath(self.path)) == "." and self.config_map_ref is None:
+            raise ValueError(f"path {self.path!r} names /workspace/input itself; give a file name")
         return self
 
 
@@ -143,11 +155,29 @@ class Resources(ApiModel):
         return value
 
 
+def parse_allow_entry(entry: str) -> tuple[str, int]:
+    """`ADDRESS[/PREFIX]:PORT` as a canonical CIDR and a port; a bare address is one host."""
+    address, _, port_text = entry.rpartition(":")
+    try:
+        network = ipaddress.ip_network(address, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{address!r} is not an IP address or CIDR: {exc}") from None
+    port = int(port_text)
+    if not 1 <= port <= 65_535:
+        raise ValueError(f"port {port} is outside 1-65535")
+    return str(network), port
+
+
+def _valid_allow_entry(entry: str) -> str:
+    parse_allow_entry(entry)
+    return entry
+
+
 class Network(ApiModel):
     mode: NetworkMode = NetworkMode.ISOLATED
-    allow: list[Annotated[str, Field(pattern=ALLOW_ENTRY_PATTERN)]] = Field(
-        default_factory=list, max_length=64
-    )
+    allow: list[
+        Annotated[str, Field(pattern=ALLOW_ENTRY_PATTERN), AfterValidator(_valid_allow_entry)]
+    ] = Field(default_factory=list, max_length=64)
 
     @model_validator(mode="after")
     def _allow_only_with_allow_list(self) -> Network:

@@ -7,7 +7,6 @@ the pod, the ConfigMap and the NetworkPolicy all build on it.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import re
 from pathlib import PurePosixPath
@@ -23,6 +22,7 @@ from sandbox_agent.task import (
     NetworkMode,
     SandboxTask,
     SecretKeyRef,
+    parse_allow_entry,
 )
 
 from .settings import OperatorSettings
@@ -183,19 +183,6 @@ def input_target(item: InputFile) -> str:
 
 def is_whole_configmap(item: InputFile) -> bool:
     return item.config_map_ref is not None and item.config_map_ref.key is None
-
-
-def parse_allow_entry(entry: str) -> tuple[str, int]:
-    """`ADDRESS[/PREFIX]:PORT` as a canonical CIDR and a port; a bare address is one host."""
-    address, _, port_text = entry.rpartition(":")
-    try:
-        network = ipaddress.ip_network(address, strict=True)
-    except ValueError as exc:
-        raise ValueError(f"{address!r} is not an IP address or CIDR: {exc}") from None
-    port = int(port_text)
-    if not 1 <= port <= 65_535:
-        raise ValueError(f"port {port} is outside 1-65535")
-    return str(network), port
 
 
 def _check_inputs(task: SandboxTask) -> None:
