@@ -12,8 +12,11 @@ from conftest import task_doc
 from llmserver import (
     ScriptedLLMServer,
     context_length_error,
+    empty_choices,
     error,
     hermes_tool_call,
+    malformed_json,
+    reset_connection,
     slow,
     text,
     tool_call,
@@ -429,3 +432,17 @@ def test_the_api_key_never_reaches_the_sandbox_or_the_trajectory(
     assert secret not in seen
     assert secret not in outcome.trajectory_path.read_text()
     assert secret not in (outcome.run_dir / "result.json").read_text()
+
+
+def test_malformed_replies_empty_choices_and_resets_are_retried(
+    llm_server: ScriptedLLMServer, run_local: Any
+) -> None:
+    llm_server.script(
+        malformed_json(),
+        empty_choices(),
+        reset_connection(),
+        tool_call("submit", {"answer": "robust"}),
+    )
+    outcome = run_local(task_doc(limits={"maxLlmRetries": 5}))
+    assert outcome.result.answer == "robust"
+    assert outcome.result.usage.llm_retries == 3
