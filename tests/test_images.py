@@ -18,6 +18,8 @@ from sandbox_agent.backends.docker import docker_reachable
 
 pytestmark = [
     pytest.mark.container,
+    # The first test builds the images (minutes on a fresh machine); cached builds take seconds.
+    pytest.mark.timeout(1800),
     pytest.mark.skipif(
         not docker_reachable() or not docker_image_present(),
         reason="no Docker engine, or no base image (bash images/base/build.sh)",
