@@ -31,17 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 import yaml
 
+from crdschema import VALIDATOR, open_api, schema_path
 from k8s.emulator import EmulatedApiServer
 from k8s.kubelet import TestKubelet
 from llmserver import ScriptedLLMServer, tool_call
 from sandbox_agent.errors import TaskSpecError
 from sandbox_agent.task import API_GROUP, API_VERSION, KIND, MAX_PROMPT_CHARS, NAME_PATTERN
 from sandbox_agent.taskfile import load_task_file
-from sandbox_operator.crd import crd_manifest
 from sandbox_operator.settings import OperatorSettings
 from sandbox_operator.taskconfig import SpecError, validate_for_cluster
 from test_operator import OPERATOR, TERMINAL, operator_env, pods_of, secret, task, wait_phase
@@ -124,34 +123,7 @@ IDS = [e.name for e in ENTRIES]
 # --- the CRD schema as the API server applies it ---------------------------------------------
 
 
-def _as_jsonschema(node: Any) -> Any:
-    """OpenAPI v3.0 to JSON Schema Draft 4 (as tests/test_crd.py does)."""
-    if isinstance(node, list):
-        return [_as_jsonschema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _as_jsonschema(v) for k, v in node.items() if k != "nullable"}
-    if node.get("nullable") and "type" in node:
-        out["type"] = [node["type"], "null"]
-    return out
-
-
-OPEN_API: dict[str, Any] = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-VALIDATOR = jsonschema.Draft4Validator(_as_jsonschema(OPEN_API))
-
-
-def _rule(error: jsonschema.ValidationError) -> str:
-    """The rejecting rule as spec.limits.maxSteps:minimum ([] = list item, * = map value)."""
-    *where, keyword = error.absolute_schema_path
-    path = ""
-    for part in where:
-        if part == "items":
-            path += "[]"
-        elif part == "additionalProperties":
-            path += ".*"
-        elif part != "properties":
-            path += f".{part}" if path else str(part)
-    return f"{path or '(root)'}:{keyword}"
+OPEN_API = open_api()
 
 
 def _unknown_fields(node: Any, schema: dict[str, Any], path: str = "") -> list[str]:
@@ -177,7 +149,7 @@ def _unknown_fields(node: Any, schema: dict[str, Any], path: str = "") -> list[s
 
 def schema_rules(doc: Any) -> list[str]:
     """Every CRD schema rule the document breaks; empty when the API server would store it."""
-    rules = sorted(_rule(e) for e in VALIDATOR.iter_errors(doc))
+    rules = sorted(schema_path(e) for e in VALIDATOR.iter_errors(doc))
     if isinstance(doc, dict):
         rules += _unknown_fields(doc, OPEN_API)
     return rules

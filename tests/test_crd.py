@@ -14,6 +14,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, Field
 
+from crdschema import VALIDATOR, open_api, schema_path
 from sandbox_agent.errors import TaskSpecError
 from sandbox_agent.result import ExitReason, OutputFile, Phase, Usage
 from sandbox_agent.task import DEFAULT_SANDBOX_IMAGE, MAX_PROMPT_CHARS, SandboxTaskSpec, parse_task
@@ -43,11 +44,6 @@ COMMITTED = [
 ]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 KUBERNETES_VERSIONS = ["1.29", "1.30", "1.31", "1.32", "1.33"]
-
-
-def open_api() -> dict[str, Any]:
-    schema: dict[str, Any] = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    return schema
 
 
 def walk(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
@@ -262,35 +258,6 @@ def test_status_enums_are_documented_not_enforced() -> None:
 
 
 # --- the schema as a validator of documents ---------------------------------------------------
-
-
-def as_jsonschema(node: Any) -> Any:
-    """OpenAPI v3.0 to JSON Schema Draft 4: only `nullable` differs in what we emit."""
-    if isinstance(node, list):
-        return [as_jsonschema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: as_jsonschema(v) for k, v in node.items() if k != "nullable"}
-    if node.get("nullable") and "type" in node:
-        out["type"] = [node["type"], "null"]
-    return out
-
-
-VALIDATOR = jsonschema.Draft4Validator(as_jsonschema(open_api()))
-
-
-def schema_path(error: jsonschema.ValidationError) -> str:
-    """The rejecting rule as spec.limits.maxSteps:minimum ([] = list item, * = map value)."""
-    *where, keyword = error.absolute_schema_path
-    path = ""
-    for part in where:
-        if part == "items":
-            path += "[]"
-        elif part == "additionalProperties":
-            path += ".*"
-        elif part != "properties":
-            path += f".{part}" if path else str(part)
-    return f"{path}:{keyword}"
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -1,0 +1,44 @@
+"""The generated CRD's schema as a JSON Schema validator, for tests that check what the API
+server would accept (it validates with the same OpenAPI rules)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonschema
+
+from sandbox_operator.crd import crd_manifest
+
+
+def open_api() -> dict[str, Any]:
+    schema: dict[str, Any] = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def as_jsonschema(node: Any) -> Any:
+    """OpenAPI v3.0 to JSON Schema Draft 4: only `nullable` differs in what we emit."""
+    if isinstance(node, list):
+        return [as_jsonschema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: as_jsonschema(v) for k, v in node.items() if k != "nullable"}
+    if node.get("nullable") and "type" in node:
+        out["type"] = [node["type"], "null"]
+    return out
+
+
+VALIDATOR = jsonschema.Draft4Validator(as_jsonschema(open_api()))
+
+
+def schema_path(error: jsonschema.ValidationError) -> str:
+    """The rejecting rule as spec.limits.maxSteps:minimum ([] = list item, * = map value)."""
+    *where, keyword = error.absolute_schema_path
+    path = ""
+    for part in where:
+        if part == "items":
+            path += "[]"
+        elif part == "additionalProperties":
+            path += ".*"
+        elif part != "properties":
+            path += f".{part}" if path else str(part)
+    return f"{path or '(root)'}:{keyword}"
