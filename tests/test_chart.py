@@ -52,7 +52,8 @@ KOPF_CLUSTER_RULES = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
 }
 KOPF_CLUSTERWIDE_RULES = {("", "namespaces"): {"list", "watch"}}
-KOPF_EVENT_RULES = {("events.k8s.io", "events"): {"create"}}
+# kopf posts its events through the core API; events.k8s.io for newer clients.
+KOPF_EVENT_RULES = {("", "events"): {"create"}, ("events.k8s.io", "events"): {"create"}}
 # Prometheus' own series that alerts may use besides the operator's metrics.
 PROMETHEUS_BUILTINS = {"up"}
 

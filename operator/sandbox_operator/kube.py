@@ -36,9 +36,6 @@ API_CALLS: tuple[tuple[str, str], ...] = (
     ("create", "configmaps"),
     ("get", "configmaps"),
     ("create", "networkpolicies"),
-    ("get", "networkpolicies"),
-    ("patch", "networkpolicies"),
-    ("create", "events"),
 )
 
 
@@ -228,19 +225,6 @@ class KubeClient:
             resource_path(resource, namespace, name, "status"),
             resource=f"{resource}/status",
             body={"status": status},
-            content_type="application/merge-patch+json",
-        )
-        return obj
-
-    async def merge_patch(
-        self, resource: str, namespace: str, name: str, patch: dict[str, Any]
-    ) -> dict[str, Any]:
-        obj: dict[str, Any] = await self._request(
-            "patch",
-            "PATCH",
-            resource_path(resource, namespace, name),
-            resource=resource,
-            body=patch,
             content_type="application/merge-patch+json",
         )
         return obj
