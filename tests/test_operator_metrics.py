@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 import urllib.request
 from typing import Any
 
@@ -29,6 +30,11 @@ def scrape(port: int) -> dict[str, list[Any]]:
     return families
 
 
+def completions(families: dict[str, list[Any]]) -> float:
+    samples = families.get("llmsandbox_tasks_completed", [])
+    return sum(s.value for s in samples if s.name.endswith("_total"))
+
+
 def value(samples: list[Any], name: str, **labels: str) -> float:
     return sum(
         s.value
@@ -52,7 +58,12 @@ def test_completions_tokens_cost_and_tools_are_counted_without_task_labels(
         k8s.create(task("m2"))
         wait_phase(k8s, "m1", TERMINAL)
         wait_phase(k8s, "m2", TERMINAL)
+        # The operator counts a completion just after its status write lands: wait for both.
+        deadline = time.monotonic() + 10
         families = scrape(port)
+        while completions(families) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            families = scrape(port)
     completed = families["llmsandbox_tasks_completed"]
     phases = {s.labels["exit_reason"]: s.value for s in completed if s.name.endswith("_total")}
     assert sum(phases.values()) == 2

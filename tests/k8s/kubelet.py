@@ -242,14 +242,14 @@ def _make_nested_mountpoints(mounts: list[tuple[str, Path, bool]]) -> None:
 @functools.cache
 def _code_under_tmp() -> tuple[str, ...]:
     """Where the containers' Python finds the project when that is below /tmp (a checkout
-    or virtualenv in /tmp, as CI may use): the fresh /tmp of each container would hide it."""
-    import sandbox_agent
-    import sandbox_operator
-
-    paths = {
-        str(Path(str(module.__file__)).resolve().parent.parent)
-        for module in (sandbox_agent, sandbox_operator)
-    }
+    or virtualenv in /tmp, as CI may use): the fresh /tmp of each container would hide it.
+    Asked of a fresh interpreter, since that (not this test process) is what pods run."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import sandbox_agent, sandbox_operator as o; "
+         "print(sandbox_agent.__file__); print(o.__file__)"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split()  # fmt: skip
+    paths = {str(Path(f).resolve().parent.parent) for f in found}
     paths |= {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}
     return tuple(sorted(p for p in paths if p.startswith("/tmp/")))
 
