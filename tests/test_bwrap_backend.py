@@ -14,6 +14,7 @@ import pytest
 
 from conftest import bwrap_works
 from sandbox_agent.backends import BwrapSandbox, SandboxConfig
+from sandbox_agent.backends.limits import CGROUP_PREFIX, own_cgroup_parents, sweep_stale_cgroups
 from sandbox_agent.execclient import ExecClient, ExecResult
 
 pytestmark = [
@@ -104,7 +105,7 @@ def orphan_script(tmp_path: Path) -> Path:
         "async def main():\n"
         "    sb = BwrapSandbox(SandboxConfig())\n"
         "    await sb.start()\n"
-        "    print(sb.rundir, flush=True)\n"
+        "    print(sb.rundir, os.getpid(), flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "asyncio.run(main())\n"
     )
@@ -114,12 +115,14 @@ def orphan_script(tmp_path: Path) -> Path:
 def test_the_sandbox_dies_with_the_process_that_started_it(orphan_script: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(orphan_script)],
+        # The package from this checkout, whether or not (or wherever) it is installed.
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "agent")},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    rundir = proc.stdout.strip()
+    rundir, _, pid = proc.stdout.strip().partition(" ")
     assert rundir, proc.stderr
     for _ in range(50):
         ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
@@ -129,3 +132,8 @@ def test_the_sandbox_dies_with_the_process_that_started_it(orphan_script: Path) 
     else:
         pytest.fail(f"a bwrap sandbox for {rundir} outlived its parent")
     shutil.rmtree(rundir, ignore_errors=True)
+    # The dead parent could not remove the sandbox's cgroup; the next start sweeps it away.
+    sweep_stale_cgroups()
+    parents = own_cgroup_parents()
+    for parent in [*parents.v1.values(), *([parents.v2] if parents.v2 else [])]:
+        assert not list(parent.glob(f"{CGROUP_PREFIX}{pid}-*"))

@@ -207,6 +207,10 @@ async def run_task(
         except SandboxError as exc:
             result = _failed(ExitReason.SANDBOX_ERROR, f"{backend_cls.name} sandbox: {exc}")
             return RunOutcome(result, run_dir, backend_cls.name, endpoint)
+        # Say what really holds the task's limits, and loudly what does not (no cgroup here, ...).
+        enforcement = sandbox.enforcement
+        if enforcement.enforced or enforcement.unenforced:
+            on_event(Notice(f"{backend_cls.name} sandbox {enforcement.describe()}"))
         async with ExecClient(exec_endpoint) as client:
             try:
                 listing = await upload_inputs(client, files)

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import ClassVar
 
 from ..errors import SandboxError
+from .limits import Enforcement
 
 # How long a backend may take to bring its exec server up before the start counts as failed.
 DEFAULT_START_TIMEOUT = 60.0
@@ -54,6 +55,17 @@ def execd_source() -> Path:
     return path
 
 
+def unenforced(config: SandboxConfig, why: str, mechanism: str = "none") -> Enforcement:
+    """An Enforcement in which every limit the config asks for is left unenforced, for `why`."""
+    requested = {
+        "memory": config.memory_bytes,
+        "pids": config.pids_limit,
+        "cpu": config.cpus,
+        "disk": config.disk_bytes,
+    }
+    return Enforcement(mechanism, {}, {k: why for k, v in requested.items() if v})
+
+
 def new_token() -> str:
     return secrets.token_urlsafe(32)
 
@@ -73,6 +85,8 @@ class Sandbox(ABC):
         os.close(fd)
         self.log_path = Path(log)
         self._stopped = False
+        # What really holds the config's limits; backends fill it in when they start.
+        self.enforcement = unenforced(config, f"the {self.name} sandbox has not started")
 
     @abstractmethod
     async def start(self) -> ExecEndpoint:

@@ -8,6 +8,7 @@ import functools
 import os
 import py_compile
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from .base import (
     terminate,
     wait_for_ready_file,
 )
+from .limits import MIB, Enforcement, SandboxLimits, human_bytes
 
 WORKSPACE = "/workspace"
 SANDBOX_UID = 1000
@@ -42,6 +44,11 @@ _SECRET_HOME_PATHS = (
     ".pypirc",
     ".npmrc",
 )
+# Caps for the writable tmpfs mounts that are not the task's disk: without a size each could grow
+# to half the host's RAM. /dev/shm gets Docker's default; /run and the credential masks hold
+# nothing but mount points.
+SHM_BYTES = 64 * MIB
+SCRATCH_BYTES = 1 * MIB
 
 
 # Imported rather than run as a script so Python can use bytecode compiled ahead of time: it
@@ -72,6 +79,27 @@ def bwrap_path() -> str | None:
     return shutil.which("bwrap")
 
 
+@functools.cache
+def bwrap_sizes_tmpfs() -> bool:
+    """Whether this bubblewrap has `--size` (0.5 and later), to cap a tmpfs."""
+    exe = bwrap_path()
+    if exe is None:
+        return False
+    try:
+        res = subprocess.run(
+            [exe, "--help"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--size" in res.stdout + res.stderr
+
+
+def _tmpfs(path: str, size: int | None) -> list[str]:
+    if size and bwrap_sizes_tmpfs():
+        return ["--size", str(size), "--tmpfs", path]
+    return ["--tmpfs", path]
+
+
 class BwrapSandbox(Sandbox):
     """Read-only host root, private /workspace and /tmp, new pid/ipc/uts/user namespaces, no network
     unless the task allows it; the whole sandbox dies with its parent."""
@@ -80,7 +108,14 @@ class BwrapSandbox(Sandbox):
 
     def __init__(self, config: SandboxConfig) -> None:
         super().__init__(config)
-        self.host_workspace = Path(tempfile.mkdtemp(prefix="llmsandbox-ws-"))
+        # With a disk limit the workspace is a tmpfs of that size: a host directory could not be
+        # capped as a whole (RLIMIT_FSIZE caps one file; many files would fill the host's disk).
+        # Outputs leave through the exec server's file API, so the host needs no view of it.
+        self.workspace_bytes = config.disk_bytes if bwrap_sizes_tmpfs() else None
+        self.host_workspace: Path | None = None
+        if not self.workspace_bytes:
+            self.host_workspace = Path(tempfile.mkdtemp(prefix="llmsandbox-ws-"))
+        self.limits = SandboxLimits(config)
         self._proc: asyncio.subprocess.Process | None = None
 
     def command(self) -> list[str]:
@@ -101,15 +136,23 @@ class BwrapSandbox(Sandbox):
         for rel in _SECRET_HOME_PATHS:
             p = os.path.join(home, rel)
             if os.path.isdir(p) and not os.path.islink(p):
-                args += ["--tmpfs", p]
+                args += _tmpfs(p, SCRATCH_BYTES)
             elif os.path.isfile(p):
                 args += ["--ro-bind", "/dev/null", p]
+        if self.host_workspace is None:
+            workspace = _tmpfs(WORKSPACE, self.workspace_bytes)
+        else:
+            workspace = ["--bind", str(self.host_workspace), WORKSPACE]
         args += [
             "--dev", "/dev",
+            *_tmpfs("/dev/shm", SHM_BYTES),
+            # bwrap's /dev is a tmpfs the sandbox owns; read-only, it cannot be used as disk.
+            # Device nodes, /dev/pts and /dev/shm are mounts of their own and stay writable.
+            "--remount-ro", "/dev",
             "--proc", "/proc",
-            "--tmpfs", "/tmp",
-            "--tmpfs", "/run",
-            "--bind", str(self.host_workspace), WORKSPACE,
+            *_tmpfs("/tmp", self.config.disk_bytes),
+            *_tmpfs("/run", SCRATCH_BYTES),
+            *workspace,
             "--bind", str(self.rundir), "/run/execd",
             "--ro-bind", str(_compiled_execd()), "/run/execd-bin",
             "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
@@ -148,11 +191,11 @@ class BwrapSandbox(Sandbox):
         token_file = self.rundir / "token"
         token_file.write_text(self.token)
         token_file.chmod(0o600)
-        ulimits = _ulimit_prefix(self.config)
+        command = self.command()
+        self.enforcement = self._enforcement(self.limits.setup())
         with self.log_path.open("wb") as log:
             self._proc = await asyncio.create_subprocess_exec(
-                *ulimits,
-                *self.command(),
+                *self.limits.wrap(command),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=log,
@@ -173,17 +216,29 @@ class BwrapSandbox(Sandbox):
             token=self.token, workspace=WORKSPACE, uds=str(self.rundir / "execd.sock")
         )
 
+    def _enforcement(self, limits: Enforcement) -> Enforcement:
+        """The process limits, plus what caps the disk."""
+        enforced, unenforced = dict(limits.enforced), dict(limits.unenforced)
+        disk = self.config.disk_bytes
+        if disk and self.workspace_bytes:
+            enforced["disk"] = (
+                f"{human_bytes(disk)} each for /workspace and /tmp (sized tmpfs, in memory)"
+            )
+        elif disk:
+            unenforced["disk"] = (
+                "this bubblewrap cannot size a tmpfs (--size needs 0.5 or later): /workspace is a "
+                "host directory, only single files are capped"
+            )
+        mechanism = limits.mechanism
+        if "disk" in enforced:
+            mechanism = "tmpfs sizes" if mechanism == "none" else f"{mechanism} + tmpfs sizes"
+        return Enforcement(mechanism, enforced, unenforced)
+
     async def _teardown(self) -> None:
-        await terminate(self._proc)
-        shutil.rmtree(self.host_workspace, ignore_errors=True)
-
-
-def _ulimit_prefix(config: SandboxConfig) -> list[str]:
-    """prlimit caps for what bwrap cannot limit itself: no single file may outgrow the disk limit."""
-    prlimit = shutil.which("prlimit")
-    if prlimit is None:
-        return []
-    caps: list[str] = []
-    if config.disk_bytes:
-        caps.append(f"--fsize={config.disk_bytes}")
-    return [prlimit, *caps, "--"] if caps else []
+        try:
+            await terminate(self._proc)
+            # Nothing outlives the sandbox: whatever escaped the pid namespace's end is killed here.
+            await self.limits.release()
+        finally:
+            if self.host_workspace is not None:
+                shutil.rmtree(self.host_workspace, ignore_errors=True)

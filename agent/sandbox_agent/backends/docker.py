@@ -27,6 +27,7 @@ from .base import (
     wait_for_ready_file,
     which,
 )
+from .limits import Enforcement, human_bytes
 
 DEFAULT_IMAGE = "llm-sandbox/sandbox-python:0.1.0"
 BASE_IMAGE = "llm-sandbox/base:bookworm"
@@ -165,6 +166,27 @@ def docker_run_args(
     return args
 
 
+def docker_enforcement(config: SandboxConfig) -> Enforcement:
+    """What `docker_run_args` asks the engine to enforce; the engine applies it with the
+    container's cgroup, so the sentences name the flag rather than a mechanism we checked."""
+    enforced: dict[str, str] = {}
+    if config.memory_bytes:
+        enforced["memory"] = (
+            f"{human_bytes(config.memory_bytes)} (--memory = --memory-swap: no swap; "
+            "tmpfs files count towards it)"
+        )
+    if config.pids_limit:
+        enforced["pids"] = f"{config.pids_limit} tasks (--pids-limit)"
+    if config.cpus:
+        enforced["cpu"] = f"{config.cpus:g} (--cpus)"
+    if config.disk_bytes:
+        enforced["disk"] = (
+            f"{human_bytes(config.disk_bytes)} each for /workspace and /tmp (sized tmpfs, "
+            "in memory); the root file system is read-only"
+        )
+    return Enforcement("docker", enforced)
+
+
 def _container_user() -> tuple[int, int]:
     # As root we can hand the run directory to nobody; a non-root caller in the docker group
     # cannot, so the container runs as that caller's own (non-root) uid, which owns it already.
@@ -242,6 +264,7 @@ class DockerSandbox(Sandbox):
             uid, gid = self._user
             os.chown(self.rundir, uid, gid)
             os.chown(token_file, uid, gid)
+        self.enforcement = docker_enforcement(self.config)
         self._proc = await asyncio.create_subprocess_exec(
             *cmd,
             stdin=asyncio.subprocess.PIPE,

@@ -18,16 +18,24 @@ from .base import (
     terminate,
     wait_for_ready_file,
 )
+from .limits import Enforcement, SandboxLimits
 
 
 class ProcessSandbox(Sandbox):
-    """No isolation at all: for machines with neither bubblewrap nor Docker, chosen explicitly."""
+    """No isolation at all: for machines with neither bubblewrap nor Docker, chosen explicitly.
+
+    Commands see and may change everything the caller may. What it does apply are the task's
+    resource limits, the same way as the bwrap backend (a cgroup when possible, else rlimits), so
+    a fork bomb or a memory hog cannot take the host down with it, and at stop every process it
+    started is killed, even those that left the shell's process group.
+    """
 
     name = "process"
 
     def __init__(self, config: SandboxConfig) -> None:
         super().__init__(config)
         self.workspace = Path(tempfile.mkdtemp(prefix="llmsandbox-ws-"))
+        self.limits = SandboxLimits(config)
         self._proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> ExecEndpoint:
@@ -39,18 +47,22 @@ class ProcessSandbox(Sandbox):
             | self.config.env
         )
         env["EXECD_TOKEN"] = self.token
+        command = [
+            sys.executable,
+            "-I",
+            "-S",
+            str(execd_source()),
+            "--root",
+            str(self.workspace),
+            "--unix-socket",
+            str(sock),
+            "--ready-file",
+            str(ready),
+        ]
+        self.enforcement = self._enforcement(self.limits.setup())
         with self.log_path.open("wb") as log:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-I",
-                "-S",
-                str(execd_source()),
-                "--root",
-                str(self.workspace),
-                "--unix-socket",
-                str(sock),
-                "--ready-file",
-                str(ready),
+                *self.limits.wrap(command),
                 cwd=self.workspace,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -63,6 +75,17 @@ class ProcessSandbox(Sandbox):
         )
         return ExecEndpoint(token=self.token, workspace=str(self.workspace), uds=str(sock))
 
+    def _enforcement(self, limits: Enforcement) -> Enforcement:
+        unenforced = dict(limits.unenforced)
+        if self.config.disk_bytes:
+            unenforced["disk"] = (
+                "the workspace is a plain host directory: only single files are capped"
+            )
+        return Enforcement(limits.mechanism, dict(limits.enforced), unenforced)
+
     async def _teardown(self) -> None:
-        await terminate(self._proc)
-        shutil.rmtree(self.workspace, ignore_errors=True)
+        try:
+            await terminate(self._proc)
+            await self.limits.release()
+        finally:
+            shutil.rmtree(self.workspace, ignore_errors=True)
