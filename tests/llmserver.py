@@ -26,6 +26,7 @@ __all__ = [
     "ReplyFn",
     "ScriptedLLMServer",
     "context_length_error",
+    "echo_request_headers",
     "empty_choices",
     "error",
     "hermes_tool_call",
@@ -60,6 +61,7 @@ class Reply:
     usage: tuple[int, int] | None = None  # (prompt_tokens, completion_tokens); None -> estimate
     no_choices: bool = False  # 200 with "choices": []
     reset: bool = False  # drop the connection without answering
+    echo_headers: bool = False  # an error whose body quotes the request's headers back
 
 
 ReplyFn = Callable[[JSONDict], Reply]
@@ -218,6 +220,12 @@ def empty_choices(*, usage: tuple[int, int] | None = None) -> Reply:
     return Reply(no_choices=True, usage=usage)
 
 
+def echo_request_headers(status: int) -> Reply:
+    """HTTP ``status`` whose error message quotes every request header, Authorization included
+    (as some proxies and debug endpoints do)."""
+    return Reply(status=status, echo_headers=True)
+
+
 def reset_connection() -> Reply:
     """Drop the connection (TCP RST) without sending any response."""
     return Reply(reset=True)
@@ -318,6 +326,10 @@ class _Handler(BaseHTTPRequestHandler):
             # SO_LINGER with a zero timeout makes the close an abortive one (RST).
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.close_connection = True
+            return
+        if reply.echo_headers:
+            quoted = "; ".join(f"{k}: {v}" for k, v in self.headers.items())
+            self._send(reply.status, _error_body(reply.status, f"request headers: {quoted}"))
             return
         if reply.body is not None:
             self._send(reply.status, reply.body, reply.headers, reply.content_type)

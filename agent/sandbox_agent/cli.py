@@ -22,6 +22,7 @@ from .events import (
     ToolCallFinished,
     ToolCallStarted,
 )
+from .llm import hide_from_environ
 from .result import Phase, TaskResult
 from .runner import RunOptions, RunOutcome, run_task
 from .task import SandboxTask, format_validation_error
@@ -143,6 +144,9 @@ def _load(args: argparse.Namespace) -> tuple[SandboxTask, Path, Path | None]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # The process backend's commands run as this user and could read the key from
+    # /proc/PID/environ (`ps e`); os.environ, which the run reads, keeps it.
+    hide_from_environ("OPENAI_API_KEY")
     task, task_dir, task_file = _load(args)
     opts = RunOptions(
         backend=args.backend, model=args.model, base_url=args.base_url, out_dir=args.out

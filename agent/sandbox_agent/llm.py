@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import email.utils
 import json
 import random
+import re
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,6 +26,36 @@ _BACKOFF_CAP = 60.0
 # A server asking for a longer pause than this is treated as down rather than waited for.
 _RETRY_AFTER_CAP = 600.0
 _RETRYABLE_STATUS = {408, 409, 429}
+# "Bearer <credential>" in text an endpoint echoed back.
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+")
+
+
+def hide_from_environ(name: str) -> bool:
+    """Blank `name`'s value in this process's original environment block, the bytes
+    /proc/PID/environ (and `ps e`) show to every process of the same user, such as a command in
+    the process backend. os.environ keeps its copy. True if a value was blanked."""
+    if sys.platform != "linux":
+        return False
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        # Fields 50 and 51 of /proc/PID/stat (env_start, env_end); the split starts at field 3.
+        start, end = int(fields[47]), int(fields[48])
+    except (OSError, IndexError, ValueError):
+        return False
+    if not 0 < start < end:
+        return False
+    block = ctypes.string_at(start, end - start)
+    prefix = name.encode() + b"="
+    found = False
+    pos = 0
+    for entry in block.split(b"\0"):
+        if entry.startswith(prefix) and len(entry) > len(prefix):
+            with contextlib.suppress(OSError, ValueError):
+                ctypes.memset(start + pos + len(prefix), ord("x"), len(entry) - len(prefix))
+                found = True
+        pos += len(entry) + 1
+    return found
 
 
 class ContextLengthError(LLMError):
@@ -110,6 +144,9 @@ class ChatLLM:
         self._on_event = on_event
         self._sleep = sleep
         self.backoff_base = backoff_base
+        # Every retry this client made, whether the call then succeeded or not (usage.llmRetries).
+        self.retries = 0
+        self._api_key = api_key
         # Our own retry loop decides; the client's built-in retries would hide them from events.
         self._client = openai.AsyncOpenAI(
             base_url=base_url, api_key=api_key, max_retries=0, timeout=request_timeout
@@ -118,11 +155,45 @@ class ChatLLM:
     async def aclose(self) -> None:
         await self._client.close()
 
+    def _redact(self, text: str) -> str:
+        """Error text with the API key cut out: an endpoint may echo request headers in a body."""
+        key = self._api_key
+        if len(key) >= 8:
+            text = text.replace(key, "[redacted]")
+        return _BEARER.sub(r"\1[redacted]", text)
+
     def _backoff(self, attempt: int) -> float:
         ceiling = min(_BACKOFF_CAP, self.backoff_base * 2**attempt)
         return random.uniform(ceiling / 2, ceiling)
 
     async def complete(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None,
+        max_tokens: int,
+        temperature: float | None,
+        top_p: float | None,
+        deadline: float,
+    ) -> Completion:
+        """One completion; LLMError messages never carry the API key."""
+        try:
+            return await self._complete(
+                messages,
+                tools=tools,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                deadline=deadline,
+            )
+        except LLMError as exc:
+            text = str(exc)
+            clean = self._redact(text)
+            if clean == text:
+                raise
+            raise type(exc)(clean) from None
+
+    async def _complete(
         self,
         messages: list[dict[str, Any]],
         *,
@@ -190,7 +261,10 @@ class ChatLLM:
                     f"the task deadline would pass before the next retry ({reason})"
                 )
             attempt += 1
-            self._on_event(LLMRetrying(attempt=attempt, delay_seconds=wait, reason=reason))
+            self.retries += 1
+            self._on_event(
+                LLMRetrying(attempt=attempt, delay_seconds=wait, reason=self._redact(reason))
+            )
             await self._sleep(wait)
 
     def _describe_status(self, exc: openai.APIStatusError) -> str:

@@ -176,6 +176,7 @@ class AgentLoop:
                 return self._budget_ending()
             self.on_event(StepStarted(self.steps + 1, limits.max_steps, self.usage.total_tokens))
             step_started = time.time()
+            retries_before = self.llm.retries
             try:
                 reply = await self.llm.complete(
                     messages,
@@ -202,9 +203,11 @@ class AgentLoop:
                 return _Ending(ExitReason.LLM_ERROR, str(exc), cause="EndpointUnreachable")
             except LLMError as exc:
                 return _Ending(ExitReason.LLM_ERROR, str(exc))
+            finally:
+                # Retries count whether the call then succeeded or gave up (the llmRetries metric).
+                self.usage.llm_retries += self.llm.retries - retries_before
             self.steps += 1
             self.usage.add(reply.prompt_tokens, reply.completion_tokens)
-            self.usage.llm_retries += reply.retries
             conversation_tokens = reply.prompt_tokens + reply.completion_tokens
             self.on_event(
                 LLMReplied(

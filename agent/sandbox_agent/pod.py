@@ -23,7 +23,7 @@ from .backends.base import ExecEndpoint, execd_source
 from .errors import SandboxError
 from .events import Event, LLMRetrying, Notice
 from .execclient import ExecClient
-from .llm import ChatLLM
+from .llm import ChatLLM, hide_from_environ
 from .loop import AgentLoop, AgentSettings
 from .podconfig import PodTaskConfig
 from .result import (
@@ -88,6 +88,8 @@ async def run(
     execd_timeout: float = EXECD_READY_TIMEOUT,
 ) -> TaskResult:
     api_key = os.environ.get("OPENAI_API_KEY") or "EMPTY"
+    # Out of /proc/PID/environ, for anything that shares this process's PID namespace.
+    hide_from_environ("OPENAI_API_KEY")
     trajectory = Trajectory(
         task_name=config.name,
         model=config.model.name,
