@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from k8s.emulator import EmulatedApiServer
-from k8s.kubelet import Evict, ImagePullFailure, OOMKill, TestKubelet
+from k8s.history import TaskHistory
+from k8s.kubelet import Evict, ImagePullFailure, NeverStart, OOMKill, TestKubelet
 from llmserver import ScriptedLLMServer, slow, text, tool_call
 
 OPERATOR = "sandbox_operator.handlers"
@@ -71,6 +72,10 @@ def wait_phase(
         message=f"task {name} to reach {sorted(phases)}",
     )
     return status(k8s, name)
+
+
+def st_uid(k8s: EmulatedApiServer, name: str) -> str:
+    return str(k8s.get("sandboxtasks", name)["metadata"]["uid"])
 
 
 def pods_of(k8s: EmulatedApiServer, name: str) -> list[dict[str, Any]]:
@@ -281,6 +286,9 @@ def test_deleting_a_task_removes_its_pod_and_frees_its_slot(
 def test_a_pod_deleted_under_a_running_task_is_retried_then_fails(
     k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
 ) -> None:
+    # The deleted pod takes a while to terminate (the kubelet honours the grace period): the
+    # retry's pod must wait for it to be gone, never run beside it.
+    history = TaskHistory().attach(k8s)
     llm_server.set_default(slow(30, text("thinking")))
     k8s.create(secret())
     with run_operator(OPERATOR, env=operator_env(llm_server)):
@@ -299,6 +307,11 @@ def test_a_pod_deleted_under_a_running_task_is_retried_then_fails(
     assert st["exitReason"] == "pod_lost"
     assert st["attempt"] == 2
     assert "deleted" in st["message"]
+    assert history.violations == []
+    assert [attempt for _, attempt in history.tasks[st_uid(k8s, "fragile")].pods_created] == [
+        "1",
+        "2",
+    ]
 
 
 def test_an_evicted_pod_is_retried_and_the_retry_succeeds(
@@ -366,6 +379,37 @@ def test_named_pod_failures_end_the_task_with_their_reason(
     assert complete["reason"] == reason
     for word in words:
         assert word in st["message"]
+
+
+def test_a_pod_that_is_never_scheduled_fails_after_the_start_timeout_and_frees_its_slot(
+    k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
+) -> None:
+    # Kubernetes' activeDeadlineSeconds never starts for an unscheduled pod: without the
+    # operator's start timeout this task would hold the only run slot forever.
+    llm_server.set_default(tool_call("submit", {"answer": "next"}))
+    kubelet.inject(
+        lambda pod: pod["metadata"]["labels"]["llmsandbox.io/task"] == "huge", NeverStart()
+    )
+    k8s.create(secret())
+    env = operator_env(
+        llm_server,
+        LLMSANDBOX_MAX_RUNNING_TASKS="1",
+        LLMSANDBOX_POD_START_TIMEOUT_SECONDS="2",
+        LLMSANDBOX_QUEUE_REFRESH_SECONDS="0.5",
+    )
+    with run_operator(OPERATOR, env=env):
+        k8s.create(task("huge"))
+        k8s.wait_for(lambda: status(k8s, "huge").get("phase") == "Pending", timeout=20)
+        k8s.create(task("waiting"))
+        st = wait_phase(k8s, "huge", TERMINAL)
+        after = wait_phase(k8s, "waiting", TERMINAL)
+        k8s.wait_for(lambda: pods_of(k8s, "huge") == [], timeout=20)
+    assert (st["phase"], st["exitReason"]) == ("Failed", "start_timeout")
+    assert "did not start within 2s" in st["message"]
+    assert "Insufficient cpu" in st["message"]
+    assert {c["type"]: c for c in st["conditions"]}["Complete"]["reason"] == "StartTimeout"
+    assert after["phase"] == "Succeeded"
+    assert after["answer"] == "next"
 
 
 def test_a_missing_api_key_secret_is_named(

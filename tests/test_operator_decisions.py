@@ -9,7 +9,7 @@ import pytest
 
 from sandbox_agent.result import RESULT_LOG_PREFIX, ExitReason, TaskResult, termination_message
 from sandbox_operator.admission import Candidate, positions, queue_order, to_admit
-from sandbox_operator.failures import PodState, assess_pod
+from sandbox_operator.failures import PodState, assess_pod, start_timed_out
 from sandbox_operator.result import ResultError, parse_log_result, parse_termination_message
 
 
@@ -117,6 +117,33 @@ def test_eviction_is_retryable_and_deadline_is_not() -> None:
     deadline = assess_pod(pod("Failed", reason="DeadlineExceeded"))
     assert deadline.exit_reason is ExitReason.DEADLINE
     assert not deadline.retryable
+
+
+def test_a_pod_pending_past_the_start_timeout_fails_quoting_the_scheduler() -> None:
+    unschedulable = pod("Pending")
+    unschedulable["status"]["conditions"] = [
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 3 Insufficient memory.",
+        }
+    ]
+    assert start_timed_out(unschedulable, age_seconds=899, timeout=900) is None
+    v = start_timed_out(unschedulable, age_seconds=901, timeout=900)
+    assert v is not None
+    assert v.exit_reason is ExitReason.START_TIMEOUT
+    assert not v.retryable
+    assert "within 900s" in v.message
+    assert "not scheduled: 0/3 nodes are available: 3 Insufficient memory." in v.message
+    assert "LLMSANDBOX_POD_START_TIMEOUT_SECONDS" in v.message
+    creating = pod("Pending", containers=[waiting("sandbox", "ContainerCreating", "")])
+    v = start_timed_out(creating, age_seconds=10, timeout=5)
+    assert v is not None
+    assert "container sandbox ContainerCreating" in v.message
+    # Started pods, and a timeout of 0, never time out.
+    assert start_timed_out(pod("Running"), age_seconds=10_000, timeout=5) is None
+    assert start_timed_out(unschedulable, age_seconds=10_000, timeout=0) is None
 
 
 def test_a_finished_agent_hands_over_its_termination_message() -> None:

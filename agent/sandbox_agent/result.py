@@ -51,6 +51,8 @@ class ExitReason(StrEnum):
     """The pod was deleted or vanished before reporting a result (cluster only; retried)."""
     AGENT_CRASHED = "agent_crashed"
     """The agent container exited without reporting a result (cluster only; retried)."""
+    START_TIMEOUT = "start_timeout"
+    """The pod did not start in time, e.g. no node can fit it (cluster only)."""
 
 
 class WireModel(BaseModel):

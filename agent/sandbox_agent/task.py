@@ -196,7 +196,11 @@ class SandboxSpec(ApiModel):
     runtime_class_name: Annotated[str | None, Field(max_length=253, pattern=NAME_PATTERN)] = None
     network: Network = Field(default_factory=Network)
     max_processes: Annotated[int, Field(ge=16, le=65_536)] = Field(
-        default=1024, description="Process cap (local Docker: --pids-limit)."
+        default=1024,
+        description=(
+            "Process cap of local sandboxes (bwrap and process: a pids cgroup; Docker: "
+            "--pids-limit). On a cluster the kubelet's node-wide podPidsLimit applies instead."
+        ),
     )
 
 

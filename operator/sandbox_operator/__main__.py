@@ -20,7 +20,9 @@ def main() -> int:
         standalone=True,
         clusterwide=not settings.watched_namespaces,
         namespaces=settings.watched_namespaces,
-        liveness_endpoint="http://0.0.0.0:8080/healthz",
+        liveness_endpoint=(
+            f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+        ),
     )
     return 0
 

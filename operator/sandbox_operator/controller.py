@@ -3,6 +3,18 @@
 kopf watches SandboxTasks and their pods and calls `Operator.on_task` / `Operator.on_pod`; all
 writes go through KubeClient. Every step may run twice (a restart, a repeated watch event): pods
 and ConfigMaps have deterministic names, so a second create is a 409 that is simply adopted.
+
+Crash safety (the operator may be killed between any two API calls):
+
+- The status is written before the step it records is acted on (the attempt before its pod, the
+  terminal phase before a stuck pod is deleted), so a restarted operator re-derives from the API
+  what is left to do and never re-runs a step whose effect it cannot see.
+- A terminal phase is final: nothing writes a task's status again once it is terminal.
+- Metrics count transitions, and only the process whose status write made the transition counts
+  it, after the write succeeded. A restarted operator that finds a task already queued, running
+  or terminal counts nothing for it. So counters summed over operator processes never exceed the
+  transitions in the API; a kill between a write and its count loses that count (Prometheus
+  counters restart from zero with the process anyway), it never doubles one.
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ from sandbox_agent.result import ExitReason, Phase, TaskResult, phase_for
 from sandbox_agent.task import SandboxTask, format_validation_error
 
 from .admission import Candidate, positions, to_admit
-from .failures import PodState, PodVerdict, assess_pod
+from .failures import PodState, PodVerdict, assess_pod, start_timed_out
 from .kube import TASKS, ConflictError, KubeClient, KubeError
 from .metrics import Metrics
 from .pod import build_pod, pod_name
@@ -55,6 +67,7 @@ _COMPLETE_REASONS = {
     ExitReason.EVICTED: Reason.EVICTED,
     ExitReason.DEADLINE: Reason.DEADLINE_EXCEEDED,
     ExitReason.POD_LOST: Reason.POD_DELETED,
+    ExitReason.START_TIMEOUT: Reason.START_TIMEOUT,
     ExitReason.CANCELLED: Reason.CANCELLED,
 }
 _LOG_TAIL_LINES = 20
@@ -165,8 +178,22 @@ class Operator:
         if not uid or uid not in self.tasks:
             return
         async with self._lock(uid):
-            await self._follow_pod(uid, pod, deleted=event_type == "DELETED")
+            if event_type != "DELETED" and self._phase(uid) in TERMINAL:
+                await self._reap_pod_of_finished_task(pod)
+            else:
+                await self._follow_pod(uid, pod, deleted=event_type == "DELETED")
         await self.admit()
+
+    async def _reap_pod_of_finished_task(self, pod: dict[str, Any]) -> None:
+        """Delete a pod still pending or running under a terminal task.
+
+        `_fail_from_pod` writes the terminal status before it deletes a stuck pod; an operator
+        killed in between leaves the pod behind, and the restarted operator, which never touches
+        a terminal task again, finds it here through the watch (every pod is listed on start)."""
+        meta = pod["metadata"]
+        phase = (pod.get("status") or {}).get("phase", "Pending")
+        if phase in ("Pending", "Running", "Unknown") and not meta.get("deletionTimestamp"):
+            await self._delete_pod(meta.get("namespace", "default"), meta["name"])
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -276,6 +303,34 @@ class Operator:
                 written += 1
         return written
 
+    async def fail_pods_that_never_start(self) -> int:
+        """Fail active tasks whose pod has been Pending past the start timeout (see
+        `start_timed_out`); called periodically. Returns how many were failed."""
+        timeout = self.settings.pod_start_timeout_seconds
+        if timeout <= 0:
+            return 0
+        failed = 0
+        for uid in list(self._active):
+            async with self._lock(uid):
+                status = _status_of(self.tasks.get(uid, {}))
+                if status.phase is not Phase.PENDING:
+                    continue
+                pod = next(
+                    (p for p in self._pods_of(uid) if p["metadata"]["name"] == status.pod_name),
+                    None,
+                )
+                created = _parse_time(pod["metadata"].get("creationTimestamp")) if pod else None
+                if pod is None or created is None or pod["metadata"].get("deletionTimestamp"):
+                    continue
+                age = (_now() - created).total_seconds()
+                verdict = start_timed_out(pod, age, timeout)
+                if verdict is not None:
+                    await self._fail_from_pod(uid, pod, verdict)
+                    failed += 1
+        if failed:
+            await self.admit()
+        return failed
+
     async def admit(self) -> None:
         """Fill free slots from the queue (priority, then age)."""
         if not self._queued or self._running_count() >= self.settings.max_running_tasks:
@@ -293,9 +348,9 @@ class Operator:
         now = _now()
         created = body["metadata"].get("creationTimestamp")
         queued = _seconds_between(created, now)
-        if queued is not None:
+        written = await self._start_attempt(uid, 1, resume=False, queued_seconds=queued)
+        if written and queued is not None:
             self.metrics.queue_wait.observe(max(0.0, queued))
-        await self._start_attempt(uid, 1, resume=False, queued_seconds=queued)
 
     async def _start_attempt(
         self,
@@ -305,15 +360,18 @@ class Operator:
         resume: bool,
         queued_seconds: float | None = None,
         retry_note: str = "",
-    ) -> None:
-        """Record the attempt in status first (it holds the slot), then create what it needs."""
+    ) -> bool:
+        """Record the attempt in status first (it holds the slot), then create what it needs.
+
+        True when this call wrote the attempt's status (never for `resume`): the caller counts
+        the admission or retry only then."""
         body = self.tasks[uid]
         _, namespace, name = _key(body)
         task = _task(body)
         missing = await self._missing_config_map(task, namespace)
         if missing:
             await self._finish_without_run(uid, ExitReason.CONFIG_ERROR, missing)
-            return
+            return False
         pod = build_pod(
             task,
             namespace=namespace,
@@ -347,7 +405,12 @@ class Operator:
                 status.message = retry_note
             status.conditions = conditions
             if not await self._write_status(uid, status, clear=["queuePosition"]):
-                return  # the task was deleted meanwhile: nothing to run
+                return False  # the task was deleted meanwhile: nothing to run
+        if self._other_live_pods(uid, pod["metadata"]["name"]):
+            # The previous attempt's pod is still shutting down (a deleted pod keeps running for
+            # its grace period). Its DELETED event brings `_follow_pod` back here, so one task
+            # never has two pods running at once.
+            return not resume
         try:
             await self._ensure_policies(task, namespace, uid)
             await self._create(
@@ -366,6 +429,7 @@ class Operator:
                 ExitReason.CONFIG_ERROR,
                 f"the operator could not create the pod: {exc.message}",
             )
+        return not resume
 
     async def _missing_config_map(self, task: SandboxTask, namespace: str) -> str | None:
         """A pod whose ConfigMap volume is missing would wait in ContainerCreating until its
@@ -408,6 +472,15 @@ class Operator:
             if (p["metadata"].get("labels") or {}).get(TASK_UID_LABEL) == uid
         ]  # fmt: skip
 
+    def _other_live_pods(self, uid: str, name: str) -> list[str]:
+        """This task's pods other than `name` that may still run containers: not yet Succeeded
+        or Failed, including those being deleted."""
+        return [
+            p["metadata"]["name"]
+            for p in self._pods_of(uid)
+            if p["metadata"]["name"] != name and _pod_may_run(p)
+        ]
+
     async def _current_pod(
         self, uid: str, body: dict[str, Any], status: TaskStatus
     ) -> dict[str, Any] | None:
@@ -424,8 +497,18 @@ class Operator:
         if body is None:
             return
         status = _status_of(body)
-        if status.phase not in ACTIVE or pod["metadata"]["name"] != status.pod_name:
-            return  # an old attempt's pod, or the task already ended
+        if status.phase not in ACTIVE:
+            return  # the task already ended
+        if pod["metadata"]["name"] != status.pod_name:
+            # An old attempt's pod. Once it can no longer run, the current attempt's pod, held
+            # back while it shut down (`_start_attempt`), may be created.
+            if (
+                status.phase is Phase.PENDING
+                and (deleted or not _pod_may_run(pod))
+                and not any(p["metadata"]["name"] == status.pod_name for p in self._pods_of(uid))
+            ):
+                await self._reconcile(uid)
+            return
         if deleted:
             await self._pod_lost(uid, "the pod was deleted")
             return
@@ -437,10 +520,6 @@ class Operator:
             return
         if verdict.state is PodState.RUNNING and status.phase is Phase.PENDING:
             now = _now()
-            admitted = _parse_time(body["metadata"].get("creationTimestamp"))
-            if admitted is not None:
-                startup = (now - admitted).total_seconds() - (status.queued_seconds or 0.0)
-                self.metrics.pod_startup.observe(max(0.0, startup))
             status.phase = Phase.RUNNING
             status.start_time = status.start_time or verdict.started_at or rfc3339(now)
             status.conditions = set_condition(
@@ -455,7 +534,11 @@ class Operator:
                 status.conditions, ConditionType.POD_SCHEDULED, "True", Reason.SCHEDULED, "", now
             )
             status.message = None
-            await self._write_status(uid, status, clear=["message"])
+            if await self._write_status(uid, status, clear=["message"]):
+                created = _parse_time(body["metadata"].get("creationTimestamp"))
+                if created is not None:
+                    startup = (now - created).total_seconds() - (status.queued_seconds or 0.0)
+                    self.metrics.pod_startup.observe(max(0.0, startup))
         elif verdict.state is PodState.FINISHED:
             await self._finish_from_pod(uid, pod, verdict)
         elif verdict.state is PodState.FAILED:
@@ -492,13 +575,16 @@ class Operator:
         status = _status_of(body)
         retries = int((body.get("spec") or {}).get("retries", 1))
         attempt = status.attempt or 1
-        if pod.get("status", {}).get("phase") in ("Pending", "Running"):
-            # A pod stuck pulling or misconfigured would hold its slot forever.
-            await self._delete_pod(pod["metadata"]["namespace"], pod["metadata"]["name"])
+        # A pod stuck pulling or misconfigured would hold its slot (and its node) forever.
+        stuck = pod.get("status", {}).get("phase") in ("Pending", "Running")
         if verdict.retryable and attempt <= retries:
-            self.metrics.retries.labels(exit_reason=verdict.exit_reason.value).inc()
+            if stuck:
+                # Gone before the next attempt's pod exists. A crash after this delete leaves the
+                # task active with its pod gone or going: the restart sees that as a lost pod.
+                await self._delete_pod(pod["metadata"]["namespace"], pod["metadata"]["name"])
             note = f"attempt {attempt} failed ({verdict.message}); starting attempt {attempt + 1}"
-            await self._start_attempt(uid, attempt + 1, resume=False, retry_note=note)
+            if await self._start_attempt(uid, attempt + 1, resume=False, retry_note=note):
+                self.metrics.retries.labels(exit_reason=verdict.exit_reason.value).inc()
             return
         result = TaskResult(
             phase=phase_for(verdict.exit_reason),
@@ -520,6 +606,11 @@ class Operator:
             except ResultError:
                 pass
         await self._finish(uid, result, pod)
+        if stuck:
+            # Only after the terminal write: deleting first, a crash in between would leave the
+            # task Pending without its pod, and the restart would run the attempt again. A crash
+            # after the write leaves the pod to `_reap_pod_of_finished_task`.
+            await self._delete_pod(pod["metadata"]["namespace"], pod["metadata"]["name"])
 
     async def _pod_lost(self, uid: str, why: str) -> None:
         body = self.tasks[uid]
@@ -574,8 +665,6 @@ class Operator:
             status.start_time = _first_start(pod)
         run = _seconds_between(status.start_time, now)
         status.run_seconds = run
-        if run is not None:
-            self.metrics.run_duration.observe(max(0.0, run))
         status.conditions = set_condition(
             status.conditions,
             ConditionType.COMPLETE,
@@ -593,10 +682,15 @@ class Operator:
                 "the pod has ended",
                 now,
             )
-        await self._write_status(uid, status, clear=["queuePosition"])
+        if not await self._write_status(uid, status, clear=["queuePosition"]):
+            return  # the task is gone: nothing completed
+        # Counted here only, by the process whose write made the task terminal (see the module
+        # docstring); `_reconcile` and `_follow_pod` never reach here for a terminal task.
         self.metrics.completed.labels(
             phase=result.phase.value, exit_reason=result.exit_reason.value
         ).inc()
+        if run is not None:
+            self.metrics.run_duration.observe(max(0.0, run))
         self.metrics.record_result(model, result, cost)
 
     async def _delete_pod(self, namespace: str, name: str) -> None:
@@ -627,6 +721,10 @@ class Operator:
         # The watch will bring this too; caching it now keeps admission counts exact.
         self._remember(updated)
         return True
+
+
+def _pod_may_run(pod: dict[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase", "Pending") not in ("Succeeded", "Failed")
 
 
 def _task_uid(pod: dict[str, Any]) -> str:

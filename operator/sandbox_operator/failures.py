@@ -86,6 +86,37 @@ def _started_at(pod: dict[str, Any]) -> str | None:
     return (pod.get("status") or {}).get("startTime")
 
 
+def _not_started_because(pod: dict[str, Any]) -> str:
+    """What the scheduler or the kubelet last said about a pod that has not started."""
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return f"not scheduled: {cond.get('message') or cond.get('reason') or 'no reason'}"
+    for cs in _statuses(pod, "initContainerStatuses") + _statuses(pod, "containerStatuses"):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting:
+            detail = waiting.get("message") or ""
+            return f"container {cs.get('name', '?')} {waiting.get('reason', 'waiting')} {detail}"
+    return "no reason given by the cluster"
+
+
+def start_timed_out(pod: dict[str, Any], age_seconds: float, timeout: int) -> PodVerdict | None:
+    """Pure: a failure verdict when a pod is still Pending `timeout` seconds after its creation.
+
+    Kubernetes counts activeDeadlineSeconds only from the moment a node takes the pod, so an
+    unschedulable pod would otherwise hold its task's run slot forever."""
+    phase = (pod.get("status") or {}).get("phase", "Pending")
+    if timeout <= 0 or phase != "Pending" or age_seconds < timeout:
+        return None
+    return PodVerdict(
+        PodState.FAILED,
+        ExitReason.START_TIMEOUT,
+        "StartTimeout",
+        f"the pod did not start within {timeout}s ({_not_started_because(pod).strip()}); check "
+        "spec.sandbox.resources against the nodes, or raise the operator's "
+        "LLMSANDBOX_POD_START_TIMEOUT_SECONDS",
+    )
+
+
 def assess_pod(pod: dict[str, Any], memory_limit: str | None = None) -> PodVerdict:
     """Pure: the verdict for one task pod, from its status alone."""
     status = pod.get("status") or {}

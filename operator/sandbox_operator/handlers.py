@@ -49,13 +49,15 @@ async def cleanup(memo: Any, **_: Any) -> None:
 
 
 async def _refresh_queue(operator: Operator) -> None:
+    """The operator's only timer: queue positions, and pods that never start."""
     while True:
         await asyncio.sleep(operator.settings.queue_refresh_seconds)
         try:
             await operator.refresh_queue_positions()
+            await operator.fail_pods_that_never_start()
         except Exception:
-            # A failed refresh (API hiccup) is retried on the next round; it must not stop them.
-            log.exception("refreshing queue positions failed")
+            # A failed round (API hiccup) is retried on the next one; it must not stop them.
+            log.exception("the periodic queue and start-timeout round failed")
 
 
 @kopf.on.event(API_GROUP, API_VERSION, TASKS)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import collections
 import json
+import os
+import socket
 import ssl
 import tempfile
 from collections.abc import Mapping
@@ -17,6 +19,8 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 import kopf
+
+from sandbox_agent import __version__
 
 API_GROUP = "llmsandbox.io"
 API_VERSION = "v1alpha1"
@@ -37,6 +41,13 @@ API_CALLS: tuple[tuple[str, str], ...] = (
     ("get", "configmaps"),
     ("create", "networkpolicies"),
 )
+
+
+def user_agent() -> str:
+    """`llm-sandbox-operator/<version> (<host>; pid <pid>)`: an API audit log (or the test
+    emulator's request log) then says which operator process made each write - after a restart,
+    which incarnation wrote a task's terminal status."""
+    return f"llm-sandbox-operator/{__version__} ({socket.gethostname()}; pid {os.getpid()})"
 
 
 class KubeError(Exception):
@@ -122,7 +133,7 @@ class KubeClient:
     def __init__(self, info: kopf.ConnectionInfo) -> None:
         self.info = info
         self.server = info.server.rstrip("/")
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "User-Agent": user_agent()}
         if info.token:
             headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
         auth = None

@@ -112,12 +112,17 @@ class OperatorSettings(BaseSettings):
     )
     # 0 turns the metrics endpoint off (tests read the registry directly).
     metrics_port: Annotated[int, Field(ge=0, le=65_535)] = 9090
+    # kopf's liveness endpoint (GET /healthz); the chart's probes use 8080. 0 turns it off.
+    health_port: Annotated[int, Field(ge=0, le=65_535)] = 8080
     token_prices: dict[str, TokenPrice] = Field(default_factory=dict)
     deadline_grace_seconds: Annotated[int, Field(ge=0, le=3600)] = 60
     # How often queued tasks' status.queuePosition is brought up to date.
     queue_refresh_seconds: Annotated[float, Field(gt=0, le=3600)] = 30
     # How long the agent waits for the sandbox container's exec server before giving up.
     execd_ready_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 120
+    # A pod not started this long after its creation (unschedulable, stuck creating) fails the
+    # task: Kubernetes' activeDeadlineSeconds only counts once a node has taken the pod. 0: never.
+    pod_start_timeout_seconds: Annotated[int, Field(ge=0, le=86_400)] = 900
     # The kubelet keeps at most 4096 bytes of a container's termination message.
     termination_message_limit: Annotated[int, Field(ge=256, le=4096)] = 4096
 

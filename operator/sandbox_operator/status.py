@@ -76,6 +76,8 @@ class Reason(StrEnum):
     """The agent could not reach the inference endpoint (DNS, connection, TLS, network policy)."""
     POD_DELETED = "PodDeleted"
     """The task's pod disappeared while the task was running."""
+    START_TIMEOUT = "StartTimeout"
+    """The pod stayed Pending (unschedulable, pulling) past the operator's start timeout."""
     RETRYING = "Retrying"
     """An infrastructure failure is being retried; attempt counts up to spec.retries + 1."""
 

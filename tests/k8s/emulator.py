@@ -21,6 +21,7 @@ import base64
 import builtins
 import collections
 import contextlib
+import contextvars
 import copy
 import datetime
 import inspect
@@ -67,6 +68,7 @@ __all__ = [
     "ObjectStore",
     "RequestLog",
     "ResourceDef",
+    "current_request",
     "json_patch",
     "merge_patch",
     "parse_field_selector",
@@ -1170,6 +1172,17 @@ class ApiRequest:
         return self.verb in WRITE_VERBS
 
 
+_CURRENT_REQUEST: contextvars.ContextVar[ApiRequest | None] = contextvars.ContextVar(
+    "emulator_current_request", default=None
+)
+
+
+def current_request() -> ApiRequest | None:
+    """The HTTP request being served, for an ``ObjectStore.on_write`` hook: which client (its
+    User-Agent) made the write. None for the no-HTTP helpers (``api.create`` ...)."""
+    return _CURRENT_REQUEST.get()
+
+
 class RequestLog:
     """Counts API requests by verb and resource, for assertions and "writes per task"."""
 
@@ -1319,10 +1332,14 @@ class EmulatorHandler(kmock.KubernetesEmulator):
         )
         for index in order:
             payload = payloads[index]
+            if payload is self._emulation:
+                # The fallback's criterion, checked directly: `request in payload._source` scans
+                # every recorded request (quadratic over a long run).
+                if _is_resource_request(request) and not payload._disabled.is_set():
+                    return await self._emulate(request)
+                continue
             if request not in payload._source or payload._disabled.is_set():
                 continue
-            if payload is self._emulation:
-                return await self._emulate(request)
             try:
                 return await payload(request)
             except rendering.ReactionMismatchError:
@@ -1381,7 +1398,9 @@ class EmulatorHandler(kmock.KubernetesEmulator):
             user_agent=raw_request.headers.get("User-Agent", ""),
         )
         self.request_log.add(entry)
+        _CURRENT_REQUEST.set(entry)  # each request is served in its own task (and context)
         raw_response: aiohttp.web.StreamResponse | None = None
+        request: rendering.Request | None = None
         try:
             data: Any = None
             if body:
@@ -1410,8 +1429,10 @@ class EmulatorHandler(kmock.KubernetesEmulator):
                 name=name,
                 subresource=sub,
             )
-            if self.keep_requests:
-                self._requests.append(request)
+            # kmock's reactions find their requests by identity in this record, so the request
+            # is in it while it is served; keep_requests=False drops it afterwards (reactions
+            # with counts, such as `[:2] << 503`, then see no earlier requests).
+            self._requests.append(request)
             try:
                 response = await self._handle(request)
             except rendering.StreamingError as e:
@@ -1429,6 +1450,15 @@ class EmulatorHandler(kmock.KubernetesEmulator):
             with contextlib.suppress(ConnectionError):
                 await raw_response.write_eof()
             return raw_response
+        finally:
+            if request is not None and not self.keep_requests:
+                self._forget_request(request)
+
+    def _forget_request(self, request: rendering.Request) -> None:
+        for i in range(len(self._requests) - 1, -1, -1):  # newest first: it is near the end
+            if self._requests[i] is request:
+                del self._requests[i]
+                return
 
     async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
         if isinstance(exc, kmock.KubernetesError):

@@ -826,7 +826,7 @@ class _PodWorker:
         self._condition("ContainersReady", False, "ContainersNotReady")
         self._condition("Ready", False, "ContainersNotReady")
         if self.instant is not None:
-            await self._complete_instantly(self.instant)
+            await self._instant_with_faults(self.instant)
             return
         await self._push()
 
@@ -927,6 +927,33 @@ class _PodWorker:
         await self._push()
         await asyncio.Event().wait()  # until deleted or past the deadline
 
+    async def _instant_with_faults(self, instant: InstantComplete) -> None:
+        """An instant pod with the faults that apply without processes: DelayStart waits first,
+        ImagePullFailure keeps it Pending, Evict fails it (Evicted, no container reports), and
+        OOMKill ends that container OOMKilled (exit 137) while the others complete."""
+        delay = sum(f.seconds for f in self.faults if isinstance(f, DelayStart))
+        if delay:
+            await self._push()
+            await asyncio.sleep(delay)
+        pull = next((f for f in self.faults if isinstance(f, ImagePullFailure)), None)
+        if pull is not None:
+            await self._image_pull_failure(pull)
+        evict = next((f for f in self.faults if isinstance(f, Evict)), None)
+        if evict is not None:
+            if evict.after:
+                await asyncio.sleep(evict.after)
+            now = now_rfc3339()
+            for c in self.containers.values():
+                c.started_at = c.finished_at = now
+                c.exit_code, c.reason, c.message, c.waiting = 137, "Error", "", None
+            self.status.update({"phase": "Failed", "reason": "Evicted", "message": evict.message})
+            self._condition("DisruptionTarget", True, "TerminationByKubelet", evict.message)
+            self._condition("ContainersReady", False, "PodCompleted")
+            self._condition("Ready", False, "PodCompleted")
+            await self._push()
+            return
+        await self._complete_instantly(instant)
+
     async def _complete_instantly(self, instant: InstantComplete) -> None:
         now = now_rfc3339()
         for c in self.containers.values():
@@ -934,9 +961,14 @@ class _PodWorker:
             c.exit_code, c.reason = 0, "Completed"
             c.message = instant.message_for(self.pod) if c.name == instant.container else ""
             c.waiting = None
+        oom = {f.container for f in self.faults if isinstance(f, OOMKill)}
+        for c in self.containers.values():
+            if c.name in oom:
+                c.exit_code, c.reason, c.message = 137, "OOMKilled", ""
         if self.containers:
             self._condition("Initialized", True)
-        self.status["phase"] = "Succeeded"
+        main = [c for c in self.containers.values() if not c.init]
+        self.status["phase"] = "Succeeded" if all(c.exit_code == 0 for c in main) else "Failed"
         self._condition("ContainersReady", False, "PodCompleted")
         self._condition("Ready", False, "PodCompleted")
         await self._push()

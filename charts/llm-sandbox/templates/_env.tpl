@@ -38,4 +38,6 @@
   value: {{ .Values.deadlineGraceSeconds | quote }}
 - name: LLMSANDBOX_EXECD_READY_TIMEOUT_SECONDS
   value: {{ .Values.execdReadyTimeoutSeconds | quote }}
+- name: LLMSANDBOX_POD_START_TIMEOUT_SECONDS
+  value: {{ .Values.podStartTimeoutSeconds | quote }}
 {{- end -}}
