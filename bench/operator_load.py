@@ -20,7 +20,7 @@ ends with a valid result JSON as its termination message). From one run it print
 - a check that every task reached Succeeded exactly once, with one pod.
 
 Exits 1 when a task did not finish Succeeded exactly once or the writes target failed, 2 when
-the run could not start (e.g. port 8080, which the operator's liveness endpoint binds, is taken).
+an operator did not start. Both operators bind their liveness endpoint on a free port.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import argparse
 import collections
 import contextlib
 import copy
-import errno
 import logging
 import os
 import pstats
@@ -61,7 +60,6 @@ RESULT = {
 }
 WRITES_TARGET = 6
 KUBELET_AGENT = "test-kubelet"
-LIVENESS_PORT = 8080  # hard-coded in sandbox_operator/__main__.py
 WATCHED = ("sandboxtasks", "pods")
 TERMINAL = {"Succeeded", "Failed", "Cancelled"}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -127,6 +125,7 @@ def operator_env(max_running: int) -> dict[str, str]:
         "LLMSANDBOX_DEFAULT_API_KEY_SECRET": "llm-key",
         "LLMSANDBOX_MAX_RUNNING_TASKS": str(max_running),
         "LLMSANDBOX_METRICS_PORT": "0",
+        "LLMSANDBOX_HEALTH_PORT": str(free_port()),
         "LLMSANDBOX_TOKEN_PRICES": '{"bench-model": {"prompt_per_million": 1.0, "completion_per_million": 2.0}}',
     }
 
@@ -164,17 +163,6 @@ def settled(pid: int, quiet_seconds: float = 0.5, cap_seconds: float = 10.0) -> 
             return now
         last = now
     return last
-
-
-def port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return False
-            raise
-    return True
 
 
 def free_port() -> int:
@@ -570,14 +558,6 @@ def main(argv: list[str] | None = None) -> int:
     n: int = args.tasks
     timeout = args.timeout or 60 + 0.5 * n
     logging.getLogger("aiohttp").setLevel(logging.ERROR)
-    if not port_free(LIVENESS_PORT):
-        print(
-            f"port {LIVENESS_PORT} is in use: `python -m sandbox_operator` binds its liveness "
-            "endpoint there and cannot be told otherwise; free the port and run again",
-            file=sys.stderr,
-        )
-        return 2
-
     print(f"== operator load: {n} tasks, maxRunningTasks {args.max_running}, one run ==")
     try:
         op, noop = run_both(n, args.max_running, timeout, args.profile)
