@@ -33,7 +33,6 @@ import logging
 import os
 import pstats
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,9 @@ sys.path.insert(0, str(REPO / "tests"))  # the emulator and the test kubelet liv
 from k8s.emulator import EmulatedApiServer, KubernetesError, ResourceDef  # noqa: E402
 from k8s.fixtures import wait_for_operator_watches  # noqa: E402
 from k8s.kubelet import TestKubelet  # noqa: E402
+from k8s.process import CLOCK_TICKS, ProcSample, free_port  # noqa: E402
+from k8s.process import proc_sample as sample  # noqa: E402
+from k8s.workload import api_key_secret, short_task  # noqa: E402
 
 RESULT = {
     "phase": "Succeeded",
@@ -62,7 +64,6 @@ WRITES_TARGET = 6
 KUBELET_AGENT = "test-kubelet"
 WATCHED = ("sandboxtasks", "pods")
 TERMINAL = {"Succeeded", "Failed", "Cancelled"}
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # The baseline: kopf with no-op handlers on the operator's watches and its kopf settings.
 NOOP_OPERATOR = '''\
@@ -95,29 +96,6 @@ kopf.run(standalone=True, clusterwide=True, liveness_endpoint=os.environ["NOOP_L
 '''
 
 
-def secret() -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "llm-key", "namespace": "default"},
-        "stringData": {"apiKey": "sk-bench"},
-    }
-
-
-def task(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "llmsandbox.io/v1alpha1",
-        "kind": "SandboxTask",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "prompt": "What is six times seven?",
-            "inputs": [{"path": "q.txt", "content": "six times seven"}],
-            "limits": {"maxSteps": 8, "activeDeadlineSeconds": 600},
-            "sandbox": {"image": "llm-sandbox/sandbox-python:test"},
-        },
-    }
-
-
 def operator_env(max_running: int) -> dict[str, str]:
     return {
         "LLMSANDBOX_DEFAULT_BASE_URL": "http://127.0.0.1:9/v1",
@@ -133,25 +111,6 @@ def operator_env(max_running: int) -> dict[str, str]:
 # -- the operator process ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ProcSample:
-    cpu_seconds: float  # user + system of the process itself
-    rss_bytes: int
-    hwm_bytes: int  # peak RSS so far (VmHWM)
-
-
-def sample(pid: int) -> ProcSample:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of stat(5)
-    mem: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            mem[key] = int(value.split()[0]) * 1024
-    return ProcSample((utime + stime) / CLOCK_TICKS, mem["VmRSS"], mem["VmHWM"])
-
-
 def settled(pid: int, quiet_seconds: float = 0.5, cap_seconds: float = 10.0) -> ProcSample:
     """A sample once the process has stopped burning CPU (its trailing events handled)."""
     last = sample(pid)
@@ -163,12 +122,6 @@ def settled(pid: int, quiet_seconds: float = 0.5, cap_seconds: float = 10.0) -> 
             return now
         last = now
     return last
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class StartError(Exception):
@@ -363,7 +316,7 @@ def measured_run(
     recorder = Recorder(expected=n)
     with EmulatedApiServer(history_limit=20 * n + 1000) as api:
         api.store.on_write.append(recorder)
-        api.create(secret())
+        api.create(api_key_secret("sk-bench"))
         with contextlib.ExitStack() as stack:
             if label == "operator":
                 node = stack.enter_context(TestKubelet(api))
@@ -518,7 +471,14 @@ def run_both(
 
     def create_tasks(api: EmulatedApiServer, _start: float) -> None:
         for i in range(n):
-            api.create(task(f"load-{i:05d}"))
+            api.create(
+                short_task(
+                    f"load-{i:05d}",
+                    inputs=[{"path": "q.txt", "content": "six times seven"}],
+                    limits={"maxSteps": 8, "activeDeadlineSeconds": 600},
+                    sandbox={"image": "llm-sandbox/sandbox-python:test"},
+                )
+            )
 
     with tempfile.TemporaryDirectory(prefix="operator-load-") as tmp:
         work = Path(tmp)

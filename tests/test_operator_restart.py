@@ -42,8 +42,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from k8s.emulator import EmulatedApiServer
 from k8s.history import TaskHistory
-from k8s.kubelet import DelayStart, Evict, ImagePullFailure, OOMKill, TestKubelet
 from k8s.process import OperatorProcess, free_port
+from k8s.workload import EXPECTED, faulty_kubelet, short_task
 
 SEED = int(os.environ.get("RESTART_TEST_SEED", "5021"))
 N_TASKS = 60
@@ -54,29 +54,6 @@ MAX_RUNNING = 8
 # so 60 tasks make >= 240: kills after at most 30 writes each all happen before the work ends.
 MAX_WRITES_BEFORE_KILL = 30
 
-SUCCESS = {
-    "phase": "Succeeded",
-    "exitReason": "submitted",
-    "answer": "42",
-    "steps": 2,
-    "usage": {"promptTokens": 100, "completionTokens": 10, "totalTokens": 110, "llmCalls": 2},
-}
-LLM_ERROR = {
-    "phase": "Failed",
-    "exitReason": "llm_error",
-    "message": "the inference endpoint kept failing: HTTP 503 after 5 attempts",
-    "steps": 1,
-    "usage": {"llmCalls": 5, "llmRetries": 4},
-}
-# kind -> (phase, exitReason, attempts) the task must end with
-EXPECTED = {
-    "ok": ("Succeeded", "submitted", 1),
-    "slow": ("Succeeded", "submitted", 1),
-    "evicted": ("Succeeded", "submitted", 2),
-    "pull": ("Failed", "image_pull_error", 1),
-    "oom": ("Failed", "oom_killed", 1),
-    "llm": ("Failed", "llm_error", 1),
-}
 KIND_WEIGHTS = {"ok": 5, "slow": 2, "evicted": 2, "pull": 1, "oom": 1, "llm": 1}
 
 
@@ -88,38 +65,6 @@ def operator_env(metrics_port: int) -> dict[str, str]:
         "LLMSANDBOX_MAX_RUNNING_TASKS": str(MAX_RUNNING),
         "LLMSANDBOX_METRICS_PORT": str(metrics_port),
     }
-
-
-def task(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "llmsandbox.io/v1alpha1",
-        "kind": "SandboxTask",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "prompt": "What is six times seven?",
-            "limits": {"maxSteps": 4, "activeDeadlineSeconds": 600},
-            "retries": 1,
-        },
-    }
-
-
-def kind_of(pod: dict[str, Any]) -> str:
-    return str(pod["metadata"]["labels"].get("llmsandbox.io/task", "")).split("-")[0]
-
-
-def attempt_of(pod: dict[str, Any]) -> str:
-    return str(pod["metadata"]["labels"].get("llmsandbox.io/attempt"))
-
-
-def faulty_kubelet(api: EmulatedApiServer) -> TestKubelet:
-    """Pods complete instantly; the task's name (`<kind>-<n>`) picks its fault."""
-    node = TestKubelet(api)
-    node.instant_complete(lambda pod: LLM_ERROR if kind_of(pod) == "llm" else SUCCESS)
-    node.inject(lambda pod: kind_of(pod) == "slow", DelayStart(0.4))
-    node.inject(lambda pod: kind_of(pod) == "evicted" and attempt_of(pod) == "1", Evict())
-    node.inject(lambda pod: kind_of(pod) == "pull", ImagePullFailure(container="sandbox"))
-    node.inject(lambda pod: kind_of(pod) == "oom", OOMKill("sandbox"))
-    return node
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -213,7 +158,7 @@ def test_operator_killed_at_random_points_and_restarted_finishes_every_task_exac
     ports: dict[int, int] = {}
     log_path = tmp_path / "operator.log"
     with (
-        faulty_kubelet(k8s),
+        faulty_kubelet(k8s, slow_seconds=0.4),
         Scraper().running() as scraper,
         log_path.open("wb") as log,
     ):
@@ -225,7 +170,7 @@ def test_operator_killed_at_random_points_and_restarted_finishes_every_task_exac
             scraper.target = (op.pid, port)
             if incarnation < WAVES:
                 for name in waves[incarnation]:
-                    k8s.create(task(name))
+                    k8s.create(short_task(name))
             if incarnation < KILLS:
                 with kill_lock:
                     armed.update(pid=op.pid, writes=kill_after[incarnation])
@@ -389,7 +334,7 @@ def _operator(kube: FakeKube) -> Any:
 
 
 def _task_body(phase: str, **status: Any) -> dict[str, Any]:
-    body = task("t")
+    body = short_task("t")
     body["metadata"].update(uid="uid-t", resourceVersion="5", generation=1)
     body["status"] = {"phase": phase, "attempt": 1, "podName": "t-a1", **status}
     return body
