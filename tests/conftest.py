@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -50,25 +50,26 @@ def docker_image_present(image: str = TEST_IMAGE) -> bool:
     return probe.returncode == 0
 
 
-def _backend_param(name: str) -> Any:
-    marks: list[Any] = []
+def backend_param(name: str, marks: Sequence[Any] = ()) -> Any:
+    """A pytest.param for a backend, skipped where it cannot run, with `marks` added."""
+    all_marks = list(marks)
     if name == "bwrap":
-        marks = [
+        all_marks += [
             pytest.mark.bwrap,
             pytest.mark.skipif(not bwrap_works(), reason="bubblewrap not installed or not usable"),
         ]
     elif name == "docker":
-        marks = [
+        all_marks += [
             pytest.mark.container,
             pytest.mark.skipif(
                 not docker_image_present(),
                 reason=f"no Docker engine, or image {TEST_IMAGE} missing (bash images/base/build.sh)",
             ),
         ]
-    return pytest.param(name, marks=marks, id=name)
+    return pytest.param(name, marks=all_marks, id=name)
 
 
-ALL_BACKENDS = [_backend_param(n) for n in ("process", "bwrap", "docker")]
+ALL_BACKENDS = [backend_param(n) for n in ("process", "bwrap", "docker")]
 
 
 @pytest.fixture(params=ALL_BACKENDS)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TEST_IMAGE, bwrap_works, docker_image_present, task_doc
+from conftest import TEST_IMAGE, backend_param, bwrap_works, task_doc
 from llmserver import ScriptedLLMServer, tool_call
 from sandbox_agent.backends import BACKENDS, Sandbox, SandboxConfig
 from sandbox_agent.backends import limits as limits_module
@@ -63,29 +63,15 @@ def cgroups_usable() -> bool:
         asyncio.run(limits.release())
 
 
-def _param(name: str) -> Any:
-    if name == "bwrap":
-        marks = [
-            pytest.mark.bwrap,
-            pytest.mark.skipif(not bwrap_works(), reason="bubblewrap not installed or not usable"),
-        ]
-    elif name == "docker":
-        marks = [
-            pytest.mark.container,
-            pytest.mark.skipif(
-                not docker_image_present(),
-                reason=f"no Docker engine, or image {TEST_IMAGE} missing (bash images/base/build.sh)",
-            ),
-        ]
-    else:
-        # Without a cgroup the process backend has no pids or memory cap at all: a fork bomb or
-        # a hog would be the host's problem. It runs these cases only where a cgroup contains it.
-        marks = [pytest.mark.skipif(not cgroups_usable(), reason="no writable cgroup here")]
-    return pytest.param(name, marks=marks, id=name)
-
-
-ISOLATED = [_param("bwrap"), _param("docker")]
-CONTAINED = [*ISOLATED, _param("process")]
+ISOLATED = [backend_param("bwrap"), backend_param("docker")]
+# Without a cgroup the process backend has no pids or memory cap at all: a fork bomb or a hog
+# would be the host's problem. It runs these cases only where a cgroup contains it.
+CONTAINED = [
+    *ISOLATED,
+    backend_param(
+        "process", [pytest.mark.skipif(not cgroups_usable(), reason="no writable cgroup here")]
+    ),
+]
 
 
 @pytest.fixture(autouse=True)
