@@ -1034,3 +1034,14 @@ def test_replies_encode_to_the_same_json_in_either_mode(obj: dict[str, Any]) -> 
     assert json.loads(data.decode("utf-8")) == obj
     if any(isinstance(v, str) and not v.isascii() for v in obj.values()):
         assert data.isascii() is False, "non-ASCII output stays UTF-8, not \\u escapes"
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT", "EFBIG"])
+def test_a_full_disk_is_507_no_space_not_an_internal_error(code: str) -> None:
+    import errno
+
+    err = execd.os_error(OSError(getattr(errno, code), os.strerror(getattr(errno, code))), "f")
+    assert (err.status, err.code) == (507, "no_space")
+    assert "'f'" in err.message
+    assert "free some space" in err.message
+    assert execd.REASONS[507] == "Insufficient Storage"

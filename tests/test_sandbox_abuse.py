@@ -358,6 +358,45 @@ def test_the_agent_recovers_from_a_timeout_a_fork_bomb_and_a_memory_hog(
     assert last_observation(llm_server, 5).endswith("yes /tmp")
 
 
+def test_a_full_disk_is_an_error_the_model_sees_and_can_clear(
+    llm_server: ScriptedLLMServer, run_local: Any
+) -> None:
+    # Filled workspace and /dev/shm (where the exec server keeps each command's script): the
+    # editor's write and a long command are refused as "no space", never a task-ending error,
+    # and once the model frees space everything works again.
+    _bwrap_only()
+    # Several files each: a single file stops at the file-size limit (the disk limit) first.
+    fill = (
+        "for i in 1 2 3; do head -c 40M /dev/zero > /workspace/fill$i;"
+        " head -c 40M /dev/zero > /dev/shm/fill$i; done 2>/dev/null;"
+        " echo AVAIL $(df --output=avail /workspace /dev/shm | tail -n +2)"
+    )
+    long_command = "echo long # " + "x" * 20_000
+    write = {"command": "create", "path": "/workspace/notes.txt", "file_text": "y" * 100_000}
+    llm_server.script(
+        tool_call("execute_bash", {"command": fill}),
+        tool_call("str_replace_editor", write),
+        tool_call("execute_bash", {"command": long_command}),
+        tool_call("execute_bash", {"command": "rm /workspace/fill* /dev/shm/fill*"}),
+        tool_call("str_replace_editor", write),
+        tool_call("execute_bash", {"command": long_command}),
+        tool_call("submit", {"answer": "cleared"}),
+    )
+    doc = task_doc(sandbox=dict(SPEC_SANDBOX))
+    outcome = run_local(doc, backend="bwrap")
+    assert outcome.result.phase is Phase.SUCCEEDED, outcome.result.message
+    assert outcome.result.answer == "cleared"
+    assert "AVAIL 0 0" in last_observation(llm_server, 1), "the disks were not full"
+    refused_write = last_observation(llm_server, 2)
+    assert "No space left on device" in refused_write
+    assert "free some space" in refused_write
+    refused_command = last_observation(llm_server, 3)
+    assert "cannot store a" in refused_command
+    assert "short commands still run" in refused_command
+    assert "Error" not in last_observation(llm_server, 5)
+    assert "long" in last_observation(llm_server, 6)
+
+
 def test_the_runner_says_how_the_limits_are_enforced(
     tmp_path: Path, llm_server: ScriptedLLMServer
 ) -> None:

@@ -28,6 +28,12 @@ class ExecServerError(SandboxError):
         self.message = message
         self.status = status
 
+    @property
+    def model_can_fix(self) -> bool:
+        """A refusal of this request (4xx), or a full disk (507) the model can free space on;
+        anything else means the exec server itself is in trouble."""
+        return self.status < 500 or self.status == 507
+
 
 class LLMError(SandboxAgentError):
     """The inference endpoint failed in a way retries could not fix."""

@@ -75,6 +75,15 @@ def bad_request(message: str) -> ApiError:
     return ApiError(400, "bad_request", message)
 
 
+# A full disk (or a file over the size limit) is the sandbox's state, not the server's fault:
+# 507, so the client shows it to the model, which can free space and go on.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def no_space(message: str) -> ApiError:
+    return ApiError(507, "no_space", message + " (the sandbox's disk limit); free some space")
+
+
 def display(path: str) -> str:
     """A path as text for JSON replies, even when the file name is not valid UTF-8."""
     return os.fsencode(path).decode("utf-8", "replace")
@@ -515,10 +524,20 @@ class Session:
         if not script.endswith(b"\n"):
             script += b"\n"
         # Overwritten, then cut to size: O_TRUNC makes ext4 flush the file on close (~0.2 ms).
-        fd = os.open(self._script, os.O_WRONLY | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(script)
-            fh.truncate(len(script))
+        # Never cut to nothing, so the file keeps a page and a short command (rm, to free space)
+        # still fits when the state directory's filesystem is full.
+        try:
+            fd = os.open(self._script, os.O_WRONLY | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(script)
+                fh.truncate(len(script))
+        except OSError as exc:
+            if exc.errno in NO_SPACE_ERRNOS:
+                raise no_space(
+                    "cannot store a %d-byte command in %s: %s; short commands still run"
+                    % (len(script), self._state_dir, exc.strerror)
+                ) from None
+            raise
         for path in (self._cwd_file, self._env_file):
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -706,6 +725,8 @@ def os_error(exc: OSError, path: str) -> ApiError:
         return ApiError(403, "permission_denied", "permission denied: %s" % shown)
     if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):
         return bad_request("%s: %s" % (shown, exc.strerror))
+    if exc.errno in NO_SPACE_ERRNOS:
+        return no_space("cannot write %s: %s" % (shown, exc.strerror))
     return ApiError(500, "internal", "%s: %s" % (shown, exc.strerror or exc))
 
 
@@ -1010,6 +1031,7 @@ REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     413: "Content Too Large",
+    507: "Insufficient Storage",
     414: "URI Too Long",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",

@@ -186,7 +186,7 @@ class ToolRunner:
         except ToolInputError as exc:
             return Observation(f"Error: {exc}", ok=False, summary=str(exc))
         except ExecServerError as exc:
-            if exc.status >= 500:
+            if not exc.model_can_fix:
                 raise
             return Observation(f"Error: {exc.message}", ok=False, summary=exc.message)
 
