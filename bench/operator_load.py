@@ -51,15 +51,8 @@ from k8s.fixtures import wait_for_operator_watches  # noqa: E402
 from k8s.kubelet import TestKubelet  # noqa: E402
 from k8s.process import CLOCK_TICKS, ProcSample, free_port  # noqa: E402
 from k8s.process import proc_sample as sample  # noqa: E402
-from k8s.workload import api_key_secret, short_task  # noqa: E402
+from k8s.workload import SUCCESS, api_key_secret, short_task  # noqa: E402
 
-RESULT = {
-    "phase": "Succeeded",
-    "exitReason": "submitted",
-    "answer": "42",
-    "steps": 3,
-    "usage": {"promptTokens": 1000, "completionTokens": 50, "totalTokens": 1050, "llmCalls": 3},
-}
 WRITES_TARGET = 6
 KUBELET_AGENT = "test-kubelet"
 WATCHED = ("sandboxtasks", "pods")
@@ -320,7 +313,7 @@ def measured_run(
         with contextlib.ExitStack() as stack:
             if label == "operator":
                 node = stack.enter_context(TestKubelet(api))
-                node.instant_complete(RESULT)
+                node.instant_complete(SUCCESS)
             log_path = work_dir / f"{label}.log"
             proc = stack.enter_context(subprocess_operator(api, argv, env, log_path))
             time.sleep(1.0)  # start-up work after the watches opened (priming, first lists)
@@ -403,7 +396,7 @@ def verify(result: RunResult, n: int) -> list[str]:
     for body in result.final_tasks:
         name, uid = body["metadata"]["name"], body["metadata"]["uid"]
         st = body.get("status") or {}
-        if st.get("phase") != "Succeeded" or st.get("answer") != RESULT["answer"]:
+        if st.get("phase") != "Succeeded" or st.get("answer") != SUCCESS["answer"]:
             problems.append(
                 f"{name}: phase {st.get('phase')}, exitReason {st.get('exitReason')}, "
                 f"answer {st.get('answer')!r}, message {st.get('message')!r}"
