@@ -27,6 +27,7 @@ from sandbox_agent.backends.limits import (
     CGROUP_PREFIX,
     CgroupParents,
     Enforcement,
+    SandboxCgroup,
     SandboxLimits,
     locate_parents,
     own_cgroup_parents,
@@ -568,3 +569,69 @@ def test_a_wrapped_process_is_in_the_cgroup_from_its_start_and_killed_at_release
     # Whatever the cgroup could not hold is said, never silently dropped.
     for resource in ("memory", "pids"):
         assert resource in enforcement.enforced or resource in enforcement.unenforced
+
+
+def test_the_limit_files_written_on_cgroup_v2(tmp_path: Path) -> None:
+    """The v2 path on a directory standing in for a delegated cgroupfs (the kernel would create
+    the files; here they are made up front), as on a typical systemd host."""
+    parent = tmp_path / "user.slice"
+    parent.mkdir()
+    (parent / "cgroup.subtree_control").write_text("")
+    config = SandboxConfig(memory_bytes=MEMORY, pids_limit=PIDS, cpus=1.5)
+    original_mkdir = Path.mkdir
+
+    def kernel_mkdir(self: Path, *args: Any, **kwargs: Any) -> None:
+        original_mkdir(self, *args, **kwargs)
+        if self.parent == parent:
+            (self / "cgroup.controllers").write_text("cpu memory pids\n")
+            (self / "memory.swap.max").write_text("max\n")
+
+    enabled: list[str] = []
+    original_write = limits_module._write
+
+    def write(path: Path, value: str) -> None:
+        if path == parent / "cgroup.subtree_control":
+            enabled.append(value)
+        original_write(path, value)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "mkdir", kernel_mkdir)
+        mp.setattr(limits_module, "_write", write)
+        cgroup = SandboxCgroup.create(CgroupParents(v2=parent), config)
+    assert cgroup is not None
+    (path,) = cgroup.all_dirs
+    assert path.parent == parent
+    assert path.name.startswith(f"{CGROUP_PREFIX}{os.getpid()}-")
+    enforced, failed = cgroup.apply(config)
+    assert failed == {}
+    assert (path / "memory.max").read_text() == str(MEMORY)
+    assert (path / "memory.swap.max").read_text() == "0"
+    assert (path / "pids.max").read_text() == str(PIDS)
+    assert (path / "cpu.max").read_text() == "150000 100000"
+    # Our children get the controllers only if our own cgroup hands them down.
+    assert enabled == ["+memory", "+pids", "+cpu"]
+    assert enforced["memory"].startswith("256 MiB (cgroup v2, no swap")
+    assert enforced["pids"].startswith(f"{PIDS} tasks (cgroup v2")
+
+
+def test_the_limit_files_written_on_cgroup_v1(tmp_path: Path) -> None:
+    """v1: one directory per hierarchy, cpu and cpuacct co-mounted in one, swap capped too."""
+    memory, pids, cpu = (tmp_path / name for name in ("memory", "pids", "cpu,cpuacct"))
+    for hierarchy in (memory, pids, cpu):
+        hierarchy.mkdir()
+    config = SandboxConfig(memory_bytes=MEMORY, pids_limit=PIDS, cpus=0.5)
+    cgroup = SandboxCgroup.create(
+        CgroupParents(v1={"memory": memory, "pids": pids, "cpu": cpu}), config
+    )
+    assert cgroup is not None
+    assert len(cgroup.all_dirs) == 3
+    (memory / cgroup.all_dirs[0].name / "memory.memsw.limit_in_bytes").write_text("")
+    enforced, failed = cgroup.apply(config)
+    assert failed == {}
+    mem_dir, pids_dir, cpu_dir = (cgroup.dirs[c] for c in ("memory", "pids", "cpu"))
+    assert (mem_dir / "memory.limit_in_bytes").read_text() == str(MEMORY)
+    assert (mem_dir / "memory.memsw.limit_in_bytes").read_text() == str(MEMORY)
+    assert (pids_dir / "pids.max").read_text() == str(PIDS)
+    assert (cpu_dir / "cpu.cfs_quota_us").read_text() == "50000"
+    assert (cpu_dir / "cpu.cfs_period_us").read_text() == "100000"
+    assert "no swap" in enforced["memory"]
