@@ -1,14 +1,23 @@
-"""Async client for the exec server's HTTP API (over a unix socket or TCP)."""
+"""Async client for the exec server's HTTP API (over a unix socket or TCP).
+
+Everything the exec server answers is untrusted: model-written code shares its sandbox and may
+have replaced it. Replies are read raw (no decompression) up to a cap computed from the request,
+within one overall deadline, and validated against pydantic shapes; anything else is a
+SandboxError that names the request.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import json
 import time
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .backends.base import ExecEndpoint
 from .errors import ExecServerError, SandboxError
@@ -16,6 +25,15 @@ from .errors import ExecServerError, SandboxError
 # Slack on top of a command's own timeout for the HTTP round trip and the server's kill path.
 _EXEC_HTTP_SLACK = 15.0
 _FILE_HTTP_TIMEOUT = 60.0
+KIB = 1024
+MIB = 1024 * KIB
+# JSON may spell one byte of text as six characters (\u001b); room for the other fields on top.
+_JSON_EXPANSION = 6
+_REPLY_OVERHEAD = 64 * KIB
+# Replies without a size implied by the request (errors, health, writes) are small.
+DEFAULT_REPLY_BYTES = 1 * MIB
+# A listing names at most max_entries paths; real ones are short, a hostile one is cut off here.
+MAX_LISTING_REPLY_BYTES = 16 * MIB
 
 
 class _Reply(BaseModel):
@@ -37,8 +55,8 @@ class ExecResult(_Reply):
 class FileContent(_Reply):
     path: str
     content: str
-    encoding: str
-    size: int
+    encoding: Literal["utf-8", "base64"]
+    size: Annotated[int, Field(ge=0)]
     truncated: bool = False
     total_lines: int | None = None
 
@@ -51,7 +69,7 @@ class WrittenFile(_Reply):
 class DirEntry(_Reply):
     path: str
     type: Literal["file", "dir", "symlink", "other"]
-    size: int
+    size: Annotated[int, Field(ge=0)]
 
 
 class Listing(_Reply):
@@ -60,7 +78,22 @@ class Listing(_Reply):
     truncated: bool = False
 
 
+@dataclass(frozen=True)
+class FileBytes:
+    """A file's bytes as read: at most what was asked for, `size` as the server reported it."""
+
+    data: bytes
+    truncated: bool
+    size: int
+
+
 R = TypeVar("R", bound=_Reply)
+# What the exec server returns for a text read without max_bytes (its own default).
+DEFAULT_TEXT_READ_BYTES = 1 * MIB
+
+
+def _too_big(path: str, limit: int) -> str:
+    return f"exec server sent more than {limit} bytes for {path}; refused"
 
 
 class ExecClient:
@@ -72,7 +105,8 @@ class ExecClient:
         self._http = httpx.AsyncClient(
             base_url=endpoint.url,
             transport=transport,
-            headers={"Authorization": f"Bearer {endpoint.token}"},
+            # The exec server never compresses; asking for nothing else keeps bombs out.
+            headers={"Authorization": f"Bearer {endpoint.token}", "Accept-Encoding": "identity"},
             timeout=_FILE_HTTP_TIMEOUT,
         )
 
@@ -86,36 +120,73 @@ class ExecClient:
         await self.aclose()
 
     async def _post(
-        self, path: str, body: dict[str, Any], reply: type[R], timeout: float | None = None
+        self,
+        path: str,
+        body: dict[str, Any],
+        reply: type[R],
+        timeout: float | None = None,
+        max_reply_bytes: int = DEFAULT_REPLY_BYTES,
     ) -> R:
+        timeout = timeout or _FILE_HTTP_TIMEOUT
         try:
-            resp = await self._http.post(path, json=body, timeout=timeout or _FILE_HTTP_TIMEOUT)
-        except httpx.TimeoutException as exc:
-            raise SandboxError(f"exec server did not answer {path} in time ({exc!r})") from exc
+            # One deadline for the whole exchange: httpx's timeouts are per read, so a server
+            # that trickles its reply a byte at a time would otherwise hold us forever.
+            async with asyncio.timeout(timeout):
+                status, raw = await self._exchange(path, body, timeout, max_reply_bytes)
+        except TimeoutError:
+            raise SandboxError(f"exec server did not answer {path} within {timeout:.0f}s") from None
         except httpx.HTTPError as exc:
             raise SandboxError(f"exec server unreachable for {path}: {exc!r}") from exc
         try:
-            data = resp.json()
-        except ValueError:
-            raise SandboxError(
-                f"exec server sent non-JSON for {path} (HTTP {resp.status_code})"
-            ) from None
-        if resp.status_code >= 400:
-            err = data.get("error", {}) if isinstance(data, dict) else {}
+            data = json.loads(raw)
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the stack
+            raise SandboxError(f"exec server sent non-JSON for {path} (HTTP {status})") from None
+        if status >= 400:
+            err = data.get("error") if isinstance(data, dict) else None
+            err = err if isinstance(err, dict) else {}
             raise ExecServerError(
-                str(err.get("code", "error")), str(err.get("message", data)), resp.status_code
+                str(err.get("code", "error"))[:100],
+                str(err.get("message", "(no message)"))[:4000],
+                status,
             )
         try:
             return reply.model_validate(data)
         except ValidationError as exc:
-            raise SandboxError(f"exec server sent an unexpected reply for {path}: {exc}") from None
+            raise SandboxError(
+                f"exec server sent an unexpected reply for {path}: "
+                f"{exc.error_count()} invalid field(s), first at "
+                f"{'.'.join(map(str, exc.errors()[0]['loc'])) or '(top level)'}"
+            ) from None
+
+    async def _exchange(
+        self, path: str, body: dict[str, Any], timeout: float, max_reply_bytes: int
+    ) -> tuple[int, bytes]:
+        """POST and read the raw reply body, refusing more than `max_reply_bytes`."""
+        async with self._http.stream("POST", path, json=body, timeout=timeout) as resp:
+            encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise SandboxError(
+                    f"exec server sent a {encoding!r}-encoded reply for {path}; it never encodes"
+                )
+            declared = resp.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_reply_bytes:
+                raise SandboxError(_too_big(path, max_reply_bytes))
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.aiter_raw():
+                size += len(chunk)
+                if size > max_reply_bytes:
+                    raise SandboxError(_too_big(path, max_reply_bytes))
+                chunks.append(chunk)
+            return resp.status_code, b"".join(chunks)
 
     async def healthy(self) -> bool:
         try:
-            resp = await self._http.get("/healthz", timeout=2)
-        except httpx.HTTPError:
+            # Streamed and never read: only the status line matters.
+            async with asyncio.timeout(2), self._http.stream("GET", "/healthz", timeout=2) as resp:
+                return resp.status_code == 200
+        except (httpx.HTTPError, TimeoutError):
             return False
-        return resp.status_code == 200
 
     async def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -126,7 +197,11 @@ class ExecClient:
 
     async def exec(self, command: str, timeout: float, max_output_bytes: int = 32768) -> ExecResult:
         body = {"command": command, "timeout": timeout, "max_output_bytes": max_output_bytes}
-        return await self._post("/exec", body, ExecResult, timeout=timeout + _EXEC_HTTP_SLACK)
+        # stdout and stderr, each within max_output_bytes (plus the truncation marker).
+        cap = 2 * _JSON_EXPANSION * max_output_bytes + _REPLY_OVERHEAD
+        return await self._post(
+            "/exec", body, ExecResult, timeout=timeout + _EXEC_HTTP_SLACK, max_reply_bytes=cap
+        )
 
     async def read_text(
         self,
@@ -142,13 +217,23 @@ class ExecClient:
             body["end_line"] = end_line
         if max_bytes is not None:
             body["max_bytes"] = max_bytes
-        return await self._post("/files/read", body, FileContent)
+        cap = _JSON_EXPANSION * (max_bytes or DEFAULT_TEXT_READ_BYTES) + _REPLY_OVERHEAD
+        return await self._post("/files/read", body, FileContent, max_reply_bytes=cap)
 
-    async def read_bytes(self, path: str, max_bytes: int) -> bytes:
-        reply = await self._post(
-            "/files/read", {"path": path, "encoding": "base64", "max_bytes": max_bytes}, FileContent
-        )
-        return base64.b64decode(reply.content)
+    async def read_bytes(self, path: str, max_bytes: int) -> FileBytes:
+        """At most `max_bytes` of a file; `truncated` when it holds more."""
+        body = {"path": path, "encoding": "base64", "max_bytes": max_bytes}
+        cap = (max_bytes + 2) // 3 * 4 + _REPLY_OVERHEAD
+        reply = await self._post("/files/read", body, FileContent, max_reply_bytes=cap)
+        try:
+            data = base64.b64decode(reply.content, validate=True)
+        except (binascii.Error, ValueError):
+            raise SandboxError(f"exec server sent invalid base64 for {path!r}") from None
+        if len(data) > max_bytes:
+            raise SandboxError(
+                f"exec server sent {len(data)} bytes of {path!r}, more than the {max_bytes} asked for"
+            )
+        return FileBytes(data=data, truncated=reply.truncated, size=reply.size)
 
     async def write_text(self, path: str, content: str) -> WrittenFile:
         return await self._post("/files/write", {"path": path, "content": content}, WrittenFile)
@@ -167,11 +252,23 @@ class ExecClient:
         self, path: str, recursive: bool = False, max_entries: int = 1000
     ) -> Listing:
         body = {"path": path, "recursive": recursive, "max_entries": max_entries}
-        return await self._post("/files/list", body, Listing)
+        listing = await self._post(
+            "/files/list", body, Listing, max_reply_bytes=MAX_LISTING_REPLY_BYTES
+        )
+        if len(listing.entries) > max_entries:
+            raise SandboxError(
+                f"exec server listed {len(listing.entries)} entries of {path!r}, "
+                f"more than the {max_entries} asked for"
+            )
+        return listing
 
     async def shutdown(self) -> None:
         try:
-            await self._http.post("/shutdown", json={}, timeout=5)
-        except httpx.HTTPError:
-            # Already gone is what shutdown wants.
+            async with (
+                asyncio.timeout(5),
+                self._http.stream("POST", "/shutdown", json={}, timeout=5),
+            ):
+                pass
+        except (httpx.HTTPError, TimeoutError):
+            # Already gone (or not answering) is what shutdown wants.
             return

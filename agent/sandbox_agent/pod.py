@@ -25,11 +25,11 @@ from .events import Event, LLMRetrying, Notice
 from .execclient import ExecClient
 from .llm import ChatLLM, hide_from_environ
 from .loop import AgentLoop, AgentSettings
+from .outputs import KEEP_FILE, OUTPUT_DIR, UnsafeOutputError, collect_outputs, compromised
 from .podconfig import PodTaskConfig
 from .result import (
     RESULT_LOG_PREFIX,
     ExitReason,
-    OutputFile,
     TaskResult,
     phase_for,
     termination_message,
@@ -116,8 +116,9 @@ async def run(
     )
     async with ExecClient(endpoint) as client:
         try:
-            await client.write_bytes("output/.keep", b"")
+            await client.write_bytes(f"{OUTPUT_DIR}/{KEEP_FILE}", b"")
             listing = await client.list_dir("input", recursive=True, max_entries=1000)
+            # Shown to the model only; the names are the sandbox's own files.
             inputs = [e.path for e in listing.entries if e.type == "file"]
         except SandboxError:
             inputs = []
@@ -131,7 +132,13 @@ async def run(
         )
         try:
             result = await loop.run(config.prompt, inputs)
-            result.outputs = await _outputs(client, artifacts)
+            output_dir = artifacts / OUTPUT_DIR if artifacts is not None else None
+            try:
+                result.outputs = await collect_outputs(client, output_dir, on_event=_log)
+            except UnsafeOutputError as exc:
+                result = compromised(result, exc)
+            except SandboxError as exc:
+                _log(Notice(f"collecting output files failed: {exc}"))
         finally:
             await llm.aclose()
             # The sandbox container's main process is the exec server: stopping it ends the pod.
@@ -141,21 +148,6 @@ async def run(
         trajectory.result = result
         trajectory.write(artifacts / "trajectory.json")
     return result
-
-
-async def _outputs(client: ExecClient, artifacts: Path | None) -> list[OutputFile]:
-    try:
-        listing = await client.list_dir("output", recursive=True, max_entries=1000)
-    except SandboxError:
-        return []
-    files = [e for e in listing.entries if e.type == "file" and e.path != ".keep"]
-    if artifacts is not None:
-        for entry in files:
-            data = await client.read_bytes(f"output/{entry.path}", 64 * 1024 * 1024)
-            target = artifacts / "output" / entry.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-    return [OutputFile(path=e.path, bytes=e.size) for e in files]
 
 
 def report(result: TaskResult, termination_log: Path) -> None:

@@ -15,15 +15,14 @@ from .events import EventSink, Notice, ignore
 from .execclient import ExecClient
 from .llm import ChatLLM
 from .loop import AgentLoop, AgentSettings
+from .outputs import KEEP_FILE, OUTPUT_DIR, UnsafeOutputError, collect_outputs, compromised
 from .quantity import parse_quantity
-from .result import ExitReason, OutputFile, Phase, TaskResult, phase_for
+from .result import ExitReason, Phase, TaskResult, phase_for
 from .task import NetworkMode, SandboxTask
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # A local input file larger than this is almost certainly a mistake in the task file.
 MAX_INPUT_FILE_BYTES = 512 * 1024 * 1024
-MAX_OUTPUT_FILE_BYTES = 64 * 1024 * 1024
-MAX_OUTPUT_FILES = 1000
 
 
 @dataclass(frozen=True)
@@ -136,24 +135,10 @@ def default_run_dir(task: SandboxTask, task_file: Path | None) -> Path:
 
 
 async def upload_inputs(client: ExecClient, files: list[tuple[str, bytes]]) -> list[str]:
-    await client.write_bytes("output/.keep", b"")
+    await client.write_bytes(f"{OUTPUT_DIR}/{KEEP_FILE}", b"")
     for rel, data in files:
         await client.write_bytes(f"input/{rel}", data)
     return [rel for rel, _ in files]
-
-
-async def download_outputs(client: ExecClient, dest: Path) -> list[OutputFile]:
-    listing = await client.list_dir("output", recursive=True, max_entries=MAX_OUTPUT_FILES)
-    outputs = []
-    for entry in listing.entries:
-        if entry.type != "file" or entry.path == ".keep":
-            continue
-        data = await client.read_bytes(f"output/{entry.path}", MAX_OUTPUT_FILE_BYTES)
-        target = dest / entry.path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-        outputs.append(OutputFile(path=entry.path, bytes=entry.size))
-    return outputs
 
 
 def _failed(reason: ExitReason, message: str) -> TaskResult:
@@ -227,7 +212,11 @@ async def run_task(
             )
             result = await loop.run(spec.prompt, listing)
             try:
-                result.outputs = await download_outputs(client, run_dir / "output")
+                result.outputs = await collect_outputs(
+                    client, run_dir / "output", on_event=on_event
+                )
+            except UnsafeOutputError as exc:
+                result = compromised(result, exc)
             except SandboxError as exc:
                 on_event(Notice(f"collecting output files failed: {exc}"))
         return RunOutcome(result, run_dir, backend_cls.name, endpoint)
