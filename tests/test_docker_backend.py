@@ -73,9 +73,12 @@ def test_default_args_lock_the_container_down() -> None:
     for flag in ("--rm", "--read-only", "--init", "--interactive"):
         assert flag in options
     assert _values(options, "--cap-drop") == ["ALL"]
+    # Only what the exec server needs to run commands as another uid, and to kill them.
+    assert sorted(_values(options, "--cap-add")) == ["KILL", "SETGID", "SETUID"]
     assert _values(options, "--security-opt") == ["no-new-privileges"]
     assert _values(options, "--network") == ["none"]
-    assert _values(options, "--user") == ["65534:65534"]
+    # Root only until the exec server drops (--drop-to); the commands are nobody.
+    assert _values(options, "--user") == ["0:0"]
     assert _values(options, "--pull") == ["never"]
     assert _values(options, "--name") == ["llmsandbox-test"]
     assert _values(options, "--label") == [f"{MANAGED_LABEL}=true"]
@@ -98,8 +101,10 @@ def test_mounts_and_command() -> None:
     tail = args[_image_index(args, DEFAULT_IMAGE) + 1 :]
     assert tail[:2] == ["/bin/sh", "-c"]
     execd = tail[tail.index("python3") :]
-    assert execd[1] == EXECD_PATH
+    assert execd[1:4] == ["-I", "-S", EXECD_PATH]
     assert execd[execd.index("--root") + 1] == "/workspace"
+    assert execd[execd.index("--drop-to") + 1] == "65533:65533"
+    assert execd[execd.index("--command-user") + 1] == "65534:65534"
     assert execd[execd.index("--unix-socket") + 1] == "/run/execd/execd.sock"
     assert execd[execd.index("--token-file") + 1] == "/run/execd/token"
     assert execd[execd.index("--ready-file") + 1] == "/run/execd/ready.json"
@@ -122,7 +127,8 @@ def test_limits_and_network_from_config() -> None:
     assert _values(options, "--memory") == [str(256 * MiB)]
     assert _values(options, "--memory-swap") == [str(256 * MiB)]
     assert _values(options, "--pids-limit") == ["100"]
-    assert _values(options, "--user") == ["1000:1001"]
+    assert "--command-user" in args
+    assert args[args.index("--command-user") + 1] == "1000:1001"
     for t in _values(options, "--tmpfs"):
         assert f"size={64 * MiB}" in t.split(":", 1)[1].split(",")
     workspace = next(t for t in _values(options, "--tmpfs") if t.startswith("/workspace:"))
@@ -301,11 +307,39 @@ async def test_limits_reach_the_engine(sandbox: DockerSandbox) -> None:
     assert "no-new-privileges" in host["SecurityOpt"]
     assert host["NetworkMode"] == "none"
     assert host["AutoRemove"] is True
-    assert info["Config"]["User"] == "65534:65534"
+    # Root only for the exec server's first instructions (it drops to 65533 at once).
+    assert info["Config"]["User"] == "0:0"
+    assert sorted(host["CapAdd"]) == ["CAP_KILL", "CAP_SETGID", "CAP_SETUID"]
     assert info["Config"]["Labels"][MANAGED_LABEL] == "true"
     # The workspace tmpfs is capped at disk_bytes.
     out = await _exec(endpoint, "head -c 40M /dev/zero > /workspace/big; echo rc=$?")
     assert "rc=0" not in str(out["stdout"]), out
+
+
+@pytest.mark.container
+@needs_engine
+async def test_commands_run_as_nobody_apart_from_the_exec_server(sandbox: DockerSandbox) -> None:
+    """Different uids: commands cannot signal, trace or read the exec server, nor enter the run
+    directory that holds its socket and token."""
+    endpoint = await sandbox.start()
+    out = await _exec(
+        endpoint,
+        "id -u; grep -E '^(Uid|CapEff)' /proc/$PPID/status | tr -s '\t' ' '; "
+        "kill -STOP $PPID 2>&1; ls /run/execd 2>&1; head -c1 /proc/$PPID/mem 2>&1; "
+        "grep CapEff /proc/self/status | tr -s '\t' ' '",
+    )
+    lines = str(out["stdout"]).splitlines()
+    assert lines[0] == "65534"
+    # Real, effective and saved uid the server's own; the file-system uid the commands'.
+    assert lines[1] == "Uid: 65533 65533 65533 65534"
+    # CAP_KILL, CAP_SETGID, CAP_SETUID and nothing else.
+    assert lines[2] == "CapEff: 00000000000000e0"
+    assert "Operation not permitted" in lines[3]
+    assert "Permission denied" in lines[4]
+    assert "Permission denied" in lines[5]
+    assert lines[6] == "CapEff: 0000000000000000"
+    # Still serving: the STOP never arrived.
+    assert (await _exec(endpoint, "echo alive"))["stdout"] == "alive\n"
 
 
 @pytest.mark.container

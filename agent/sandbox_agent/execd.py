@@ -2,7 +2,15 @@
 commands in one persistent shell session and for reading, writing and listing workspace files.
 
 Started as PID 1 (a container's main process) it forks and stays behind as a minimal init that
-reaps orphaned processes, see run_as_init."""
+reaps orphaned processes, see run_as_init.
+
+The commands it runs are the adversary: they must not take the server over (steal its socket,
+read its token, answer in its place). So it makes itself non-dumpable at once (ptrace,
+/proc/PID/mem, /proc/PID/fd and pidfd_getfd then fail for processes of its own uid), and where it
+is given the means (`--command-user`, with CAP_SETUID, CAP_SETGID and CAP_KILL) it runs the shell
+as another uid and touches workspace files with that uid's rights (setfsuid), so the commands
+cannot even signal it. Its socket, token and ready report can come as inherited file descriptors
+(`--listen-fd`, `--token-fd`, `--ready-fd`), so that nothing of them is on a path the commands see."""
 
 # Runs with any python3 >= 3.8 in any image: standard library only, no newer syntax.
 #
@@ -316,7 +324,9 @@ def find_dialect(env: Dict[str, str]) -> Dialect:
 class Shell:
     """One shell process in its own process group, plus the threads that read its output."""
 
-    def __init__(self, dialect: Dialect, env: Dict[str, str], cwd: str) -> None:
+    def __init__(
+        self, dialect: Dialect, env: Dict[str, str], cwd: str, user: Optional[Tuple[int, int]]
+    ) -> None:
         # Imported here, in the thread that starts the first shell once we are ready.
         import subprocess
 
@@ -328,6 +338,7 @@ class Shell:
             cwd=cwd,
             env=env,
             start_new_session=True,
+            **run_as(user),
         )
         self.cond = threading.Condition()
         self.collector: Optional[Collector] = None
@@ -424,9 +435,12 @@ class Outcome:
 class Session:
     """The one persistent shell session; commands run one at a time."""
 
-    def __init__(self, root: str, env: Dict[str, str], state_dir: str) -> None:
+    def __init__(
+        self, root: str, env: Dict[str, str], state_dir: str, user: Optional[Tuple[int, int]]
+    ) -> None:
         self._root = root
         self._env = env
+        self._user = user
         self._dialect = find_dialect(env)
         self._state_dir = state_dir
         self._script = os.path.join(state_dir, "command.sh")
@@ -511,7 +525,7 @@ class Session:
             try:
                 # A command may have deleted the workspace root; the shell needs it as its cwd.
                 os.makedirs(self._root, exist_ok=True)
-                self._shell = Shell(self._dialect, self._env, self._root)
+                self._shell = Shell(self._dialect, self._env, self._root, self._user)
             except OSError as exc:
                 self._shell = None
                 raise ApiError(
@@ -572,12 +586,10 @@ class Session:
 
     def _take_snapshot(self) -> None:
         try:
-            with open(self._cwd_file, "rb") as fh:
-                cwd = fh.read()
-            with open(self._env_file, "rb") as fh:
-                env = fh.read()
+            cwd = read_capped(self._cwd_file, MAX_CWD_BYTES)
+            env = read_capped(self._env_file, MAX_SNAPSHOT_BYTES)
         except OSError:
-            # The command removed our state directory; keep the previous snapshot.
+            # The command removed (or replaced) our state files; keep the previous snapshot.
             return
         if cwd.endswith(b"\n"):
             cwd = cwd[:-1]
@@ -586,13 +598,42 @@ class Session:
         self._env_snapshot = env
 
 
+# The shell writes these files and the command may replace them: what we read back is bounded.
+MAX_CWD_BYTES = 64 * 1024
+MAX_SNAPSHOT_BYTES = 8 * MIB
+
+
+def read_capped(path: str, limit: int) -> bytes:
+    """A regular file's first bytes, refusing links, FIFOs and devices (which could block or
+    never end) and anything over `limit`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        chunks: List[bytes] = []
+        size = 0
+        while True:
+            chunk = os.read(fd, READ_CHUNK)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                raise OSError(errno.EFBIG, "larger than %d bytes" % limit, path)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
 def private_state_dir(root: str) -> str:
-    """A mode-0700 directory for command scripts and snapshots, outside the workspace if we can."""
+    """A mode-0700 directory for command scripts and snapshots, outside the workspace if we can.
+
+    Tried by creating it rather than with os.access, which asks for the real uid: with
+    --command-user, files are made with the command user's rights (the fsuid)."""
     temp = os.environ.get("TMPDIR") or "/tmp"
     # Memory first: every command rewrites the script and snapshot files (~0.5 ms faster than ext4).
     for base in ("/dev/shm", temp, "/tmp", "/var/tmp", "~"):
         real = os.path.realpath(os.path.expanduser(base))
-        if is_inside(real, root) or not os.access(real, os.W_OK | os.X_OK):
+        if is_inside(real, root):
             continue
         try:
             return make_private_dir(real)
@@ -1334,6 +1375,163 @@ class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 
 # ---------------------------------------------------------------------------------------------
+# Privileges
+
+PR_SET_DUMPABLE = 4
+PR_SET_KEEPCAPS = 8
+CAP_KILL = 5
+CAP_SETGID = 6
+CAP_SETUID = 7
+# What the server keeps when it drops to --drop-to: start shells as the command user, and kill them.
+KEPT_CAPS = (CAP_KILL, CAP_SETGID, CAP_SETUID)
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class PrivilegeError(Exception):
+    """The server cannot take the identity it was asked to run with."""
+
+
+class Libc:
+    """prctl, capset and setfsuid, which the standard library lacks, through ctypes (imported
+    only here: it costs a few milliseconds of start-up)."""
+
+    def __init__(self) -> None:
+        try:
+            import ctypes
+        except ImportError as exc:
+            raise PrivilegeError("python3 here has no ctypes module (%s)" % exc) from exc
+        self.ctypes = ctypes
+        self.lib = ctypes.CDLL(None, use_errno=True)
+
+    def _check(self, rc: int, what: str) -> int:
+        if rc == -1:
+            err = self.ctypes.get_errno()
+            raise PrivilegeError("%s failed: %s" % (what, os.strerror(err)))
+        return rc
+
+    def prctl(self, option: int, value: int) -> None:
+        c = self.ctypes
+        self._check(
+            self.lib.prctl(
+                c.c_int(option), c.c_ulong(value), c.c_ulong(0), c.c_ulong(0), c.c_ulong(0)
+            ),
+            "prctl(%d)" % option,
+        )
+
+    def capset(self, caps: Tuple[int, ...]) -> None:
+        """Effective = permitted = `caps` (all below 32), nothing inheritable, for this thread."""
+        c = self.ctypes
+        mask = 0
+        for cap in caps:
+            mask |= 1 << cap
+        # struct __user_cap_header_struct {u32 version; int pid (0: this thread)}, then two
+        # struct __user_cap_data_struct {u32 effective, permitted, inheritable} (caps 0-31, 32-63).
+        header = (c.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
+        data = (c.c_uint32 * 6)(mask, mask, 0, 0, 0, 0)
+        self._check(self.lib.capset(header, data), "capset")
+
+    def set_fs_ids(self, uid: int, gid: int) -> None:
+        """File-system uid and gid of this thread (and of threads it starts from now on)."""
+        self.lib.setfsgid(gid)
+        self.lib.setfsuid(uid)
+        # Both return the previous value and signal failure only by not changing: ask again.
+        if self.lib.setfsgid(-1) != gid or self.lib.setfsuid(-1) != uid:
+            raise PrivilegeError(
+                "setfsuid/setfsgid to %d:%d failed (needs CAP_SETUID)" % (uid, gid)
+            )
+
+
+def effective_caps() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class Identity:
+    """Who the server and its commands run as, set up before anything else happens.
+
+    Without options the server only makes itself non-dumpable (best effort: a python3 without
+    ctypes gets a warning). With `drop_to` it leaves root for that uid, keeping KEPT_CAPS. With
+    `command_user` every shell runs as that uid, and workspace files are made and read with its
+    rights (the file-system uid), so nothing the server writes for a command is the server's own.
+    """
+
+    def __init__(
+        self, drop_to: Optional[Tuple[int, int]], command_user: Optional[Tuple[int, int]]
+    ) -> None:
+        self.drop_to = drop_to
+        self.command_user = command_user
+        self.libc: Optional[Libc] = None
+        self.warnings: List[str] = []
+
+    def harden(self) -> None:
+        """Drop to `drop_to` if asked; then non-dumpable, checked to hold KEPT_CAPS if needed."""
+        try:
+            self.libc = Libc()
+        except PrivilegeError as exc:
+            if self.drop_to is not None or self.command_user is not None:
+                raise
+            self.warnings.append("cannot make the exec server non-dumpable: %s" % exc)
+            return
+        if self.drop_to is not None:
+            self._drop(*self.drop_to)
+        self.libc.prctl(PR_SET_DUMPABLE, 0)
+        if self.command_user is not None:
+            missing = [c for c in KEPT_CAPS if not effective_caps() & (1 << c)]
+            if missing:
+                raise PrivilegeError(
+                    "--command-user needs CAP_KILL, CAP_SETGID and CAP_SETUID (start the server "
+                    "as root with --drop-to, or grant them)"
+                )
+
+    def _drop(self, uid: int, gid: int) -> None:
+        assert self.libc is not None
+        if os.geteuid() != 0:
+            raise PrivilegeError("--drop-to %d:%d needs the server to start as root" % (uid, gid))
+        try:
+            self.libc.prctl(PR_SET_KEEPCAPS, 1)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            self.libc.prctl(PR_SET_KEEPCAPS, 0)
+        except OSError as exc:
+            raise PrivilegeError("cannot drop to %d:%d: %s" % (uid, gid, exc)) from exc
+        self.libc.capset(KEPT_CAPS)
+
+    def act_as_commands(self) -> None:
+        """From here on, this thread and the threads it starts touch files as the command user."""
+        if self.command_user is not None:
+            assert self.libc is not None
+            self.libc.set_fs_ids(*self.command_user)
+
+    def act_as_server(self) -> None:
+        if self.command_user is not None:
+            assert self.libc is not None
+            self.libc.set_fs_ids(os.geteuid(), os.getegid())
+
+
+def run_as(user: Optional[Tuple[int, int]]) -> Dict[str, Any]:
+    """Popen arguments that start a child as `user` with no supplementary groups."""
+    if user is None:
+        return {}
+    uid, gid = user
+    if sys.version_info >= (3, 9):
+        return {"user": uid, "group": gid, "extra_groups": []}
+
+    def demote() -> None:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+
+    return {"preexec_fn": demote}
+
+
+# ---------------------------------------------------------------------------------------------
 # Startup
 
 
@@ -1362,17 +1560,25 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 USAGE = """\
-usage: execd.py --root DIR [--unix-socket PATH] [--host HOST] [--port N]
-                [--token-file PATH] [--ready-file PATH] [--max-body-bytes N]
+usage: execd.py --root DIR [--unix-socket PATH | --listen-fd N] [--host HOST] [--port N]
+                [--token-file PATH | --token-fd N] [--ready-file PATH | --ready-fd N]
+                [--drop-to UID:GID] [--command-user UID:GID] [--max-body-bytes N]
 
-Exec server for one sandbox (token from EXECD_TOKEN or --token-file).
+Exec server for one sandbox (token from EXECD_TOKEN, --token-file or --token-fd).
 
   --root DIR            workspace root, created if missing
   --host HOST           TCP address to bind (default 127.0.0.1)
   --port N              TCP port; 0 picks a free one
   --unix-socket PATH    path of a unix socket to listen on
+  --listen-fd N         an inherited, listening unix socket to serve on
   --ready-file PATH     written atomically once listening
+  --ready-fd N          an inherited pipe: one JSON line once listening, then closed
   --token-file PATH     file holding the bearer token
+  --token-fd N          an inherited pipe holding the bearer token (read to its end)
+  --drop-to UID:GID     start as root, then run as UID:GID keeping only CAP_KILL, CAP_SETGID
+                        and CAP_SETUID
+  --command-user UID:GID
+                        run commands, and touch workspace files, as UID:GID
   --max-body-bytes N    largest request body (default %d)
 """
 
@@ -1382,8 +1588,13 @@ OPTION_NAMES = (
     "--host",
     "--port",
     "--unix-socket",
+    "--listen-fd",
     "--ready-file",
+    "--ready-fd",
     "--token-file",
+    "--token-fd",
+    "--drop-to",
+    "--command-user",
     "--max-body-bytes",
 )
 
@@ -1396,8 +1607,13 @@ class Options:
         self.host = "127.0.0.1"
         self.port: Optional[int] = None
         self.unix_socket: Optional[str] = None
+        self.listen_fd: Optional[int] = None
         self.ready_file: Optional[str] = None
+        self.ready_fd: Optional[int] = None
         self.token_file: Optional[str] = None
+        self.token_fd: Optional[int] = None
+        self.drop_to: Optional[Tuple[int, int]] = None
+        self.command_user: Optional[Tuple[int, int]] = None
         self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
 
 
@@ -1413,6 +1629,18 @@ def parse_args(argv: Optional[List[str]]) -> Options:
             return int(value)
         except ValueError:
             usage_error("%s: invalid integer %r" % (name, value))
+
+    def ids(name: str, value: str) -> Tuple[int, int]:
+        uid, colon, gid = value.partition(":")
+        if not (colon and uid.isdigit() and gid.isdigit()):
+            usage_error("%s: expected UID:GID, got %r" % (name, value))
+        return int(uid), int(gid)
+
+    def descriptor(name: str, value: str) -> int:
+        fd = integer(name, value)
+        if fd < 3:
+            usage_error("%s: %d is not an inherited descriptor (3 or more)" % (name, fd))
+        return fd
 
     opts = Options()
     args = list(sys.argv[1:] if argv is None else argv)
@@ -1436,16 +1664,37 @@ def parse_args(argv: Optional[List[str]]) -> Options:
             opts.port = integer(name, value)
         elif name == "--unix-socket":
             opts.unix_socket = value
+        elif name == "--listen-fd":
+            opts.listen_fd = descriptor(name, value)
         elif name == "--ready-file":
             opts.ready_file = value
+        elif name == "--ready-fd":
+            opts.ready_fd = descriptor(name, value)
         elif name == "--token-file":
             opts.token_file = value
+        elif name == "--token-fd":
+            opts.token_fd = descriptor(name, value)
+        elif name == "--drop-to":
+            opts.drop_to = ids(name, value)
+        elif name == "--command-user":
+            opts.command_user = ids(name, value)
         else:
             opts.max_body_bytes = integer(name, value)
     if not opts.root:
         usage_error("--root is required")
-    if opts.port is None and opts.unix_socket is None:
-        usage_error("give --port, --unix-socket or both")
+    if opts.port is None and opts.unix_socket is None and opts.listen_fd is None:
+        usage_error("give --port, --unix-socket, --listen-fd or several")
+    for one, other in (
+        ("unix_socket", "listen_fd"),
+        ("token_file", "token_fd"),
+        ("ready_file", "ready_fd"),
+    ):
+        if getattr(opts, one) is not None and getattr(opts, other) is not None:
+            usage_error(
+                "give --%s or --%s, not both" % (one.replace("_", "-"), other.replace("_", "-"))
+            )
+    if opts.command_user is not None and opts.command_user == opts.drop_to:
+        usage_error("--command-user must differ from --drop-to: that difference is the point")
     if opts.port is not None and not 0 <= opts.port <= 65535:
         usage_error("--port must be between 0 and 65535")
     if opts.max_body_bytes < 1:
@@ -1453,7 +1702,16 @@ def parse_args(argv: Optional[List[str]]) -> Options:
     return opts
 
 
-def read_token(token_file: Optional[str]) -> str:
+def read_token(token_file: Optional[str], token_fd: Optional[int] = None) -> str:
+    if token_fd is not None:
+        try:
+            with os.fdopen(token_fd, "rb") as pipe:
+                token = pipe.read(4096).decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail("cannot read --token-fd %d: %s" % (token_fd, exc))
+        if not token:
+            fail("--token-fd %d gave no token" % token_fd)
+        return token
     if token_file is not None:
         try:
             with open(token_file, encoding="utf-8") as fh:
@@ -1490,6 +1748,23 @@ def bind_unix(path: str, handler: Callable[..., Handler]) -> Tuple[UnixServer, i
         os.unlink(path)
     server = UnixServer(path, handler)
     return server, os.lstat(path).st_ino
+
+
+def inherited_unix_server(fd: int, handler: Callable[..., Handler]) -> UnixServer:
+    """Serve on a listening unix socket made (and bound where only the host sees it) by our
+    parent."""
+    sock = socket.socket(fileno=fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise OSError(errno.EINVAL, "--listen-fd %d is not a unix stream socket" % fd)
+    server = UnixServer(sock.getsockname() or "", handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    return server
+
+
+def write_ready_fd(fd: int, info: Dict[str, Any]) -> None:
+    with os.fdopen(fd, "w", encoding="utf-8") as pipe:
+        pipe.write(json.dumps(info) + "\n")
 
 
 def write_ready_file(path: str, info: Dict[str, Any]) -> None:
@@ -1553,11 +1828,23 @@ def run_as_init() -> Optional[int]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    token = read_token(args.token_file)
+    identity = Identity(args.drop_to, args.command_user)
+    # First of all: nothing the commands can do may reach into this process.
+    try:
+        identity.harden()
+    except PrivilegeError as exc:
+        fail(str(exc))
+    token = read_token(args.token_file, args.token_fd)
     if os.getpid() == 1:
         init_status = run_as_init()
         if init_status is not None:
             return init_status
+    log = Log()
+    for warning in identity.warnings:
+        log.write("execd: warning: %s" % warning)
+
+    # The workspace and the shell's state files belong to the commands.
+    identity.act_as_commands()
     try:
         os.makedirs(args.root, exist_ok=True)
     except OSError as exc:
@@ -1565,9 +1852,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     root = os.path.realpath(args.root)
     if not os.path.isdir(root):
         fail("--root %s is not a directory" % args.root)
+    state_dir = private_state_dir(root)
+    home = os.environ.get("HOME", "")
+    if home.startswith("/"):
+        # Tools write caches and user installs there; it may sit on a fresh tmpfs.
+        with contextlib.suppress(OSError):
+            os.makedirs(home, 0o700, exist_ok=True)
+    identity.act_as_server()
 
-    log = Log()
-    session = Session(root, shell_env(token), private_state_dir(root))
+    session = Session(root, shell_env(token), state_dir, args.command_user)
     app = App(root, token, session, args.max_body_bytes, log)
     # SIGTERM/SIGINT only wake the main thread through the wakeup pipe, as /shutdown does.
     signal.set_wakeup_fd(app.stopper.write_fd)
@@ -1582,7 +1875,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # Listening sockets close with the process; closing them under serve_forever makes it spin.
     def cleanup() -> None:
+        identity.act_as_commands()
         session.close()
+        identity.act_as_server()
         if sock_path is not None:
             with contextlib.suppress(OSError):
                 if os.lstat(sock_path).st_ino == sock_ino:
@@ -1598,32 +1893,41 @@ def main(argv: Optional[List[str]] = None) -> int:
             unix, sock_ino = bind_unix(os.path.abspath(args.unix_socket), handler)
             sock_path = os.path.abspath(args.unix_socket)
             servers.append(unix)
+        if args.listen_fd is not None:
+            servers.append(inherited_unix_server(args.listen_fd, handler))
     except OSError as exc:
         cleanup()
         fail("cannot listen: %s" % exc, 1)
 
     # Listening: connections wait in the backlog until the threads started below accept them.
-    if args.ready_file is not None:
-        info = {
-            "pid": os.getpid(),
-            "port": port,
-            "unix_socket": sock_path,
-            "root": root,
-            "version": __version__,
-        }
-        try:
+    info = {
+        "pid": os.getpid(),
+        "port": port,
+        "unix_socket": sock_path,
+        "root": root,
+        "version": __version__,
+    }
+    try:
+        if args.ready_file is not None:
             write_ready_file(args.ready_file, info)
-        except OSError as exc:
-            cleanup()
-            fail("cannot write --ready-file: %s" % exc, 1)
+        if args.ready_fd is not None:
+            write_ready_fd(args.ready_fd, info)
+    except OSError as exc:
+        cleanup()
+        fail("cannot report readiness: %s" % exc, 1)
+    # Threads inherit the file-system ids of the thread that starts them: every request thread
+    # and the shell's threads act on files as the command user.
+    identity.act_as_commands()
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     # The first command waits for the shell if it comes before the shell is up.
     threading.Thread(
         target=start_session, args=(session, log), name="execd-start", daemon=True
     ).start()
+    user = args.command_user
     log.write(
-        "execd %s listening (port=%s unix_socket=%s root=%s)" % (__version__, port, sock_path, root)
+        "execd %s listening (port=%s unix_socket=%s root=%s commands as %s)"
+        % (__version__, port, sock_path, root, "%d:%d" % user if user else "this user")
     )
 
     app.stopper.wait()

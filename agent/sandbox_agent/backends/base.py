@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -21,6 +23,12 @@ from .limits import Enforcement
 
 # How long a backend may take to bring its exec server up before the start counts as failed.
 DEFAULT_START_TIMEOUT = 60.0
+# The exec server's stderr kept on the host: commands can write to it (e.g. through an inherited
+# descriptor), so it is cut here rather than grow with whatever they write.
+MAX_LOG_BYTES = 1024 * 1024
+LOG_CUT_MARKER = b"\n[llmsandbox: exec server log cut at %d bytes]\n" % MAX_LOG_BYTES
+# The ready report is one short JSON line; more is not the exec server speaking.
+_MAX_READY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,128 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+class HandOff:
+    """The exec server's socket, token and ready report, passed as inherited descriptors.
+
+    The host binds the listening socket in its private run directory, which is never mounted
+    into the sandbox, and the token and the ready report travel through pipes: no path that a
+    command can see (or replace) holds any of them.
+    """
+
+    def __init__(self, rundir: Path, token: str) -> None:
+        self.socket_path = rundir / "execd.sock"
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(self.socket_path))
+        self._listener.listen(128)
+        self._token_r, token_w = os.pipe()
+        # The token fits a pipe's buffer many times over: written now, read by the server later.
+        os.write(token_w, token.encode())
+        os.close(token_w)
+        self._ready_r, self._ready_w = os.pipe()
+        os.set_blocking(self._ready_r, False)
+        self._child_fds = [self._listener.fileno(), self._token_r, self._ready_w]
+
+    @property
+    def fds(self) -> list[int]:
+        """Descriptors the child must inherit (Popen pass_fds)."""
+        return list(self._child_fds)
+
+    def execd_args(self) -> list[str]:
+        return [
+            "--listen-fd", str(self._listener.fileno()),
+            "--token-fd", str(self._token_r),
+            "--ready-fd", str(self._ready_w),
+        ]  # fmt: skip
+
+    def spawned(self) -> None:
+        """The child has its copies; ours would keep the ready pipe from ever ending.
+        Idempotent: a descriptor number closed twice could by then be someone else's."""
+        for fd in self._child_fds[1:]:
+            os.close(fd)
+        self._listener.close()
+        self._child_fds = []
+
+    async def wait_ready(
+        self, proc: asyncio.subprocess.Process, timeout: float, what: str, log: CappedLog
+    ) -> dict[str, object]:
+        """The server's ready report; fails fast, with its log, when it exits or closes the pipe."""
+        deadline = time.monotonic() + timeout
+        data = b""
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(self._ready_r, _MAX_READY_BYTES)
+            except BlockingIOError:
+                chunk = None
+            if chunk == b"" or proc.returncode is not None:
+                await log.settle()
+                code = "" if proc.returncode is None else f" with code {proc.returncode}"
+                raise SandboxError(
+                    f"{what} exited{code} before the exec server was ready: {log.tail()}"
+                )
+            if chunk:
+                data += chunk
+                if b"\n" in data or len(data) > _MAX_READY_BYTES:
+                    return _ready_info(data, what)
+            await asyncio.sleep(0.005)
+        raise SandboxError(f"{what}: the exec server was not ready after {timeout:.0f}s")
+
+    def close(self) -> None:
+        self.spawned()
+        if self._ready_r >= 0:
+            os.close(self._ready_r)
+            self._ready_r = -1
+
+
+def _ready_info(data: bytes, what: str) -> dict[str, object]:
+    try:
+        info = json.loads(data.split(b"\n", 1)[0])
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise SandboxError(f"{what}: the exec server's ready report is not a JSON object")
+    return info
+
+
+class CappedLog:
+    """Copies a child's stderr into a host file, up to MAX_LOG_BYTES; the rest is dropped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._task: asyncio.Task[None] | None = None
+
+    def follow(self, stream: asyncio.StreamReader | None) -> None:
+        if stream is not None:
+            self._task = asyncio.create_task(self._copy(stream))
+
+    async def _copy(self, stream: asyncio.StreamReader) -> None:
+        written = 0
+        with self.path.open("ab") as log:
+            while chunk := await stream.read(65536):
+                if written < MAX_LOG_BYTES:
+                    piece = chunk[: MAX_LOG_BYTES - written]
+                    log.write(piece)
+                    written += len(piece)
+                    if written >= MAX_LOG_BYTES:
+                        log.write(LOG_CUT_MARKER)
+                    log.flush()
+
+    async def settle(self, timeout: float = 2.0) -> None:
+        """Let the copy catch up with a child that has exited (its stderr ends soon after)."""
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+
+    def tail(self) -> str:
+        return _file_tail(self.path)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
 class Sandbox(ABC):
     """One sandbox: `start()` returns the exec server's endpoint, `stop()` removes everything."""
 
@@ -78,15 +208,26 @@ class Sandbox(ABC):
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config
         self.token = new_token()
+        self.parent = self.state_parent()
         # Private host directory for the socket and the ready file; removed on stop.
-        self.rundir = Path(tempfile.mkdtemp(prefix=f"llmsandbox-{self.name}-"))
+        self.rundir = Path(tempfile.mkdtemp(prefix=f"llmsandbox-{self.name}-", dir=self.parent))
         # The exec server's own log, outside anything the sandbox can write to; read on failure.
-        fd, log = tempfile.mkstemp(prefix=f"llmsandbox-{self.name}-", suffix=".log")
+        fd, log = tempfile.mkstemp(
+            prefix=f"llmsandbox-{self.name}-", suffix=".log", dir=self.parent
+        )
         os.close(fd)
         self.log_path = Path(log)
         self._stopped = False
+        # Whether commands run as another uid than the exec server (so they cannot signal,
+        # trace or replace it); backends that can arrange it say so.
+        self.split_users = False
         # What really holds the config's limits; backends fill it in when they start.
         self.enforcement = unenforced(config, f"the {self.name} sandbox has not started")
+
+    @classmethod
+    def state_parent(cls) -> str | None:
+        """Where this backend keeps a sandbox's host state; None for the temporary directory."""
+        return None
 
     @abstractmethod
     async def start(self) -> ExecEndpoint:

@@ -1,9 +1,13 @@
 """The `docker` backend: the exec server in a locked-down container on a local Docker engine.
 
-The container runs as an unprivileged user without capabilities, on a read-only root with tmpfs
-/workspace and /tmp, and without a network unless the task allows one. The exec server file is
-mounted in read-only; its unix socket reaches the host through a bind-mounted private directory.
-Images are never pulled: they are built locally (`bash images/base/build.sh`, then images/).
+The container starts as root with three capabilities only (CAP_KILL, CAP_SETGID, CAP_SETUID)
+and no-new-privileges; the exec server drops at once to an unprivileged uid of its own, keeping
+just those, and runs every command as nobody (65534) without any capability. So commands cannot
+signal, trace or read the exec server (Docker's default seccomp profile allows ptrace), nor
+enter the bind-mounted run directory that holds its socket and token. The root is read-only,
+/workspace and /tmp are tmpfs, and there is no network unless the task allows one. The exec
+server file is mounted in read-only. Images are never pulled: they are built locally
+(`bash images/base/build.sh`, then images/).
 """
 
 from __future__ import annotations
@@ -32,9 +36,13 @@ from .limits import Enforcement, human_bytes
 DEFAULT_IMAGE = "llm-sandbox/sandbox-python:0.1.0"
 BASE_IMAGE = "llm-sandbox/base:bookworm"
 WORKSPACE = "/workspace"
-# nobody:nogroup exists in every Debian-based image, owns nothing, and is not root.
+# Commands run as nobody:nogroup, which exists in every Debian-based image and owns nothing.
 SANDBOX_UID = 65534
 SANDBOX_GID = 65534
+# The exec server's own uid when the host is root: any uid the image gives no meaning to.
+EXECD_UID = 65533
+# What the exec server needs to start commands as another uid and to kill them.
+EXECD_CAPS = ("KILL", "SETGID", "SETUID")
 MANAGED_LABEL = "llmsandbox.io/managed"
 EXECD_PATH = "/opt/llmsandbox/execd.py"
 RUNDIR = "/run/execd"
@@ -48,7 +56,6 @@ _CLI_TIMEOUT = 60.0
 # container's stdin reaches EOF, the exec server is stopped, and `--rm` deletes the container.
 # Background jobs of a non-interactive sh get /dev/null as stdin, hence the copy on fd 3.
 _ENTRYPOINT = """\
-mkdir -p "$HOME" 2>/dev/null
 exec 3<&0
 "$@" </dev/null 3<&- &
 pid=$!
@@ -112,10 +119,12 @@ def docker_run_args(
     name: str,
     rundir: str | Path,
     execd: str | Path,
+    server_user: tuple[int, int] = (EXECD_UID, EXECD_UID),
     user: tuple[int, int] = (SANDBOX_UID, SANDBOX_GID),
 ) -> list[str]:
     """The `docker` arguments (from `run` on) for one sandbox; pure, so tests can check the
-    isolation it asks for without an engine."""
+    isolation it asks for without an engine. `server_user` runs the exec server, `user` the
+    commands."""
     uid, gid = user
     image = config.image or DEFAULT_IMAGE
     args = [
@@ -129,8 +138,10 @@ def docker_run_args(
         "--hostname", "sandbox",
         # tini as PID 1 reaps the zombies that backgrounded commands leave behind.
         "--init",
-        "--user", f"{uid}:{gid}",
+        # Root only until the exec server drops to server_user (see the module docstring).
+        "--user", "0:0",
         "--cap-drop", "ALL",
+        *(arg for cap in EXECD_CAPS for arg in ("--cap-add", cap)),
         "--security-opt", "no-new-privileges",
         "--read-only",
         "--tmpfs", _tmpfs("/tmp", config.disk_bytes, "mode=1777"),
@@ -157,8 +168,10 @@ def docker_run_args(
     args += [
         image,
         "/bin/sh", "-c", _ENTRYPOINT, "execd-entrypoint",
-        "python3", EXECD_PATH,
+        "python3", "-I", "-S", EXECD_PATH,
         "--root", WORKSPACE,
+        "--drop-to", f"{server_user[0]}:{server_user[1]}",
+        "--command-user", f"{uid}:{gid}",
         "--unix-socket", f"{RUNDIR}/execd.sock",
         "--token-file", f"{RUNDIR}/token",
         "--ready-file", f"{RUNDIR}/ready.json",
@@ -187,12 +200,20 @@ def docker_enforcement(config: SandboxConfig) -> Enforcement:
     return Enforcement("docker", enforced)
 
 
-def _container_user() -> tuple[int, int]:
-    # As root we can hand the run directory to nobody; a non-root caller in the docker group
-    # cannot, so the container runs as that caller's own (non-root) uid, which owns it already.
+def _server_user() -> tuple[int, int]:
+    """The exec server's uid: it must own the run directory. As root we hand the directory to
+    EXECD_UID; a non-root caller in the docker group cannot, so the server runs as that caller's
+    own (non-root) uid, which owns it already."""
     if os.geteuid() == 0:
-        return SANDBOX_UID, SANDBOX_GID
+        return EXECD_UID, EXECD_UID
     return os.getuid(), os.getgid()
+
+
+def _command_user(server: tuple[int, int]) -> tuple[int, int]:
+    # Never the server's uid: that difference is the whole point.
+    if server[0] != SANDBOX_UID:
+        return SANDBOX_UID, SANDBOX_GID
+    return EXECD_UID, EXECD_UID
 
 
 async def _docker(exe: str, *args: str, timeout: float = _CLI_TIMEOUT) -> tuple[int, str]:
@@ -229,7 +250,9 @@ class DockerSandbox(Sandbox):
         super().__init__(config)
         self.image = config.image or DEFAULT_IMAGE
         self.container_name = f"llmsandbox-{secrets.token_hex(6)}"
-        self._user = _container_user()
+        self._server_user = _server_user()
+        self._user = _command_user(self._server_user)
+        self.split_users = True
         self._proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
 
@@ -248,6 +271,7 @@ class DockerSandbox(Sandbox):
                 name=self.container_name,
                 rundir=self.rundir,
                 execd=execd_source(),
+                server_user=self._server_user,
                 user=self._user,
             ),
         ]
@@ -259,9 +283,9 @@ class DockerSandbox(Sandbox):
         token_file.write_text(self.token)
         token_file.chmod(0o600)
         if os.geteuid() == 0:
-            # The exec server runs as nobody: it must create its socket and ready file in the
-            # run directory and read the token, all of which mkdtemp made root-only.
-            uid, gid = self._user
+            # The exec server must create its socket and ready file in the run directory and
+            # read the token, all of which mkdtemp made root-only; the commands' uid may not.
+            uid, gid = self._server_user
             os.chown(self.rundir, uid, gid)
             os.chown(token_file, uid, gid)
         self.enforcement = docker_enforcement(self.config)

@@ -10,13 +10,14 @@ import tempfile
 from pathlib import Path
 
 from .base import (
+    CappedLog,
     ExecEndpoint,
+    HandOff,
     Sandbox,
     SandboxConfig,
     execd_source,
     host_env_for_sandbox,
     terminate,
-    wait_for_ready_file,
 )
 from .limits import Enforcement, SandboxLimits
 
@@ -27,7 +28,10 @@ class ProcessSandbox(Sandbox):
     Commands see and may change everything the caller may. What it does apply are the task's
     resource limits, the same way as the bwrap backend (a cgroup when possible, else rlimits), so
     a fork bomb or a memory hog cannot take the host down with it, and at stop every process it
-    started is killed, even those that left the shell's process group.
+    started is killed, even those that left the shell's process group. The exec server is
+    non-dumpable and gets its socket and token as descriptors, but commands share its uid: they
+    can kill it, or bind a server of their own at its socket path, so the host side's distrust
+    of every reply is what keeps them from the host's files.
     """
 
     name = "process"
@@ -37,16 +41,15 @@ class ProcessSandbox(Sandbox):
         self.workspace = Path(tempfile.mkdtemp(prefix="llmsandbox-ws-"))
         self.limits = SandboxLimits(config)
         self._proc: asyncio.subprocess.Process | None = None
+        self._log = CappedLog(self.log_path)
 
     async def start(self) -> ExecEndpoint:
-        sock = self.rundir / "execd.sock"
-        ready = self.rundir / "ready.json"
         # The caller's PATH so the host's tools are found; nothing else of its environment (no keys).
         env = host_env_for_sandbox(
             {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.workspace)}
             | self.config.env
         )
-        env["EXECD_TOKEN"] = self.token
+        handoff = HandOff(self.rundir, self.token)
         command = [
             sys.executable,
             "-I",
@@ -54,26 +57,30 @@ class ProcessSandbox(Sandbox):
             str(execd_source()),
             "--root",
             str(self.workspace),
-            "--unix-socket",
-            str(sock),
-            "--ready-file",
-            str(ready),
+            *handoff.execd_args(),
         ]
         self.enforcement = self._enforcement(self.limits.setup())
-        with self.log_path.open("wb") as log:
+        try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.limits.wrap(command),
                 cwd=self.workspace,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
-                stderr=log,
+                stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
+                pass_fds=handoff.fds,
             )
-        await wait_for_ready_file(
-            ready, self._proc, self.config.start_timeout, "process sandbox", self.log_path
+            handoff.spawned()
+            self._log.follow(self._proc.stderr)
+            await handoff.wait_ready(
+                self._proc, self.config.start_timeout, "process sandbox", self._log
+            )
+        finally:
+            handoff.close()
+        return ExecEndpoint(
+            token=self.token, workspace=str(self.workspace), uds=str(handoff.socket_path)
         )
-        return ExecEndpoint(token=self.token, workspace=str(self.workspace), uds=str(sock))
 
     def _enforcement(self, limits: Enforcement) -> Enforcement:
         unenforced = dict(limits.unenforced)
@@ -87,5 +94,6 @@ class ProcessSandbox(Sandbox):
         try:
             await terminate(self._proc)
             await self.limits.release()
+            await self._log.stop()
         finally:
             shutil.rmtree(self.workspace, ignore_errors=True)
