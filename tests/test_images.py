@@ -9,12 +9,16 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import docker_image_present
 from llmserver import ScriptedLLMServer, tool_call
 from sandbox_agent.backends.docker import docker_reachable
+from sandbox_agent.task import SandboxTask
+from sandbox_operator.pod import build_pod
+from sandbox_operator.settings import OperatorSettings
 
 pytestmark = [
     pytest.mark.container,
@@ -31,6 +35,40 @@ TAG = "test"
 AGENT = f"llm-sandbox/agent:{TAG}"
 SANDBOX = f"llm-sandbox/sandbox-python:{TAG}"
 HARDENED = ["--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--user", "65534:65534"]
+
+
+def pod_manifest() -> dict[str, Any]:
+    task = SandboxTask.model_validate(
+        {
+            "apiVersion": "llmsandbox.io/v1alpha1",
+            "kind": "SandboxTask",
+            "metadata": {"name": "image-test", "namespace": "default"},
+            "spec": {"prompt": "p", "model": {"name": "m"}, "sandbox": {"image": SANDBOX}},
+        }
+    )
+    settings = OperatorSettings(
+        agent_image=AGENT, default_base_url="http://llm:8000/v1", default_api_key_secret="k"
+    )
+    return build_pod(task, namespace="default", uid="u1", attempt=1, settings=settings)
+
+
+def container_of(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    spec = pod["spec"]
+    return next(c for c in spec["initContainers"] + spec["containers"] if c["name"] == name)
+
+
+def security_flags(pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
+    """`docker run` flags for what a container runtime makes of the pod's security contexts."""
+    ctx = container["securityContext"]
+    flags = ["--user", f"{ctx['runAsUser']}:{ctx['runAsGroup']}"]
+    flags += ["--group-add", str(pod["spec"]["securityContext"]["fsGroup"])]
+    flags += [f for cap in ctx["capabilities"]["drop"] for f in ("--cap-drop", cap)]
+    flags += [f for cap in ctx["capabilities"].get("add", []) for f in ("--cap-add", cap)]
+    if ctx["allowPrivilegeEscalation"] is False:
+        flags += ["--security-opt", "no-new-privileges"]
+    if ctx.get("readOnlyRootFilesystem"):
+        flags.append("--read-only")
+    return flags
 
 
 def docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -76,7 +114,8 @@ def test_the_images_run_a_task_as_a_pod_would(
         tool_call(
             "execute_bash",
             {
-                "command": "python3 -c 'import sympy; print(sympy.factorint(2**32 + 1))' | tee output/answer.txt"
+                "command": "id -u; kill -STOP $PPID; "
+                "python3 -c 'import sympy; print(sympy.factorint(2**32 + 1))' | tee output/answer.txt"
             },
         ),
         tool_call("submit", {"answer": "{641: 1, 6700417: 1}"}),
@@ -93,29 +132,32 @@ def test_the_images_run_a_task_as_a_pod_would(
     )
     bin_mount = f"{pod_dirs['bin']}:/opt/llmsandbox"
     run_mount = f"{pod_dirs['run']}:/run/execd"
+    # Each container with the command and security context the operator's pod builder gives it.
+    pod = pod_manifest()
+    install, sandbox_c, agent_c = (
+        container_of(pod, n) for n in ("install-execd", "sandbox", "agent")
+    )
     init = docker(
-        "run", "--rm", *HARDENED, "-v", bin_mount, "-v", run_mount, AGENT,
-        "python", "-m", "sandbox_agent.pod", "install", "--execd-dir", "/opt/llmsandbox", "--run-dir", "/run/execd",
+        "run", "--rm", *security_flags(pod, install), "-v", bin_mount, "-v", run_mount, AGENT,
+        *install["command"],
     )  # fmt: skip
     assert init.returncode == 0, init.stderr
     sandbox = f"llmsandbox-imgtest-{uuid.uuid4().hex[:8]}"
     # The pod's shared network namespace: the host's here, so the agent reaches the LLM server.
     started = docker(
-        "run", "-d", "--name", sandbox, "--network", "host", *HARDENED,
-        "-v", f"{bin_mount}:ro", "-v", run_mount, "--tmpfs", "/workspace:exec,uid=65534,gid=65534",
-        "--tmpfs", "/tmp:exec,uid=65534,gid=65534", "-e", "HOME=/tmp/home", SANDBOX,
-        "python3", "/opt/llmsandbox/execd.py", "--root", "/workspace", "--unix-socket", "/run/execd/execd.sock",
-        "--token-file", "/run/execd/token", "--ready-file", "/run/execd/ready.json",
+        "run", "-d", "--name", sandbox, "--network", "host", *security_flags(pod, sandbox_c),
+        "-v", f"{bin_mount}:ro", "-v", run_mount, "--tmpfs", "/workspace:exec,mode=0777",
+        "--tmpfs", "/tmp:exec,mode=1777", "-e", "HOME=/tmp/home", SANDBOX, *sandbox_c["command"],
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     try:
+        command = agent_c["command"]
+        command[command.index("--termination-log") + 1] = "/term/message"
         agent = docker(
-            "run", "--rm", "--network", f"container:{sandbox}", *HARDENED, "--read-only",
+            "run", "--rm", "--network", f"container:{sandbox}", *security_flags(pod, agent_c),
             "--tmpfs", "/tmp", "-v", run_mount, "-v", f"{pod_dirs['task']}:/etc/llmsandbox:ro",
             "-v", f"{pod_dirs['term']}:/term", "-e", "OPENAI_API_KEY=sk-image-test", AGENT,
-            "python", "-m", "sandbox_agent.pod", "run", "--task", "/etc/llmsandbox/task.json",
-            "--run-dir", "/run/execd", "--termination-log", "/term/message", "--execd-timeout", "60",
-            timeout=300,
+            *command, timeout=300,
         )  # fmt: skip
         assert agent.returncode == 0, agent.stderr
         result = json.loads((pod_dirs["term"] / "message").read_text())
@@ -123,6 +165,9 @@ def test_the_images_run_a_task_as_a_pod_would(
         assert result["answer"] == "{641: 1, 6700417: 1}"
         observation = llm_server.chat_requests[1].json["messages"][-1]["content"]
         assert "641" in observation
+        # Commands are nobody and cannot signal the exec server (it dropped to the agent's uid).
+        assert "65534" in observation
+        assert "Operation not permitted" in observation
         # The agent stopped the exec server, so the sandbox container ends as the pod would.
         for _ in range(100):
             state = docker(

@@ -182,24 +182,38 @@ def test_the_pod_holds_no_kubernetes_credential_and_never_restarts() -> None:
     assert spec["terminationGracePeriodSeconds"] == 10
 
 
-def test_every_container_is_non_root_unprivileged_and_seccomp_confined(
-    full_pod: dict[str, Any],
-) -> None:
+def test_every_container_is_unprivileged_and_seccomp_confined(full_pod: dict[str, Any]) -> None:
     spec = full_pod["spec"]
     assert spec["securityContext"] == {
-        "runAsNonRoot": True,
-        "runAsUser": 65534,
-        "runAsGroup": 65534,
         "fsGroup": 65534,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     for c in spec["initContainers"] + spec["containers"]:
         ctx = c["securityContext"]
         assert ctx["allowPrivilegeEscalation"] is False, c["name"]
-        assert ctx["capabilities"] == {"drop": ["ALL"]}, c["name"]
-        assert ctx["runAsNonRoot"] is True, c["name"]
         assert ctx["privileged"] is False, c["name"]
         assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}, c["name"]
+        assert ctx["capabilities"]["drop"] == ["ALL"], c["name"]
+    for name in ("install-execd", "agent"):
+        ctx = container(full_pod, name)["securityContext"]
+        assert ctx["runAsNonRoot"] is True, name
+        assert (ctx["runAsUser"], ctx["runAsGroup"]) == (65532, 65532), name
+        assert "add" not in ctx["capabilities"], name
+
+
+def test_the_exec_server_drops_from_root_and_runs_commands_as_nobody(
+    full_pod: dict[str, Any],
+) -> None:
+    """The sandbox container is root only for the exec server's first instructions: it drops to
+    the agent's uid (which owns the private run directory) keeping three capabilities, and every
+    command runs as nobody, so no command can signal, trace or impersonate it."""
+    sandbox = container(full_pod, "sandbox")
+    ctx = sandbox["securityContext"]
+    assert (ctx["runAsUser"], ctx["runAsGroup"], ctx["runAsNonRoot"]) == (0, 0, False)
+    assert ctx["capabilities"] == {"drop": ["ALL"], "add": ["KILL", "SETGID", "SETUID"]}
+    command = sandbox["command"]
+    assert command[command.index("--drop-to") + 1] == "65532:65532"
+    assert command[command.index("--command-user") + 1] == "65534:65534"
 
 
 def test_agent_and_installer_roots_are_read_only_and_the_sandbox_root_is_not(
@@ -292,11 +306,12 @@ def test_the_sandbox_runs_the_exec_server_from_the_shared_volume(full_pod: dict[
     sandbox = container(full_pod, "sandbox")
     assert sandbox["image"] == "python:3.12-slim"
     assert sandbox["command"] == [
-        "python3", "/opt/llmsandbox/execd.py",
+        "python3", "-I", "-S", "/opt/llmsandbox/execd.py",
         "--root", "/workspace",
-        "--unix-socket", "/run/execd/execd.sock",
-        "--token-file", "/run/execd/token",
-        "--ready-file", "/run/execd/ready.json",
+        "--drop-to", "65532:65532", "--command-user", "65534:65534",
+        "--unix-socket", "/run/execd/private/execd.sock",
+        "--token-file", "/run/execd/private/token",
+        "--ready-file", "/run/execd/private/ready.json",
     ]  # fmt: skip
     by_path = mounts(sandbox)
     assert by_path["/opt/llmsandbox"] == {

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from llmserver import ScriptedLLMServer, tool_call
+from sandbox_agent.pod import execd_command
 from sandbox_agent.result import RESULT_LOG_PREFIX, TaskResult, termination_message
 
 
@@ -50,10 +51,8 @@ def pod_dirs(tmp_path: Path) -> dict[str, Path]:
 def start_sandbox(dirs: dict[str, Path]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
-            sys.executable, str(dirs["bin"] / "execd.py"), "--root", str(dirs["workspace"]),
-            "--unix-socket", str(dirs["run"] / "execd.sock"),
-            "--token-file", str(dirs["run"] / "token"),
-            "--ready-file", str(dirs["run"] / "ready.json"),
+            sys.executable,
+            *execd_command(str(dirs["bin"] / "execd.py"), str(dirs["run"]), str(dirs["workspace"]))[1:],
         ],
         env={"PATH": os.environ["PATH"]},
         stdout=subprocess.DEVNULL,
@@ -69,9 +68,10 @@ def test_install_copies_the_exec_server_and_writes_a_private_token(
     )
     assert proc.returncode == 0, proc.stderr
     assert (pod_dirs["bin"] / "execd.py").read_text().startswith('"""')
-    token = pod_dirs["run"] / "token"
+    token = pod_dirs["run"] / "private" / "token"
     assert len(token.read_text()) >= 32
     assert token.stat().st_mode & 0o777 == 0o600
+    assert token.parent.stat().st_mode & 0o777 == 0o700
 
 
 def test_the_agent_reports_through_the_termination_message_and_stops_the_sandbox(

@@ -28,6 +28,7 @@ from llmserver import ScriptedLLMServer, echo_request_headers, tool_call
 from sandbox_agent.cli import ProgressPrinter
 from sandbox_agent.events import Event
 from sandbox_agent.pod import _log as pod_log
+from sandbox_agent.pod import execd_command
 from sandbox_agent.result import ExitReason
 from sandbox_agent.runner import RunOptions, run_task
 from sandbox_agent.taskfile import load_task_file
@@ -220,10 +221,9 @@ def test_the_pod_agent_never_exposes_the_api_key(
     execd_log = tmp_path / "execd.log"
     with execd_log.open("wb") as log:
         sandbox = subprocess.Popen(
-            [sys.executable, str(dirs["bin"] / "execd.py"), "--root", str(dirs["workspace"]),
-             "--unix-socket", str(dirs["run"] / "execd.sock"),
-             "--token-file", str(dirs["run"] / "token"),
-             "--ready-file", str(dirs["run"] / "ready.json")],
+            [sys.executable, *execd_command(
+                str(dirs["bin"] / "execd.py"), str(dirs["run"]), str(dirs["workspace"])
+            )[1:]],
             env=base_env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:

@@ -3,6 +3,10 @@
 `install` copies the exec server into a shared volume for the sandbox container and writes the
 shared token; `run` waits for the exec server, runs the loop, and reports the result through the
 termination message (and, when that is too small, the last log line).
+
+The token, the exec server's socket and its ready file live in `private/` under the run
+directory: made by `install` as the agent's uid, mode 0700. The exec server drops to that same
+uid to use it; the model's commands, which run as another uid, cannot enter it.
 """
 
 from __future__ import annotations
@@ -42,14 +46,52 @@ WORKSPACE = "/workspace"
 EXECD_READY_TIMEOUT = 120.0
 
 
+PRIVATE_DIR = "private"
+TOKEN_FILE = "token"
+SOCKET_FILE = "execd.sock"
+READY_FILE = "ready.json"
+
+
+def private_dir(run_dir: Path) -> Path:
+    """Where the exec server's token, socket and ready file are, below the shared run volume."""
+    return run_dir / PRIVATE_DIR
+
+
+def execd_command(
+    execd: str,
+    run_dir: str,
+    workspace: str = WORKSPACE,
+    users: tuple[tuple[int, int], tuple[int, int]] | None = None,
+) -> list[str]:
+    """The sandbox container's command: the exec server on the private run directory.
+
+    `users` is (server, commands): the container then starts as root, the server drops to the
+    first (the agent's uid, which owns private/) and runs commands as the second."""
+    private = f"{run_dir}/{PRIVATE_DIR}"
+    command = ["python3", "-I", "-S", execd, "--root", workspace]
+    if users is not None:
+        (server_uid, server_gid), (uid, gid) = users
+        command += ["--drop-to", f"{server_uid}:{server_gid}", "--command-user", f"{uid}:{gid}"]
+    return [
+        *command,
+        "--unix-socket", f"{private}/{SOCKET_FILE}",
+        "--token-file", f"{private}/{TOKEN_FILE}",
+        "--ready-file", f"{private}/{READY_FILE}",
+    ]  # fmt: skip
+
+
 def install(execd_dir: Path, run_dir: Path) -> None:
     execd_dir.mkdir(parents=True, exist_ok=True)
     target = execd_dir / "execd.py"
     shutil.copyfile(execd_source(), target)
     target.chmod(0o644)
     run_dir.mkdir(parents=True, exist_ok=True)
-    token = run_dir / "token"
-    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    private = private_dir(run_dir)
+    private.mkdir(mode=0o700, exist_ok=True)
+    # mkdir's mode is cut by the umask; and a directory left by an earlier run must be ours too.
+    private.chmod(0o700)
+    token = private / TOKEN_FILE
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(secrets.token_urlsafe(32))
 
@@ -62,14 +104,15 @@ def _log(event: Event) -> None:
 
 async def _wait_for_execd(run_dir: Path, timeout: float) -> ExecEndpoint:
     deadline = time.monotonic() + timeout
-    ready = run_dir / "ready.json"
-    token_file = run_dir / "token"
+    private = private_dir(run_dir)
+    ready = private / READY_FILE
+    token_file = private / TOKEN_FILE
     while time.monotonic() < deadline:
         if ready.exists() and token_file.exists():
             endpoint = ExecEndpoint(
                 token=token_file.read_text().strip(),
                 workspace=WORKSPACE,
-                uds=str(run_dir / "execd.sock"),
+                uds=str(private / SOCKET_FILE),
             )
             async with ExecClient(endpoint) as client:
                 if await client.healthy():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sandbox_agent.pod import execd_command
 from sandbox_agent.task import SandboxTask
 
 from .settings import OperatorSettings
@@ -27,7 +28,12 @@ WORKSPACE = "/workspace"
 INPUT_DIR = "/workspace/input"
 TASK_DIR = "/etc/llmsandbox"
 TERMINATION_LOG = "/dev/termination-log"
+# The model's commands run as nobody; the agent (and the exec server, which drops to it so that
+# the private run directory is theirs alone) as another unprivileged uid.
 NOBODY = 65534
+AGENT_UID = 65532
+# What the exec server keeps after dropping from root: start commands as nobody, and kill them.
+EXECD_CAPABILITIES = ["KILL", "SETGID", "SETUID"]
 
 SANDBOX_CONTAINER = "sandbox"
 AGENT_CONTAINER = "agent"
@@ -45,16 +51,27 @@ def pod_name(task_name: str, attempt: int) -> str:
     return bounded_name(task_name, f"-a{attempt}", max_length=MAX_LABEL_LENGTH, dns_label=True)
 
 
-def hardened_security_context(*, read_only_root: bool) -> dict[str, Any]:
+def hardened_security_context(*, read_only_root: bool, uid: int = AGENT_UID) -> dict[str, Any]:
     context: dict[str, Any] = {
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
         "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
         "privileged": False,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     if read_only_root:
         context["readOnlyRootFilesystem"] = True
+    return context
+
+
+def sandbox_security_context() -> dict[str, Any]:
+    """Root with three capabilities, for the exec server's first instructions only: it drops to
+    AGENT_UID at once and runs every command as NOBODY with no capability at all."""
+    context = hardened_security_context(read_only_root=False, uid=0)
+    context["runAsNonRoot"] = False
+    context["capabilities"] = {"drop": ["ALL"], "add": list(EXECD_CAPABILITIES)}
     return context
 
 
@@ -165,18 +182,12 @@ def _sandbox_container(
     return {
         "name": SANDBOX_CONTAINER,
         "image": image,
-        "command": [
-            "python3",
+        "command": execd_command(
             f"{EXECD_DIR}/execd.py",
-            "--root",
+            RUN_DIR,
             WORKSPACE,
-            "--unix-socket",
-            f"{RUN_DIR}/execd.sock",
-            "--token-file",
-            f"{RUN_DIR}/token",
-            "--ready-file",
-            f"{RUN_DIR}/ready.json",
-        ],
+            users=((AGENT_UID, AGENT_UID), (NOBODY, NOBODY)),
+        ),
         # Only HOME: whatever runs here is model-written code, so it gets no credential at all.
         "env": [{"name": "HOME", "value": "/tmp/home"}],
         "volumeMounts": [
@@ -188,7 +199,7 @@ def _sandbox_container(
         ],
         "resources": _resources(sandbox.resources.requests, sandbox.resources.limits),
         # Writable root: sandbox images write caches and scratch files where they like.
-        "securityContext": hardened_security_context(read_only_root=False),
+        "securityContext": sandbox_security_context(),
     }
 
 
@@ -249,10 +260,9 @@ def build_pod(
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 10,
+        # Users are per container (see sandbox_security_context); the volumes belong to the
+        # commands' group, so that they can write /workspace and /tmp.
         "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": NOBODY,
-            "runAsGroup": NOBODY,
             "fsGroup": NOBODY,
             "seccompProfile": {"type": "RuntimeDefault"},
         },

@@ -5,7 +5,8 @@ system: the host's top-level directories read-only, fresh ``/dev``, ``/proc`` (o
 namespace) and ``/tmp``, the pod's volumes at their mount paths, and a per-container file at the
 termination message path. The network is the host's (pod containers share 127.0.0.1, and so do
 the test servers). Images do not exist here: ``command + args`` run on the host, with the
-executable mapped through ``command_map`` (``python``/``python3`` -> the test's interpreter).
+executable mapped through ``command_map`` (``python`` -> the test's interpreter, ``python3`` -> the
+system's). As root, containers run as their security context's user and capabilities.
 
 The kubelet talks to the API server over HTTP (User-Agent ``test-kubelet``, so its writes can be
 told apart from the operator's in the request log): it binds pods to its node (``pods/binding``),
@@ -56,7 +57,14 @@ __all__ = [
     "process_group_alive",
 ]
 
-DEFAULT_COMMAND_MAP: dict[str, str] = {"python": sys.executable, "python3": sys.executable}
+# `python` (the agent image's) has the project installed; `python3` (what sandbox images run the
+# exec server with) is the system's where there is one: the exec server is stdlib-only, and after
+# it drops from root it must still import from an interpreter every uid can read (a pyenv under
+# /root is not).
+DEFAULT_COMMAND_MAP: dict[str, str] = {
+    "python": sys.executable,
+    "python3": "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable,
+}
 DEFAULT_PATH = ":".join(
     [
         os.path.dirname(sys.executable),
@@ -144,6 +152,20 @@ def _match_all(_pod: JSON) -> bool:
 
 def _user_namespace_args() -> list[str]:
     return [] if os.geteuid() == 0 else ["--unshare-user"]
+
+
+def _capability_args(context: Mapping[str, Any]) -> list[str]:
+    """A container's capabilities as bwrap applies them to root (not as another user: there
+    bwrap drops them all anyway). Kubernetes names them without the CAP_ prefix."""
+    if os.geteuid() != 0:
+        return []
+    caps = context.get("capabilities") or {}
+    args: list[str] = []
+    for cap in caps.get("drop") or []:
+        args += ["--cap-drop", "ALL" if cap == "ALL" else f"CAP_{cap}"]
+    for cap in caps.get("add") or []:
+        args += ["--cap-add", f"CAP_{cap}"]
+    return args
 
 
 @functools.cache
@@ -254,15 +276,26 @@ def _code_under_tmp() -> tuple[str, ...]:
     return tuple(sorted(p for p in paths if p.startswith("/tmp/")))
 
 
-def _root_args(targets: list[str]) -> list[str]:
+@functools.cache
+def _interpreter_ancestors() -> frozenset[Path]:
+    """The directories above the test interpreter's prefix (e.g. /root for a pyenv there): a
+    container running as another user must be able to pass through them to run it."""
+    ancestors: set[Path] = set()
+    for prefix in {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}:
+        ancestors.update(p for p in Path(prefix).parents if p != Path("/"))
+    return frozenset(ancestors)
+
+
+def _root_args(targets: list[str], open_up: frozenset[Path] = frozenset()) -> list[str]:
     """bwrap arguments for a root like ``--ro-bind / /`` in which ``targets`` (paths with the
     host's symlinks resolved) can be created.
 
     bwrap's root is a tmpfs; each host entry is bound read-only into it. A directory that must
     gain a new mount point (e.g. ``/etc`` for ``/etc/app``) is recreated and its entries bound one
-    by one, since bwrap cannot create a mount point inside a read-only bind.
+    by one, since bwrap cannot create a mount point inside a read-only bind. The directories in
+    ``open_up`` are recreated the same way (as 0755), so that any user can pass through them.
     """
-    expand: set[Path] = set()
+    expand: set[Path] = set(open_up)
     for target in targets:
         current = Path("/")
         for part in Path(target).parts[1:]:
@@ -1075,6 +1108,9 @@ class _PodWorker:
                 else:
                     files.update(data)
             self._volumes[name] = self._write_volume(name, files)
+            if "emptyDir" in volume:
+                # World-writable, as the kubelet makes them: containers may run as any user.
+                self._volumes[name].chmod(0o777)
 
     def _write_volume(self, name: str, files: Mapping[str, bytes]) -> Path:
         directory = self.dir / "volumes" / name
@@ -1169,7 +1205,10 @@ class _PodWorker:
         )
         workdir = os.path.realpath(spec.get("workingDir") or "/")
         targets = [m[0] for m in mounts] + [message_target, workdir]
-        cmd = [self.kubelet.bwrap, *_root_args(targets)]
+        user = self._run_as(container)
+        switched = bool(user) and any(a.startswith("--reuid=") for a in user)
+        open_up = _interpreter_ancestors() if switched else frozenset()
+        cmd = [self.kubelet.bwrap, *_root_args(targets, open_up)]
         cmd += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
         for target, host, read_only in sorted(mounts, key=lambda m: len(Path(m[0]).parts)):
             cmd += ["--ro-bind" if read_only else "--bind", str(host), target]
@@ -1179,14 +1218,38 @@ class _PodWorker:
         cmd += ["--bind", str(container.message_path), message_target]
         if workdir != "/":
             cmd += ["--dir", workdir]
-        if (spec.get("securityContext") or {}).get("readOnlyRootFilesystem"):
+        context = spec.get("securityContext") or {}
+        if context.get("readOnlyRootFilesystem"):
             cmd += ["--remount-ro", "/"]
+        if not switched:
+            # Another user's process has no capabilities anyway (setpriv's switch clears them);
+            # dropping them first would forbid the switch itself.
+            cmd += _capability_args(context)
         cmd += ["--chdir", workdir, *_user_namespace_args(), "--unshare-pid", "--die-with-parent"]
-        cmd += ["--", *argv]
+        cmd += ["--", *user, *argv]
         return cmd
+
+    def _run_as(self, container: _Container) -> list[str]:
+        """setpriv arguments for the container's runAsUser/runAsGroup with the pod's fsGroup and
+        supplementalGroups, as the kubelet applies them; only as root, and not for uid 0."""
+        pod_context = self.pod.get("spec", {}).get("securityContext") or {}
+        context = container.spec.get("securityContext") or {}
+        if os.geteuid() != 0:
+            return []
+        nnp = ["--no-new-privs"] if context.get("allowPrivilegeEscalation") is False else []
+        uid = context.get("runAsUser", pod_context.get("runAsUser"))
+        if not uid:
+            return ["setpriv", *nnp, "--"] if nnp else []
+        gid = context.get("runAsGroup", pod_context.get("runAsGroup", uid))
+        groups = [pod_context[k] for k in ("fsGroup",) if k in pod_context]
+        groups += pod_context.get("supplementalGroups") or []
+        group_arg = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
+        return ["setpriv", f"--reuid={uid}", f"--regid={gid}", *group_arg, *nnp, "--"]
 
     def _open_log(self, container: _Container) -> Any:
         container.message_path.write_bytes(b"")
+        # Writable by whichever user the container runs as.
+        container.message_path.chmod(0o666)
         return container.log_path.open("ab")
 
     async def _start(self, container: _Container, env: Mapping[str, str]) -> None:
