@@ -13,8 +13,12 @@ if [ "${SKIP_CONTAINER_SETUP:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v apt
   missing=()
   command -v dockerd >/dev/null 2>&1 || missing+=(docker.io iptables)
   command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+  # The bwrap sandbox's own python3 is the host's: the "ordinary work" test imports numpy there.
+  if [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c 'import numpy' 2>/dev/null; then
+    missing+=(python3-numpy)
+  fi
   if [ ${#missing[@]} -gt 0 ]; then
-    echo "test: installing ${missing[*]} for the container tests"
+    echo "test: installing ${missing[*]} for the container and sandbox tests"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null || true
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" </dev/null >/dev/null || true
   fi

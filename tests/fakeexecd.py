@@ -11,7 +11,8 @@ import asyncio
 import base64
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,20 @@ class FakeExecServer:
 async def fake_execd(tmp_path: Path, routes: dict[str, Handler]) -> AsyncIterator[FakeExecServer]:
     async with FakeExecServer(tmp_path / "fake-execd.sock", routes) as server:
         yield server
+
+
+@contextlib.contextmanager
+def fake_execd_thread(socket_path: Path, routes: dict[str, Handler]) -> Iterator[FakeExecServer]:
+    """The fake server on its own event loop in a thread, for code under test in another process."""
+    loop = asyncio.new_event_loop()
+    server = FakeExecServer(socket_path, routes)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(server.__aenter__(), loop).result(timeout=10)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.__aexit__(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()

@@ -202,11 +202,18 @@ def system_binds(network: bool) -> list[str]:
     entries = list(ETC_ENTRIES) + (list(ETC_NETWORK_ENTRIES) if network else [])
     for pattern in ETC_GLOBS:
         entries += sorted(os.path.relpath(p, "/etc") for p in glob.glob(f"/etc/{pattern}"))
+    # Made explicitly: the parents bwrap makes for a bind on its own are 0700 (root's alone).
+    made: set[str] = set()
     for entry in entries:
         host = os.path.join("/etc", entry)
-        if os.path.lexists(host):
-            # Bound as resolved (resolv.conf is often a link into /run); inside, at its own name.
-            args += ["--ro-bind", os.path.realpath(host), host]
+        if not os.path.lexists(host):
+            continue
+        for parent in reversed(Path(host).parents[:-1]):
+            if str(parent) not in made:
+                made.add(str(parent))
+                args += ["--perms", "0755", "--dir", str(parent)]
+        # Bound as resolved (resolv.conf is often a link into /run); inside, at its own name.
+        args += ["--ro-bind", os.path.realpath(host), host]
     stubs = _stub_etc()
     for name in stub_etc_files():
         args += ["--ro-bind", str(stubs / name), f"/etc/{name}"]
