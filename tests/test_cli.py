@@ -152,3 +152,54 @@ def test_validate_prints_the_parsed_spec_with_defaults(tmp_path: Path) -> None:
     spec = json.loads(proc.stdout)["spec"]
     assert spec["limits"]["maxSteps"] == 30
     assert spec["sandbox"]["network"]["mode"] == "isolated"
+
+
+def test_escape_sequences_from_the_sandbox_are_shown_not_obeyed(
+    tmp_path: Path, llm_server: ScriptedLLMServer
+) -> None:
+    """A command, its output and the answer carrying OSC 52, screen clearing and a carriage
+    return: what reaches the terminal holds no raw control character."""
+    llm_server.script(
+        tool_call("execute_bash", {"command": "printf 'x\\033]0;owned\\007\\n'  # \x1b[2J"}),
+        tool_call("submit", {"answer": "42\x1b]52;c;cHduZWQ=\x07\rfake"}),
+    )
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(task_doc("6 times 7?")))
+    proc = sandboxctl(
+        "run", "task.yaml", "--backend", "process", "--out", "out", cwd=tmp_path,
+        env=endpoint_env(llm_server),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for stream in (proc.stdout, proc.stderr):
+        assert "\x1b" not in stream
+        assert "\x07" not in stream
+        assert "\r" not in stream
+    assert "answer:      42\\x1b]52;c;cHduZWQ=\\x07\\x0dfake" in proc.stdout
+    assert "\\x1b[2J" in proc.stderr
+    # The files keep the answer exactly as it was given.
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["answer"] == (
+        "42\x1b]52;c;cHduZWQ=\x07\rfake"
+    )
+
+
+def test_internet_mode_needs_allow_host_network_locally(
+    tmp_path: Path, llm_server: ScriptedLLMServer
+) -> None:
+    """Locally `internet` is this machine's own network (its loopback, LAN and cloud metadata),
+    which a cluster's policy would exclude: refused unless the user accepts it."""
+    doc = task_doc("Fetch it.", sandbox={"network": {"mode": "internet"}})
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(doc))
+    refused = sandboxctl(
+        "run", "task.yaml", "--backend", "process", cwd=tmp_path, env=endpoint_env(llm_server)
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1
+    assert "spec.sandbox.network.mode: internet" in refused.stderr
+    assert "--allow-host-network" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert llm_server.chat_requests == []
+    llm_server.script(tool_call("submit", {"answer": "ok"}))
+    allowed = sandboxctl(
+        "run", "task.yaml", "--backend", "process", "--allow-host-network", "--out", "out",
+        cwd=tmp_path, env=endpoint_env(llm_server),
+    )  # fmt: skip
+    assert allowed.returncode == 0, allowed.stderr

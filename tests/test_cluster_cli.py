@@ -117,6 +117,32 @@ def _task(name: str) -> dict[str, Any]:
     }
 
 
+def test_get_and_wait_show_escape_sequences_in_a_status_instead_of_obeying_them(
+    k8s: EmulatedApiServer, tmp_path: Path
+) -> None:
+    """The answer and message in a status are the model's words: a terminal must not act on them."""
+    k8s.create(_task("evil"))
+    hostile = "42\x1b]52;c;cHduZWQ=\x07\x1b[2J\r"
+    set_status(
+        k8s,
+        "evil",
+        {
+            "phase": "Failed",
+            "exitReason": "max_steps",
+            "answer": hostile,
+            "answerShort": hostile,
+            "message": "boom \x1b]0;title\x07",
+        },
+    )
+    for args in (("get",), ("get", "evil"), ("wait", "evil")):
+        proc = sandboxctl(*args, env=k8s.env(), cwd=tmp_path)
+        assert "\x1b" not in proc.stdout, args
+        assert "\r" not in proc.stdout, args
+        assert "42\\x1b]52;c;cHduZWQ=" in proc.stdout, args
+    waited = sandboxctl("wait", "evil", env=k8s.env(), cwd=tmp_path)
+    assert "boom \\x1b]0;title\\x07" in waited.stdout
+
+
 def test_missing_tasks_and_missing_clusters_are_named(
     k8s: EmulatedApiServer, tmp_path: Path
 ) -> None:

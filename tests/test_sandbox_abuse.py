@@ -225,6 +225,28 @@ def test_endless_output_is_capped_and_the_command_times_out(backend: str) -> Non
     assert after.stdout.strip() == "alive"
 
 
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="only root may write to another process's descriptors here"
+)
+def test_whatever_reaches_the_exec_servers_log_the_host_keeps_capped() -> None:
+    """A command that gets hold of the exec server's stderr (here: root on the process backend
+    writes to /proc/PID/fd/2) cannot grow the host's log file past MAX_LOG_BYTES."""
+    from sandbox_agent.backends.base import LOG_CUT_MARKER, MAX_LOG_BYTES
+
+    async def body(client: ExecClient, sandbox: Sandbox) -> tuple[ExecResult, int, bytes]:
+        flood = await client.exec(
+            "head -c 8M /dev/zero | tr '\\0' x > /proc/$PPID/fd/2; echo rc=$?", timeout=60
+        )
+        await client.exec("true", timeout=30)
+        await asyncio.sleep(0.5)
+        return flood, sandbox.log_path.stat().st_size, sandbox.log_path.read_bytes()[-200:]
+
+    flood, size, tail = run("process", body, SandboxConfig())
+    assert "rc=0" in flood.stdout
+    assert size <= MAX_LOG_BYTES + len(LOG_CUT_MARKER)
+    assert tail.endswith(LOG_CUT_MARKER)
+
+
 # --- Writes outside /workspace -----------------------------------------------------------------
 
 

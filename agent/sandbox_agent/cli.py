@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 from . import __version__
 from .backends import BACKEND_NAMES
+from .display import for_terminal
 from .errors import BackendUnavailableError, TaskSpecError
 from .events import (
     Event,
@@ -46,7 +47,7 @@ class ProgressPrinter:
             return
         line = self.render(event)
         if line:
-            print(line, file=self.stream, flush=True)
+            print(for_terminal(line), file=self.stream, flush=True)
 
     @staticmethod
     def render(event: Event) -> str:
@@ -90,7 +91,8 @@ def status_block(outcome: RunOutcome) -> str:
         f"trajectory:  {outcome.trajectory_path}",
         f"outputs:     {outcome.output_dir} ({len(r.outputs)} files)",
     ]
-    return "\n".join(lines)
+    # The answer and the message are the sandbox's words.
+    return for_terminal("\n".join(lines))
 
 
 Command = Callable[[argparse.Namespace], int]
@@ -120,6 +122,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     run.add_argument("--out", type=Path, help="directory for result, trajectory and outputs")
     run.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    run.add_argument(
+        "--allow-host-network",
+        action="store_true",
+        help="let a task with network mode internet use this machine's network (which reaches "
+        "its loopback, local network and cloud metadata, unlike on a cluster)",
+    )
 
     validate = sub.add_parser("validate", help="check a task file and print the parsed spec")
     validate.add_argument("task", type=Path)
@@ -149,7 +157,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     hide_from_environ("OPENAI_API_KEY")
     task, task_dir, task_file = _load(args)
     opts = RunOptions(
-        backend=args.backend, model=args.model, base_url=args.base_url, out_dir=args.out
+        backend=args.backend,
+        model=args.model,
+        base_url=args.base_url,
+        out_dir=args.out,
+        allow_host_network=args.allow_host_network,
     )
     progress = ProgressPrinter(sys.stderr, quiet=args.quiet)
     outcome = asyncio.run(run_task(task, task_dir, opts, progress, task_file))
@@ -183,7 +195,7 @@ def dispatch(args: argparse.Namespace, commands: dict[str, Command]) -> int:
     try:
         return commands[args.command](args)
     except (TaskSpecError, BackendUnavailableError) as exc:
-        print(f"sandboxctl {args.command}: {exc}", file=sys.stderr)
+        print(for_terminal(f"sandboxctl {args.command}: {exc}"), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("sandboxctl: interrupted; the sandbox was removed", file=sys.stderr)

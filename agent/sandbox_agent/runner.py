@@ -39,6 +39,8 @@ class RunOptions:
     base_url: str | None = None
     api_key: str | None = None
     out_dir: Path | None = None
+    # spec.sandbox.network mode internet locally means this machine's own network; only with this.
+    allow_host_network: bool = False
     # First retry waits about this long, doubling up to a minute (Retry-After wins when sent).
     retry_backoff_seconds: float = 1.0
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
@@ -73,6 +75,19 @@ def resolve_endpoint(task: SandboxTask, opts: RunOptions) -> Endpoint:
     # Servers without auth (a local vLLM) accept any key, but the client insists on one.
     api_key = opts.api_key or env.get("OPENAI_API_KEY") or "EMPTY"
     return Endpoint(base_url=base_url.rstrip("/"), api_key=api_key, model=model)
+
+
+HOST_NETWORK_REFUSED = (
+    "spec.sandbox.network.mode: internet is, on this machine, the host's own network (bubblewrap) "
+    "or Docker's bridge: model-written code could reach this machine's loopback services, your "
+    "local network and cloud metadata addresses, which a cluster's NetworkPolicy excludes. Pass "
+    "--allow-host-network to accept that, or use mode isolated"
+)
+
+
+def check_network(task: SandboxTask, opts: RunOptions) -> None:
+    if task.spec.sandbox.network.mode is NetworkMode.INTERNET and not opts.allow_host_network:
+        raise TaskSpecError(HOST_NETWORK_REFUSED)
 
 
 def sandbox_config(task: SandboxTask) -> SandboxConfig:
@@ -156,6 +171,7 @@ async def run_task(
     from .trajectory import Trajectory
 
     endpoint = resolve_endpoint(task, opts)
+    check_network(task, opts)
     files = collect_inputs(task, task_dir)
     backend_cls = choose_backend(opts.backend)
     run_dir = opts.out_dir or default_run_dir(task, task_file)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox_agent.cli import LOCAL_COMMANDS, Command, build_parser, dispatch
+from sandbox_agent.display import for_terminal
 from sandbox_agent.errors import TaskSpecError
 from sandbox_agent.task import SandboxTask
 from sandbox_agent.taskfile import load_task_file
@@ -48,7 +49,7 @@ def _with_client(fn: Callable[[argparse.Namespace, KubeClient], Awaitable[int]])
             try:
                 return await fn(args, client)
             except KubeError as exc:
-                print(f"sandboxctl {args.command}: {exc}", file=sys.stderr)
+                print(for_terminal(f"sandboxctl {args.command}: {exc}"), file=sys.stderr)
                 return EXIT_FAILED
             finally:
                 await client.close()
@@ -156,7 +157,7 @@ async def _get(args: argparse.Namespace, client: KubeClient) -> int:
         if args.output == "json":
             print(json.dumps({"items": items}, indent=2))
             return EXIT_OK
-    print(table(items, args.all_namespaces))
+    print(for_terminal(table(items, args.all_namespaces)))
     return EXIT_OK
 
 
@@ -196,7 +197,7 @@ async def _wait(args: argparse.Namespace, client: KubeClient) -> int:
             return EXIT_FAILED
         phase = (body.get("status") or {}).get("phase")
         if phase in TERMINAL:
-            print(describe(body))
+            print(for_terminal(describe(body)))
             return EXIT_OK if phase == "Succeeded" else EXIT_FAILED
         if time.monotonic() >= deadline:
             print(
@@ -223,7 +224,8 @@ async def _logs(args: argparse.Namespace, client: KubeClient) -> int:
         )
         return EXIT_FAILED
     text = await client.pod_log(namespace, pod, args.container, args.tail)
-    sys.stdout.write(text)
+    # The sandbox container's log, and the model's words in the agent's, are untrusted.
+    sys.stdout.write(for_terminal(text))
     return EXIT_OK
 
 
