@@ -164,7 +164,7 @@ class ChatLLM:
 
     def _backoff(self, attempt: int) -> float:
         ceiling = min(_BACKOFF_CAP, self.backoff_base * 2**attempt)
-        return random.uniform(ceiling / 2, ceiling)
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - retry jitter, not a secret
 
     async def complete(
         self,

@@ -47,7 +47,7 @@ EXECD_READY_TIMEOUT = 120.0
 
 
 PRIVATE_DIR = "private"
-TOKEN_FILE = "token"
+TOKEN_FILE = "token"  # noqa: S105 - a file name
 SOCKET_FILE = "execd.sock"
 READY_FILE = "ready.json"
 

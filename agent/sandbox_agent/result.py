@@ -27,7 +27,7 @@ class ExitReason(StrEnum):
     """The model called submit without an answer and wrote no answer file."""
     MAX_STEPS = "max_steps"
     """The model used every step in limits.maxSteps without submitting."""
-    TOKEN_BUDGET = "token_budget"
+    TOKEN_BUDGET = "token_budget"  # noqa: S105 - an exit reason
     """The conversation outgrew limits.maxTokens (or the spend cap limits.maxTotalTokens)."""
     DEADLINE = "deadline"
     """limits.activeDeadlineSeconds passed before the model submitted."""

@@ -96,7 +96,7 @@ class OperatorSettings(BaseSettings):
     default_api_key_secret: Annotated[str | None, Field(max_length=253, pattern=NAME_PATTERN)] = (
         None
     )
-    default_api_key_secret_key: Annotated[str, Field(min_length=1, max_length=253)] = "apiKey"
+    default_api_key_secret_key: Annotated[str, Field(min_length=1, max_length=253)] = "apiKey"  # noqa: S105 - a key name
     agent_image: Annotated[str, Field(min_length=1, pattern=r"^[^\s]+$")] = (
         "llm-sandbox/agent:0.1.0"
     )
