@@ -353,3 +353,18 @@ def test_python_pip_gcc_git_and_numpy_work_under_the_filter() -> None:
     outputs = [r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr for r in results]
     expected = ["[1, 2]", "1", "42", "1", "45"][: len(commands)]
     assert outputs == expected, [r.stderr for r in results]
+
+
+def test_no_uid_in_the_sandbox_is_the_hosts_root() -> None:
+    """As root the sandbox's uids map to host uids of its own (one for the exec server, one for
+    the commands); otherwise to the caller. Never to host uid 0."""
+    (mapping,) = run_in_sandbox("cat /proc/self/uid_map")
+    rows = [tuple(map(int, line.split())) for line in mapping.stdout.splitlines()]
+    assert rows
+    assert all(outside != 0 for _, outside, _ in rows), rows
+    inside = {row[0] for row in rows}
+    if os.geteuid() == 0:
+        assert inside == {0, 1000}
+        assert len({outside for _, outside, _ in rows}) == 2
+    else:
+        assert inside == {1000}
