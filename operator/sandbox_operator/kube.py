@@ -94,6 +94,12 @@ def matches_labels(obj: Mapping[str, Any], selector: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def _pem(data: str | bytes) -> bytes:
+    """Certificate or key data as PEM bytes; kubeconfig carries it base64-encoded."""
+    raw = data if isinstance(data, bytes) else data.encode()
+    return raw if raw.lstrip().startswith(b"-----") else base64.b64decode(raw)
+
+
 def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     if info.insecure:
         return False
@@ -103,28 +109,39 @@ def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     if info.ca_path:
         ctx.load_verify_locations(cafile=str(info.ca_path))
     elif info.ca_data:
-        data = info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data
-        ctx.load_verify_locations(cadata=data)
-    cert, key = info.certificate_path, info.private_key_path
+        ctx.load_verify_locations(cadata=_pem(info.ca_data).decode("ascii"))
     if info.certificate_data or info.private_key_data:
-        # ssl wants files for client certificates; kubeconfig often carries them inline.
-        cert = _to_file(info.certificate_data)
-        key = _to_file(info.private_key_data)
-    if cert:
-        ctx.load_cert_chain(certfile=str(cert), keyfile=str(key) if key else None)
+        _load_client_certificate_data(ctx, info)
+    elif info.certificate_path:
+        key = info.private_key_path
+        ctx.load_cert_chain(certfile=str(info.certificate_path), keyfile=str(key) if key else None)
     return ctx
 
 
-def _to_file(data: str | bytes | None) -> str | None:
+def _load_client_certificate_data(ctx: ssl.SSLContext, info: kopf.ConnectionInfo) -> None:
+    """Load an inline client certificate and key, leaving no copy of them on disk.
+
+    `load_cert_chain` reads only files, so the PEM data goes into a private directory (0700,
+    files 0600) that is removed as soon as the context holds them, whether loading worked or not.
+    """
+    with tempfile.TemporaryDirectory(prefix="llmsandbox-cred-") as directory:
+        cert = _private_file(directory, "client.crt", info.certificate_data)
+        key = _private_file(directory, "client.key", info.private_key_data)
+        cert = cert or (str(info.certificate_path) if info.certificate_path else None)
+        key = key or (str(info.private_key_path) if info.private_key_path else None)
+        if cert is None:
+            raise KubeError(0, "NoCredentials", "a client key was given without its certificate")
+        ctx.load_cert_chain(certfile=cert, keyfile=key)
+
+
+def _private_file(directory: str, name: str, data: str | bytes | None) -> str | None:
     if not data:
         return None
-    raw = data if isinstance(data, bytes) else data.encode()
-    if not raw.lstrip().startswith(b"-----"):
-        raw = base64.b64decode(raw)
-    fh = tempfile.NamedTemporaryFile(prefix="llmsandbox-cred-", delete=False)  # noqa: SIM115
-    with fh:
-        fh.write(raw)
-    return fh.name
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(_pem(data))
+    return path
 
 
 class KubeClient:
