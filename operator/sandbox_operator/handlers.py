@@ -49,15 +49,17 @@ async def cleanup(memo: Any, **_: Any) -> None:
 
 
 async def _refresh_queue(operator: Operator) -> None:
-    """The operator's only timer: queue positions, and pods that never start."""
+    """The operator's only timer: queue positions, pods that never start, and the shared
+    NetworkPolicies of namespaces with active tasks."""
     while True:
         await asyncio.sleep(operator.settings.queue_refresh_seconds)
         try:
             await operator.refresh_queue_positions()
             await operator.fail_pods_that_never_start()
+            await operator.reconcile_policies()
         except Exception:
             # A failed round (API hiccup) is retried on the next one; it must not stop them.
-            log.exception("the periodic queue and start-timeout round failed")
+            log.exception("the periodic queue, start-timeout and policy round failed")
 
 
 @kopf.on.event(API_GROUP, API_VERSION, TASKS)

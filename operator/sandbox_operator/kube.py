@@ -1,6 +1,6 @@
 """A thin async client for the few Kubernetes API calls the operator makes (aiohttp, like kopf).
 
-kopf watches; this client writes: create, merge-patch, delete, and the odd read. Every call is
+kopf watches; this client writes: create, replace, merge-patch, delete, and the odd read. Every call is
 counted by verb and resource, so the load benchmark can report API writes per task.
 """
 
@@ -39,7 +39,9 @@ API_CALLS: tuple[tuple[str, str], ...] = (
     ("get", "pods/log"),
     ("create", "configmaps"),
     ("get", "configmaps"),
+    ("get", "networkpolicies"),
     ("create", "networkpolicies"),
+    ("update", "networkpolicies"),
 )
 
 
@@ -241,6 +243,20 @@ class KubeClient:
     async def create(self, resource: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         obj: dict[str, Any] = await self._request(
             "create", "POST", resource_path(resource, namespace), resource=resource, body=body
+        )
+        return obj
+
+    async def replace(
+        self, resource: str, namespace: str, name: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """PUT the whole object; `body.metadata.resourceVersion` makes it fail with 409
+        (ConflictError) when the object changed since it was read."""
+        obj: dict[str, Any] = await self._request(
+            "update",
+            "PUT",
+            resource_path(resource, namespace, name),
+            resource=resource,
+            body=body,
         )
         return obj
 
