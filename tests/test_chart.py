@@ -33,6 +33,8 @@ NON_DEFAULT: dict[str, Any] = {
     "inference": {
         "baseURL": "http://vllm.inference:8000/v1",
         "model": "Qwen/Qwen3-Coder-30B-A3B-Instruct",
+        "allowedBaseURLs": ["https://api.openai.com/v1", "http://*.inference.svc:*/v1"],
+        "apiKeySecretLabel": "example.com/llm-key=yes",
         "apiKeySecret": {"name": "llm-key", "key": "token"},
     },
     "inferenceEgress": [
@@ -245,6 +247,17 @@ def test_custom_values_reach_the_operator_as_json(custom_objects):
     assert env["LLMSANDBOX_DEFAULT_BASE_URL"] == NON_DEFAULT["inference"]["baseURL"]
     assert env["LLMSANDBOX_DEFAULT_API_KEY_SECRET"] == "llm-key"
     assert env["LLMSANDBOX_DEFAULT_API_KEY_SECRET_KEY"] == "token"
+    allowed = json.loads(env["LLMSANDBOX_ALLOWED_BASE_URLS"])
+    assert allowed == NON_DEFAULT["inference"]["allowedBaseURLs"]
+    assert env["LLMSANDBOX_API_KEY_SECRET_LABEL"] == "example.com/llm-key=yes"
+
+
+def test_by_default_tasks_may_use_only_the_default_endpoint_and_labelled_secrets(
+    default_objects,
+):
+    env = operator_env(default_objects)
+    assert json.loads(env["LLMSANDBOX_ALLOWED_BASE_URLS"]) == []
+    assert env["LLMSANDBOX_API_KEY_SECRET_LABEL"] == "llmsandbox.io/api-key=true"
 
 
 def test_metrics_service_targets_the_metrics_port(default_objects):
@@ -282,12 +295,15 @@ def test_namespaced_rbac_is_a_role_per_watched_namespace(custom_objects):
 
 
 @pytest.mark.parametrize("which", ["default_objects", "custom_objects"])
-def test_rbac_has_no_wildcards_and_no_secrets(request, which):
+def test_rbac_has_no_wildcards_and_reads_secrets_only_by_name(request, which):
     for obj in request.getfixturevalue(which):
         for rule in obj.get("rules", []):
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], rule
-            assert "secrets" not in rule["resources"]
+            if "secrets" in rule["resources"]:
+                # A Secret's labels are checked by name; Secrets are never listed or watched.
+                assert rule["resources"] == ["secrets"]
+                assert rule["verbs"] == ["get"]
 
 
 # -- dashboard and alerts -----------------------------------------------------------------------
@@ -389,6 +405,9 @@ def test_alerts_query_only_exported_metrics(custom_objects):
         {"operator": {"image": {"pullPolicy": "Sometimes"}}},
         {"tokenPrices": {"m": {"prompt_per_million": -1, "completion_per_million": 1}}},
         {"inferenceEgress": [{"ports": [8000]}]},
+        {"inference": {"allowedBaseURLs": ["ftp://models.example/v1"]}},
+        {"inference": {"allowedBaseURLs": ["https://user@evil.example/v1"]}},
+        {"inference": {"apiKeySecretLabel": "no-value-given"}},
         {"unknownKey": True},
     ],
 )

@@ -1,5 +1,6 @@
 """The operator's API client: TLS client credentials from a kubeconfig are loaded without
-leaving key material on disk, and they authenticate against a server that demands them."""
+leaving key material on disk, and they authenticate against a server that demands them; a
+Secret is read as metadata only."""
 
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ import pytest
 
 from sandbox_operator import kube
 from sandbox_operator.kube import KubeClient
-
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
 CLIENT_CN = "llmsandbox-operator-test"
 
@@ -48,6 +47,8 @@ def _signed(pki: Path, name: str, cn: str, ext: str) -> None:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl")
     pki = tmp_path_factory.mktemp("pki")
     _openssl(
         "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
@@ -162,3 +163,45 @@ def test_while_loading_the_key_only_the_operator_can_read_it(pki: Path, scratch:
     assert (dir_mode, key_mode) == (0o700, 0o600)
     assert pem == (pki / "client.key").read_bytes()
     assert list(scratch.iterdir()) == []
+
+
+async def test_a_secret_is_asked_for_as_metadata_only_and_its_data_is_not_kept() -> None:
+    accepts: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            accepts.append(self.headers["Accept"])
+            # A server that ignores the Accept header and returns the whole Secret.
+            body = json.dumps(
+                {
+                    "kind": "Secret",
+                    "metadata": {"name": "k", "namespace": "ns", "labels": {"a": "b"}},
+                    "data": {"apiKey": base64.b64encode(b"sk-secret").decode()},
+                }
+            )
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    client = KubeClient(kopf.ConnectionInfo(server=f"http://127.0.0.1:{httpd.server_address[1]}"))
+    try:
+        meta = await client.get_metadata("secrets", "ns", "k")
+    finally:
+        await client.close()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+    assert accepts == [kube.METADATA_ONLY]
+    assert accepts[0].startswith("application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1")
+    assert meta is not None
+    assert (meta.name, meta.labels) == ("k", {"a": "b"})
+    assert "sk-secret" not in repr(meta.model_dump())
+    assert client.calls == {("get", "secrets"): 1}

@@ -36,11 +36,19 @@ def operator_env(server: ScriptedLLMServer, **overrides: str) -> dict[str, str]:
     return env
 
 
-def secret(name: str = "llm-key") -> dict[str, Any]:
+API_KEY_LABEL = {"llmsandbox.io/api-key": "true"}
+
+
+def secret(name: str = "llm-key", labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """An API-key Secret; with the operator's API-key label unless `labels` says otherwise."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name, "namespace": "default"},
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": API_KEY_LABEL if labels is None else labels,
+        },
         "stringData": {"apiKey": "sk-cluster-secret"},
     }
 

@@ -150,7 +150,11 @@ def test_operator_killed_at_random_points_and_restarted_finishes_every_task_exac
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": "llm-key", "namespace": "default"},
+            "metadata": {
+                "name": "llm-key",
+                "namespace": "default",
+                "labels": {"llmsandbox.io/api-key": "true"},
+            },
             "stringData": {"apiKey": "sk-test"},
         }
     )

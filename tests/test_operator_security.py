@@ -369,3 +369,124 @@ def test_a_shared_policy_edited_while_a_task_runs_is_put_back_within_a_refresh_p
             timeout=20,
             message="the isolated policy to be put back",
         )
+
+
+# -- §5: the API key goes only to allowed endpoints, and only labelled Secrets are keys ---------
+
+
+def own_key_task(name: str, secret_name: str, base_url: str | None = None) -> dict[str, Any]:
+    model: dict[str, Any] = {"apiKeySecretRef": {"name": secret_name, "key": "apiKey"}}
+    if base_url:
+        model["baseURL"] = base_url
+    return task(name, model=model)
+
+
+def test_a_task_cannot_send_its_key_to_an_endpoint_the_operator_does_not_allow(
+    k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
+) -> None:
+    k8s.create(secret())
+    k8s.create(secret("team-key"))
+    with ScriptedLLMServer() as attacker:
+        attacker.set_default(tool_call("submit", {"answer": "stolen"}))
+        with run_operator(OPERATOR, env=operator_env(llm_server)):
+            k8s.create(own_key_task("exfil", "team-key", attacker.base_url))
+            st = wait_phase(k8s, "exfil", TERMINAL)
+        assert attacker.chat_requests == []
+    assert (st["phase"], st["exitReason"]) == ("Failed", "invalid_spec"), st
+    assert st["message"].startswith(
+        f"spec.model.baseURL: {attacker.base_url} is not among the inference endpoints the "
+        "operator allows (LLMSANDBOX_ALLOWED_BASE_URLS)"
+    )
+    assert k8s.list("pods", "default") == []
+
+
+def test_the_operators_default_key_is_never_sent_to_a_url_the_task_names(
+    k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
+) -> None:
+    k8s.create(secret())
+    with ScriptedLLMServer() as other:
+        # Even an endpoint on the allow-list does not get the operator's own key.
+        env = operator_env(llm_server, LLMSANDBOX_ALLOWED_BASE_URLS=f'["{other.base_url}"]')
+        with run_operator(OPERATOR, env=env):
+            k8s.create(task("borrow", model={"baseURL": other.base_url}))
+            st = wait_phase(k8s, "borrow", TERMINAL)
+        assert other.chat_requests == []
+    assert (st["phase"], st["exitReason"]) == ("Failed", "invalid_spec"), st
+    assert st["message"].startswith(f"spec.model.baseURL: {other.base_url} is not the operator's")
+    assert "the operator's default API key (LLMSANDBOX_DEFAULT_API_KEY_SECRET)" in st["message"]
+    assert k8s.list("pods", "default") == []
+
+
+def test_an_allowed_endpoint_gets_the_tasks_own_labelled_key(
+    k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
+) -> None:
+    k8s.create(
+        {**secret("team-key"), "stringData": {"apiKey": "sk-team"}},
+    )
+    with ScriptedLLMServer() as team_endpoint:
+        team_endpoint.set_default(tool_call("submit", {"answer": "from the team's endpoint"}))
+        env = operator_env(llm_server, LLMSANDBOX_ALLOWED_BASE_URLS='["http://127.0.0.1:*/v1"]')
+        with run_operator(OPERATOR, env=env):
+            k8s.create(own_key_task("mine", "team-key", team_endpoint.base_url))
+            st = wait_phase(k8s, "mine", TERMINAL)
+        assert team_endpoint.chat_requests[0].headers["authorization"] == "Bearer sk-team"
+    assert (st["phase"], st["answer"]) == ("Succeeded", "from the team's endpoint"), st
+    assert llm_server.chat_requests == []
+    # The Secret was checked by name before the pod was made: its metadata, never a listing.
+    reads = k8s.requests.entries(resource="secrets", exclude_user_agent="test-kubelet")
+    assert {r.verb for r in reads if not r.user_agent.startswith("kopf")} == {"get"}
+
+
+@pytest.mark.parametrize(
+    ("own", "where"),
+    [
+        (True, 'spec.model.apiKeySecretRef: secret "db-password" lacks label'),
+        (False, "the operator's default API key (LLMSANDBOX_DEFAULT_API_KEY_SECRET): secret"),
+    ],
+    ids=["tasks-own-secret", "operators-default-secret"],
+)
+def test_a_secret_without_the_api_key_label_is_never_a_tasks_key(
+    k8s: EmulatedApiServer,
+    kubelet: TestKubelet,
+    run_operator: Any,
+    llm_server: ScriptedLLMServer,
+    own: bool,
+    where: str,
+) -> None:
+    # Any Secret of the namespace, named by a task, would otherwise end up as a Bearer token.
+    k8s.create(secret("db-password", labels={}))
+    env = operator_env(llm_server, LLMSANDBOX_DEFAULT_API_KEY_SECRET="db-password")
+    with run_operator(OPERATOR, env=env):
+        k8s.create(own_key_task("t", "db-password") if own else task("t"))
+        st = wait_phase(k8s, "t", TERMINAL)
+    assert (st["phase"], st["exitReason"]) == ("Failed", "config_error"), st
+    assert st["message"].startswith(where)
+    assert "lacks label llmsandbox.io/api-key=true" in st["message"]
+    assert {c["type"]: c for c in st["conditions"]}["Complete"]["reason"] == "SecretNotAllowed"
+    assert k8s.list("pods", "default") == []
+    assert llm_server.chat_requests == []
+
+
+def test_a_missing_api_key_secret_fails_the_task_before_any_pod(
+    k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
+) -> None:
+    with run_operator(OPERATOR, env=operator_env(llm_server)):
+        k8s.create(own_key_task("nokey", "absent"))
+        st = wait_phase(k8s, "nokey", TERMINAL)
+    assert (st["phase"], st["exitReason"]) == ("Failed", "config_error"), st
+    assert st["message"].startswith(
+        'spec.model.apiKeySecretRef: secret "absent" not found in namespace default'
+    )
+    assert {c["type"]: c for c in st["conditions"]}["Complete"]["reason"] == "ConfigMissing"
+    assert k8s.list("pods", "default") == []
+
+
+def test_the_label_requirement_can_be_turned_off(
+    k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.set_default(tool_call("submit", {"answer": "ok"}))
+    k8s.create(secret(labels={}))
+    with run_operator(OPERATOR, env=operator_env(llm_server, LLMSANDBOX_API_KEY_SECRET_LABEL="")):
+        k8s.create(task("unlabelled"))
+        st = wait_phase(k8s, "unlabelled", TERMINAL)
+    assert st["phase"] == "Succeeded", st

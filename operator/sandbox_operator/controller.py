@@ -37,6 +37,7 @@ from sandbox_agent.result import ExitReason, Phase, TaskResult, phase_for
 from sandbox_agent.task import SandboxTask, format_validation_error
 
 from .admission import Candidate, positions, to_admit
+from .endpoints import secret_label_problem
 from .failures import PodState, PodVerdict, assess_pod, start_timed_out
 from .kube import TASKS, ConflictError, KubeClient, KubeError
 from .metrics import Metrics
@@ -54,7 +55,12 @@ from .status import (
     rfc3339,
     set_condition,
 )
-from .taskconfig import SpecError, build_task_configmap, validate_for_cluster
+from .taskconfig import (
+    SpecError,
+    build_task_configmap,
+    resolve_api_key_secret,
+    validate_for_cluster,
+)
 
 log = logging.getLogger("sandbox_operator")
 
@@ -82,6 +88,7 @@ _CAUSE_REASONS = {
     Reason.ENDPOINT_UNREACHABLE.value,
     Reason.EXEC_SERVER_NOT_READY.value,
     Reason.FOREIGN_OBJECT.value,
+    Reason.SECRET_NOT_ALLOWED.value,
 }
 _LOG_TAIL_LINES = 20
 # Replacing a NetworkPolicy that changes between our read and our write is tried this often.
@@ -424,6 +431,10 @@ class Operator:
             # Valid at admission, but the operator's settings changed before this attempt.
             await self._finish_without_run(uid, ExitReason.INVALID_SPEC, str(exc))
             return False
+        refused = await self._api_key_secret_problem(task, namespace)
+        if refused is not None:
+            await self._finish_without_run(uid, ExitReason.CONFIG_ERROR, *refused)
+            return False
         if not resume:
             now = _now()
             old = _status_of(body)
@@ -486,6 +497,29 @@ class Operator:
                 found.get("binaryData") or {}
             ):
                 return f'{where}: configmap "{ref.name}" has no key {ref.key!r}'
+        return None
+
+    async def _api_key_secret_problem(
+        self, task: SandboxTask, namespace: str
+    ) -> tuple[str, Reason] | None:
+        """Why the task's API-key Secret may not go into its pod: missing, or without the
+        operator's API-key label. Only its metadata is read (never its data)."""
+        ref = resolve_api_key_secret(task, self.settings)
+        where = (
+            "spec.model.apiKeySecretRef"
+            if task.spec.model.api_key_secret_ref is not None
+            else "the operator's default API key (LLMSANDBOX_DEFAULT_API_KEY_SECRET)"
+        )
+        found = await self.kube.get_metadata("secrets", namespace, ref.name)
+        if found is None:
+            return (
+                f'{where}: secret "{ref.name}" not found in namespace {namespace}; create it '
+                "before the task",
+                Reason.CONFIG_MISSING,
+            )
+        problem = secret_label_problem(found, self.settings.api_key_secret_label)
+        if problem is not None:
+            return f"{where}: {problem}", Reason.SECRET_NOT_ALLOWED
         return None
 
     async def _create(

@@ -19,6 +19,7 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 import kopf
+from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox_agent import __version__
 
@@ -39,10 +40,26 @@ API_CALLS: tuple[tuple[str, str], ...] = (
     ("get", "pods/log"),
     ("create", "configmaps"),
     ("get", "configmaps"),
+    ("get", "secrets"),
     ("get", "networkpolicies"),
     ("create", "networkpolicies"),
     ("update", "networkpolicies"),
 )
+
+
+# Asks the API server for an object's metadata only: of a Secret, never its data.
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json"
+
+
+class ObjectMetadata(BaseModel):
+    """The part of an object's metadata the operator reads."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    namespace: str | None = None
+    uid: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
 
 
 def user_agent() -> str:
@@ -190,6 +207,7 @@ class KubeClient:
         body: Any = None,
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
         text: bool = False,
     ) -> Any:
         self.calls[(verb, resource)] += 1
@@ -197,9 +215,8 @@ class KubeClient:
         if params:
             url += "?" + urlencode(params)
         data = json.dumps(body) if body is not None else None
-        async with self._session.request(
-            method, url, data=data, headers={"Content-Type": content_type}
-        ) as resp:
+        headers = {"Content-Type": content_type, "Accept": accept}
+        async with self._session.request(method, url, data=data, headers=headers) as resp:
             raw = await resp.text()
             if resp.status >= 400:
                 try:
@@ -223,6 +240,23 @@ class KubeClient:
                 return None
             raise
         return obj
+
+    async def get_metadata(self, resource: str, namespace: str, name: str) -> ObjectMetadata | None:
+        """An object's metadata (PartialObjectMetadata), or None when it does not exist. For
+        Secrets: the operator learns their labels, never their data."""
+        try:
+            obj = await self._request(
+                "get",
+                "GET",
+                resource_path(resource, namespace, name),
+                resource=resource,
+                accept=METADATA_ONLY,
+            )
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return ObjectMetadata.model_validate(obj.get("metadata") or {})
 
     async def list(
         self,

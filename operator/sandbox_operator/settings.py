@@ -6,10 +6,20 @@ import ipaddress
 import re
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sandbox_agent.task import DEFAULT_SANDBOX_IMAGE, NAME_PATTERN, Resources
+
+from .endpoints import parse_endpoint, parse_label, valid_pattern
 
 ENV_PREFIX = "LLMSANDBOX_"
 
@@ -20,6 +30,22 @@ _LABEL_KEY = re.compile(
     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 )
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+
+
+def _valid_label(text: str) -> str:
+    """`key=value` as Kubernetes labels allow, or "" (no label required)."""
+    if not text:
+        return text
+    key, value = parse_label(text)
+    if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+        raise ValueError(f"{text!r} is not a valid label key=value")
+    return text
+
+
+def _valid_base_url(url: str | None) -> str | None:
+    if url is not None:
+        parse_endpoint(url)
+    return url
 
 
 class SettingsError(ValueError):
@@ -91,12 +117,23 @@ class OperatorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
-    default_base_url: Annotated[str | None, Field(pattern=r"^https?://[^\s]+$")] = None
+    default_base_url: Annotated[
+        str | None, Field(pattern=r"^https?://[^\s]+$"), AfterValidator(_valid_base_url)
+    ] = None
     default_model: Annotated[str | None, Field(min_length=1)] = None
     default_api_key_secret: Annotated[str | None, Field(max_length=253, pattern=NAME_PATTERN)] = (
         None
     )
     default_api_key_secret_key: Annotated[str, Field(min_length=1, max_length=253)] = "apiKey"
+    # Patterns (syntax in endpoints.py) a task's own spec.model.baseURL must match; the default
+    # base URL is always allowed. Empty: tasks may name no endpoint but the default.
+    allowed_base_urls: list[Annotated[str, AfterValidator(valid_pattern)]] = Field(
+        default_factory=list
+    )
+    # The label (key=value) a Secret must carry to be a task's API key; "" requires none.
+    api_key_secret_label: Annotated[str, AfterValidator(_valid_label)] = (
+        "llmsandbox.io/api-key=true"
+    )
     agent_image: Annotated[str, Field(min_length=1, pattern=r"^[^\s]+$")] = (
         "llm-sandbox/agent:0.1.0"
     )

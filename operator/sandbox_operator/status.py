@@ -64,6 +64,10 @@ class Reason(StrEnum):
     """A container image could not be pulled (ErrImagePull, ImagePullBackOff, InvalidImageName)."""
     CONFIG_MISSING = "ConfigMissing"
     """A referenced Secret or ConfigMap (API key, input files) does not exist or lacks the key."""
+    SECRET_NOT_ALLOWED = "SecretNotAllowed"
+    """The API-key Secret (the task's apiKeySecretRef, or the operator's default) exists but lacks
+    the label that marks Secrets usable as tasks' API keys (LLMSANDBOX_API_KEY_SECRET_LABEL); the
+    task fails with exitReason config_error before any pod is made."""
     FOREIGN_OBJECT = "ForeignObject"
     """An object the task needs (its pod or its ConfigMap) already exists under the name the
     operator gives it, but the operator did not make it for this task: another namespace, no

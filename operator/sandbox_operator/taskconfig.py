@@ -25,6 +25,7 @@ from sandbox_agent.task import (
     parse_allow_entry,
 )
 
+from .endpoints import base_url_problem
 from .settings import OperatorSettings
 
 TASK_CONFIG_KEY = "task.json"
@@ -152,6 +153,21 @@ def resolve_model(task: SandboxTask, settings: OperatorSettings) -> tuple[str, s
     return model, base_url
 
 
+def check_endpoint(task: SandboxTask, settings: OperatorSettings) -> None:
+    """A base URL the task names must be one the operator lets it send its API key to."""
+    url = task.spec.model.base_url
+    if url is None:
+        return
+    problem = base_url_problem(
+        url,
+        patterns=settings.allowed_base_urls,
+        default_base_url=settings.default_base_url,
+        default_key=task.spec.model.api_key_secret_ref is None,
+    )
+    if problem is not None:
+        raise SpecError("spec.model.baseURL", problem)
+
+
 def resolve_api_key_secret(task: SandboxTask, settings: OperatorSettings) -> SecretKeyRef:
     """The Secret key the agent's OPENAI_API_KEY comes from: the task's, else the default."""
     if task.spec.model.api_key_secret_ref is not None:
@@ -266,6 +282,7 @@ def validate_for_cluster(task: SandboxTask, settings: OperatorSettings) -> None:
     task_name(task)
     resolve_model(task, settings)
     resolve_api_key_secret(task, settings)
+    check_endpoint(task, settings)
     _check_inputs(task)
     allow_list(task)
     data = _configmap_data(task, settings)

@@ -14,6 +14,10 @@
 {{- end }}
 - name: LLMSANDBOX_DEFAULT_API_KEY_SECRET_KEY
   value: {{ .Values.inference.apiKeySecret.key | quote }}
+- name: LLMSANDBOX_ALLOWED_BASE_URLS
+  value: {{ .Values.inference.allowedBaseURLs | toJson | quote }}
+- name: LLMSANDBOX_API_KEY_SECRET_LABEL
+  value: {{ .Values.inference.apiKeySecretLabel | quote }}
 - name: LLMSANDBOX_AGENT_IMAGE
   value: {{ include "llm-sandbox.agentImage" . | quote }}
 - name: LLMSANDBOX_AGENT_RESOURCES
