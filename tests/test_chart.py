@@ -47,6 +47,7 @@ NON_DEFAULT: dict[str, Any] = {
         }
     },
     "maxRunningTasks": 50,
+    "excludedCIDRs": ["10.244.0.0/16", "fd00:10:244::/56"],
 }
 
 # Verbs and resources kopf itself needs in standalone mode (no peering), beyond API_CALLS.
@@ -250,6 +251,7 @@ def test_custom_values_reach_the_operator_as_json(custom_objects):
     allowed = json.loads(env["LLMSANDBOX_ALLOWED_BASE_URLS"])
     assert allowed == NON_DEFAULT["inference"]["allowedBaseURLs"]
     assert env["LLMSANDBOX_API_KEY_SECRET_LABEL"] == "example.com/llm-key=yes"
+    assert json.loads(env["LLMSANDBOX_EXCLUDED_CIDRS"]) == NON_DEFAULT["excludedCIDRs"]
 
 
 def test_by_default_tasks_may_use_only_the_default_endpoint_and_labelled_secrets(
@@ -408,6 +410,8 @@ def test_alerts_query_only_exported_metrics(custom_objects):
         {"inference": {"allowedBaseURLs": ["ftp://models.example/v1"]}},
         {"inference": {"allowedBaseURLs": ["https://user@evil.example/v1"]}},
         {"inference": {"apiKeySecretLabel": "no-value-given"}},
+        {"excludedCIDRs": ["pods.cluster.local"]},
+        {"isolatedDNSEgress": "no"},
         {"unknownKey": True},
     ],
 )

@@ -19,6 +19,7 @@ from test_operator import (
     OPERATOR,
     TERMINAL,
     operator_env,
+    pods_of,
     secret,
     st_uid,
     status,
@@ -490,3 +491,26 @@ def test_the_label_requirement_can_be_turned_off(
         k8s.create(task("unlabelled"))
         st = wait_phase(k8s, "unlabelled", TERMINAL)
     assert st["phase"] == "Succeeded", st
+
+
+# -- §6: network policies ------------------------------------------------------------------------
+
+
+def test_an_allow_list_entry_for_the_metadata_service_is_refused_and_the_operator_keeps_serving(
+    k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.set_default(tool_call("submit", {"answer": "fine"}))
+    k8s.create(secret())
+    allow = {"mode": "allowList", "allow": ["1.1.1.1:443", "169.254.169.254:80"]}
+    with run_operator(OPERATOR, env=operator_env(llm_server)):
+        k8s.create(task("imds", sandbox={"network": allow}))
+        k8s.create(task("after"))
+        st = wait_phase(k8s, "imds", TERMINAL)
+        after = wait_phase(k8s, "after", TERMINAL)
+    assert (st["phase"], st["exitReason"]) == ("Failed", "invalid_spec"), st
+    assert st["message"].startswith(
+        "spec.sandbox.network.allow[1]: 169.254.169.254:80 is inside 169.254.0.0/16"
+    )
+    assert k8s.get("networkpolicies", "imds-egress") is None
+    assert pods_of(k8s, "imds") == []
+    assert after["phase"] == "Succeeded"

@@ -255,7 +255,7 @@ def test_pod_metadata_names_the_task_the_attempt_and_the_network_mode() -> None:
     [
         ({"mode": "isolated"}, "isolated"),
         ({"mode": "internet"}, "internet"),
-        ({"mode": "allowList", "allow": ["10.0.0.5:8000"]}, "allowlist"),
+        ({"mode": "allowList", "allow": ["198.51.100.5:8000"]}, "allowlist"),
     ],
 )
 def test_the_network_label_follows_the_mode(network: dict[str, Any], label: str) -> None:

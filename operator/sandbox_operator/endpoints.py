@@ -74,12 +74,16 @@ def _path(text: str) -> str:
     return text.rstrip("/")
 
 
-def _is_dns_name(host: str) -> bool:
+def is_ip_address(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return bool(_DNS_NAME.match(host))
-    return False
+        return False
+    return True
+
+
+def _is_dns_name(host: str) -> bool:
+    return not is_ip_address(host) and bool(_DNS_NAME.match(host))
 
 
 def parse_endpoint(url: str) -> Endpoint:

@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sandbox_agent.task import DEFAULT_SANDBOX_IMAGE, NAME_PATTERN, Resources
 
-from .endpoints import parse_endpoint, parse_label, valid_pattern
+from .endpoints import is_ip_address, parse_endpoint, parse_label, valid_pattern
 
 ENV_PREFIX = "LLMSANDBOX_"
 
@@ -52,6 +52,13 @@ class SettingsError(ValueError):
     """The operator's environment is invalid; one line per variable, named as it is set."""
 
 
+def _canonical_cidr(cidr: str) -> str:
+    try:
+        return str(ipaddress.ip_network(cidr, strict=True))
+    except ValueError as exc:
+        raise ValueError(f"{cidr!r} is not a CIDR such as 10.0.0.0/8: {exc}") from None
+
+
 class EgressRule(BaseModel):
     """Where task pods may connect besides DNS: how they reach the inference endpoint."""
 
@@ -65,13 +72,7 @@ class EgressRule(BaseModel):
     @field_validator("cidrs")
     @classmethod
     def _canonical_cidrs(cls, cidrs: list[str]) -> list[str]:
-        out = []
-        for cidr in cidrs:
-            try:
-                out.append(str(ipaddress.ip_network(cidr, strict=True)))
-            except ValueError as exc:
-                raise ValueError(f"{cidr!r} is not a CIDR such as 10.0.0.0/8: {exc}") from None
-        return out
+        return [_canonical_cidr(cidr) for cidr in cidrs]
 
     @field_validator("namespace_selector", "pod_selector")
     @classmethod
@@ -143,6 +144,14 @@ class OperatorSettings(BaseSettings):
     agent_resources: Resources = Field(default_factory=_default_agent_resources)
     inference_egress: list[EgressRule] = Field(default_factory=list)
     dns_egress: bool = True
+    # False: pods of network mode isolated get no DNS (a channel out through the cluster's
+    # resolvers); their inference endpoint must then be an IP address.
+    isolated_dns_egress: bool = True
+    # The cluster's own ranges (pod, service and node CIDRs, IPv4 and IPv6), kept out of the
+    # internet policy and refused in allow lists, besides the built-in ones (addresses.py).
+    excluded_cidrs: list[Annotated[str, AfterValidator(_canonical_cidr)]] = Field(
+        default_factory=list
+    )
     max_running_tasks: Annotated[int, Field(ge=1)] = 10
     watched_namespaces: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]] = Field(
         default_factory=list, description="Namespaces to watch; empty means all."
@@ -163,8 +172,27 @@ class OperatorSettings(BaseSettings):
     # The kubelet keeps at most 4096 bytes of a container's termination message.
     termination_message_limit: Annotated[int, Field(ge=256, le=4096)] = 4096
 
+    @property
+    def isolated_pods_resolve_names(self) -> bool:
+        return self.dns_egress and self.isolated_dns_egress
+
+    @model_validator(mode="after")
+    def _isolated_pods_can_reach_the_default_endpoint(self) -> OperatorSettings:
+        if self.default_base_url and not self.isolated_pods_resolve_names:
+            host = parse_endpoint(self.default_base_url).host
+            if not is_ip_address(host):
+                variable = "DNS_EGRESS" if not self.dns_egress else "ISOLATED_DNS_EGRESS"
+                raise ValueError(
+                    f"{ENV_PREFIX}{variable}=false with {ENV_PREFIX}DEFAULT_BASE_URL="
+                    f"{self.default_base_url}: isolated pods get no DNS, so they cannot resolve "
+                    f"{host}; give the default base URL as an IP address"
+                )
+        return self
+
 
 def _env_name(loc: tuple[int | str, ...]) -> str:
+    if not loc:
+        return ""  # a rule across variables: its message names them
     head, *rest = loc
     name = f"{ENV_PREFIX}{str(head).upper()}"
     for part in rest:
@@ -177,10 +205,11 @@ def load_settings() -> OperatorSettings:
     try:
         return OperatorSettings()
     except ValidationError as exc:
-        lines = [
-            f"{_env_name(tuple(err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        ]
+        lines = []
+        for err in exc.errors():
+            name = _env_name(tuple(err["loc"]))
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{name}: {message}" if name else message)
         raise SettingsError("\n".join(lines)) from None
 
 

@@ -7,6 +7,7 @@ the pod, the ConfigMap and the NetworkPolicy all build on it.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import re
 from pathlib import PurePosixPath
@@ -25,7 +26,8 @@ from sandbox_agent.task import (
     parse_allow_entry,
 )
 
-from .endpoints import base_url_problem
+from .addresses import containing_exclusion
+from .endpoints import base_url_problem, is_ip_address, parse_endpoint
 from .settings import OperatorSettings
 
 TASK_CONFIG_KEY = "task.json"
@@ -166,6 +168,15 @@ def check_endpoint(task: SandboxTask, settings: OperatorSettings) -> None:
     )
     if problem is not None:
         raise SpecError("spec.model.baseURL", problem)
+    isolated = task.spec.sandbox.network.mode is NetworkMode.ISOLATED
+    host = parse_endpoint(url).host
+    if isolated and not settings.isolated_pods_resolve_names and not is_ip_address(host):
+        raise SpecError(
+            "spec.model.baseURL",
+            f"{host} cannot be resolved: isolated pods get no DNS on this cluster "
+            "(LLMSANDBOX_ISOLATED_DNS_EGRESS=false); give the endpoint as an IP address, or use "
+            "network mode allowList",
+        )
 
 
 def resolve_api_key_secret(task: SandboxTask, settings: OperatorSettings) -> SecretKeyRef:
@@ -238,14 +249,26 @@ def _check_inputs(task: SandboxTask) -> None:
                 )
 
 
-def allow_list(task: SandboxTask) -> list[tuple[str, int]]:
-    """The task's allow entries as (CIDR, port); SpecError names the entry that is wrong."""
+def allow_list(task: SandboxTask, settings: OperatorSettings) -> list[tuple[str, int]]:
+    """The task's allow entries as (CIDR, port); SpecError names the entry that is wrong or
+    lies inside a range no task may reach (addresses.py)."""
     allowed = []
     for i, entry in enumerate(task.spec.sandbox.network.allow):
+        where = f"spec.sandbox.network.allow[{i}]"
         try:
-            allowed.append(parse_allow_entry(entry))
+            cidr, port = parse_allow_entry(entry)
         except ValueError as exc:
-            raise SpecError(f"spec.sandbox.network.allow[{i}]", str(exc)) from None
+            raise SpecError(where, str(exc)) from None
+        excluded = containing_exclusion(ipaddress.ip_network(cidr), settings.excluded_cidrs)
+        if excluded is not None:
+            raise SpecError(
+                where,
+                f"{entry} is inside {excluded}, which no task may reach (cluster, private, "
+                "loopback, link-local and cloud metadata ranges, and the operator's "
+                "LLMSANDBOX_EXCLUDED_CIDRS); reach cluster services through the operator's "
+                "inference egress instead",
+            )
+        allowed.append((cidr, port))
     return allowed
 
 
@@ -284,7 +307,7 @@ def validate_for_cluster(task: SandboxTask, settings: OperatorSettings) -> None:
     resolve_api_key_secret(task, settings)
     check_endpoint(task, settings)
     _check_inputs(task)
-    allow_list(task)
+    allow_list(task, settings)
     data = _configmap_data(task, settings)
     size = sum(len(k.encode()) + len(v.encode()) for k, v in data.items())
     if size > MAX_CONFIGMAP_BYTES:

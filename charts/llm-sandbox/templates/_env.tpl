@@ -28,6 +28,10 @@
   value: {{ .Values.inferenceEgress | toJson | quote }}
 - name: LLMSANDBOX_DNS_EGRESS
   value: {{ .Values.dnsEgress | quote }}
+- name: LLMSANDBOX_ISOLATED_DNS_EGRESS
+  value: {{ .Values.isolatedDNSEgress | quote }}
+- name: LLMSANDBOX_EXCLUDED_CIDRS
+  value: {{ .Values.excludedCIDRs | toJson | quote }}
 - name: LLMSANDBOX_MAX_RUNNING_TASKS
   value: {{ .Values.maxRunningTasks | quote }}
 - name: LLMSANDBOX_TOKEN_PRICES
