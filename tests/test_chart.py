@@ -48,6 +48,7 @@ NON_DEFAULT: dict[str, Any] = {
     },
     "maxRunningTasks": 50,
     "excludedCIDRs": ["10.244.0.0/16", "fd00:10:244::/56"],
+    "netpolCanary": {"enabled": True, "namespace": "team-a", "target": "10.96.0.1:443"},
 }
 
 # Verbs and resources kopf itself needs in standalone mode (no peering), beyond API_CALLS.
@@ -252,6 +253,9 @@ def test_custom_values_reach_the_operator_as_json(custom_objects):
     assert allowed == NON_DEFAULT["inference"]["allowedBaseURLs"]
     assert env["LLMSANDBOX_API_KEY_SECRET_LABEL"] == "example.com/llm-key=yes"
     assert json.loads(env["LLMSANDBOX_EXCLUDED_CIDRS"]) == NON_DEFAULT["excludedCIDRs"]
+    assert env["LLMSANDBOX_NETPOL_CANARY"] == "true"
+    assert env["LLMSANDBOX_NETPOL_CANARY_NAMESPACE"] == "team-a"
+    assert env["LLMSANDBOX_NETPOL_CANARY_TARGET"] == "10.96.0.1:443"
 
 
 def test_by_default_tasks_may_use_only_the_default_endpoint_and_labelled_secrets(
@@ -386,6 +390,7 @@ def test_alerts_query_only_exported_metrics(custom_objects):
         "LLMSandboxTaskFailureRatioHigh",
         "LLMSandboxQueueNotDraining",
         "LLMSandboxLLMErrorRatioHigh",
+        "LLMSandboxNetworkPolicyNotEnforced",
     } <= names
     for alert in alerts:
         metrics = {family(m) for m in _METRIC_TOKEN.findall(alert["expr"])}
@@ -412,6 +417,7 @@ def test_alerts_query_only_exported_metrics(custom_objects):
         {"inference": {"apiKeySecretLabel": "no-value-given"}},
         {"excludedCIDRs": ["pods.cluster.local"]},
         {"isolatedDNSEgress": "no"},
+        {"netpolCanary": {"target": "kubernetes.default:443"}},
         {"unknownKey": True},
     ],
 )

@@ -9,6 +9,7 @@ from typing import Any
 
 import kopf
 
+from .canary import Verdict, run_canary
 from .controller import MANAGED_SELECTOR, Operator
 from .kube import API_GROUP, API_VERSION, TASKS, KubeClient
 from .settings import load_settings
@@ -31,6 +32,8 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         operator.metrics.serve(config.metrics_port)
     memo["operator"] = operator
     memo["queue_refresher"] = asyncio.create_task(_refresh_queue(operator))
+    if config.netpol_canary:
+        memo["canary"] = asyncio.create_task(run_canary(operator))
     log.info(
         "llm-sandbox operator started: maxRunningTasks=%d, %d tasks known",
         config.max_running_tasks,
@@ -43,6 +46,11 @@ async def cleanup(memo: Any, **_: Any) -> None:
     refresher: asyncio.Task[None] | None = memo.get("queue_refresher")
     if refresher is not None:
         refresher.cancel()
+    canary: asyncio.Task[Verdict] | None = memo.get("canary")
+    if canary is not None and not canary.done():
+        canary.cancel()
+        # Its clean-up deletes the canary pod.
+        await asyncio.gather(canary, return_exceptions=True)
     operator: Operator | None = memo.get("operator")
     if operator is not None:
         await operator.kube.close()

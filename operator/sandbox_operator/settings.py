@@ -12,6 +12,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -46,6 +47,25 @@ def _valid_base_url(url: str | None) -> str | None:
     if url is not None:
         parse_endpoint(url)
     return url
+
+
+def parse_address_port(text: str) -> tuple[str, int]:
+    """`ADDRESS:PORT` with an IP address (IPv6 with or without brackets) as (address, port)."""
+    address, _, port_text = text.rpartition(":")
+    try:
+        host = str(ipaddress.ip_address(address.strip("[]")))
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not ADDRESS:PORT with an IP address") from None
+    if not 1 <= port <= 65_535:
+        raise ValueError(f"port {port} is outside 1-65535")
+    return host, port
+
+
+def _valid_address_port(text: str | None) -> str | None:
+    if text is not None:
+        parse_address_port(text)
+    return text
 
 
 class SettingsError(ValueError):
@@ -171,6 +191,32 @@ class OperatorSettings(BaseSettings):
     pod_start_timeout_seconds: Annotated[int, Field(ge=0, le=86_400)] = 900
     # The kubelet keeps at most 4096 bytes of a container's termination message.
     termination_message_limit: Annotated[int, Field(ge=256, le=4096)] = 4096
+    # At start, run one pod under the isolated policy to learn whether the network plugin
+    # enforces NetworkPolicy (canary.py); off by default: it needs a pod and an image pull.
+    netpol_canary: bool = False
+    # Where the canary runs: default the first watched namespace, else "default".
+    netpol_canary_namespace: Annotated[str | None, Field(pattern=NAME_PATTERN, max_length=63)] = (
+        None
+    )
+    # ADDRESS:PORT the canary tries to reach; default the API server the operator talks to.
+    netpol_canary_target: Annotated[str | None, AfterValidator(_valid_address_port)] = None
+
+    @property
+    def canary_namespace(self) -> str:
+        if self.netpol_canary_namespace:
+            return self.netpol_canary_namespace
+        return self.watched_namespaces[0] if self.watched_namespaces else "default"
+
+    @field_validator("netpol_canary_namespace")
+    @classmethod
+    def _canary_in_a_watched_namespace(cls, value: str | None, info: ValidationInfo) -> str | None:
+        watched = info.data.get("watched_namespaces") or []
+        if value and watched and value not in watched:
+            raise ValueError(
+                f"{value!r} is not one of LLMSANDBOX_WATCHED_NAMESPACES, where the operator may "
+                "create pods"
+            )
+        return value
 
     @property
     def isolated_pods_resolve_names(self) -> bool:

@@ -32,6 +32,16 @@
   value: {{ .Values.isolatedDNSEgress | quote }}
 - name: LLMSANDBOX_EXCLUDED_CIDRS
   value: {{ .Values.excludedCIDRs | toJson | quote }}
+- name: LLMSANDBOX_NETPOL_CANARY
+  value: {{ .Values.netpolCanary.enabled | quote }}
+{{- with .Values.netpolCanary.namespace }}
+- name: LLMSANDBOX_NETPOL_CANARY_NAMESPACE
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.netpolCanary.target }}
+- name: LLMSANDBOX_NETPOL_CANARY_TARGET
+  value: {{ . | quote }}
+{{- end }}
 - name: LLMSANDBOX_MAX_RUNNING_TASKS
   value: {{ .Values.maxRunningTasks | quote }}
 - name: LLMSANDBOX_TOKEN_PRICES
