@@ -230,3 +230,9 @@ def test_the_canary_on_the_emulated_cluster_reports_what_its_pod_could_reach(
         verb="create", resource="pods", exclude_user_agent="test-kubelet"
     )
     assert len(created) == 1
+
+
+def test_the_canary_runs_under_the_runtime_class_task_pods_must_use() -> None:
+    gvisor = SETTINGS.model_copy(update={"required_runtime_class": "gvisor"})
+    assert canary_pod("default", TARGET, gvisor)["spec"]["runtimeClassName"] == "gvisor"
+    assert "runtimeClassName" not in canary_pod("default", TARGET, SETTINGS)["spec"]

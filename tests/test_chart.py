@@ -49,6 +49,15 @@ NON_DEFAULT: dict[str, Any] = {
     "maxRunningTasks": 50,
     "excludedCIDRs": ["10.244.0.0/16", "fd00:10:244::/56"],
     "netpolCanary": {"enabled": True, "namespace": "team-a", "target": "10.96.0.1:443"},
+    "sandbox": {
+        "defaultResources": {
+            "requests": {"cpu": "500m", "memory": "512Mi"},
+            "limits": {"cpu": "2", "memory": "2Gi", "ephemeral-storage": "4Gi"},
+        },
+        "maxLimits": {"cpu": "4", "memory": "8Gi", "ephemeral-storage": "20Gi"},
+        "tmpSizeLimit": "512Mi",
+        "requiredRuntimeClass": "gvisor",
+    },
 }
 
 # Verbs and resources kopf itself needs in standalone mode (no peering), beyond API_CALLS.
@@ -256,6 +265,11 @@ def test_custom_values_reach_the_operator_as_json(custom_objects):
     assert env["LLMSANDBOX_NETPOL_CANARY"] == "true"
     assert env["LLMSANDBOX_NETPOL_CANARY_NAMESPACE"] == "team-a"
     assert env["LLMSANDBOX_NETPOL_CANARY_TARGET"] == "10.96.0.1:443"
+    sandbox = NON_DEFAULT["sandbox"]
+    assert json.loads(env["LLMSANDBOX_SANDBOX_DEFAULT_RESOURCES"]) == sandbox["defaultResources"]
+    assert json.loads(env["LLMSANDBOX_SANDBOX_MAX_LIMITS"]) == sandbox["maxLimits"]
+    assert env["LLMSANDBOX_SANDBOX_TMP_SIZE_LIMIT"] == "512Mi"
+    assert env["LLMSANDBOX_REQUIRED_RUNTIME_CLASS"] == "gvisor"
 
 
 def test_by_default_tasks_may_use_only_the_default_endpoint_and_labelled_secrets(
@@ -418,6 +432,9 @@ def test_alerts_query_only_exported_metrics(custom_objects):
         {"excludedCIDRs": ["pods.cluster.local"]},
         {"isolatedDNSEgress": "no"},
         {"netpolCanary": {"target": "kubernetes.default:443"}},
+        {"sandbox": {"maxLimits": {"gpu": "1"}}},
+        {"sandbox": {"maxLimits": {"memory": "8 GB"}}},
+        {"sandbox": {"requiredRuntimeClass": "gVisor"}},
         {"unknownKey": True},
     ],
 )

@@ -14,9 +14,10 @@ from sandbox_operator.endpoints import (
     parse_endpoint,
     secret_label_problem,
 )
+from sandbox_operator.errors import SpecError
 from sandbox_operator.kube import ObjectMetadata
 from sandbox_operator.settings import OperatorSettings, SettingsError, load_settings
-from sandbox_operator.taskconfig import SpecError, validate_for_cluster
+from sandbox_operator.taskconfig import validate_for_cluster
 
 DEFAULT = "http://vllm.inference:8000/v1"
 

@@ -514,3 +514,43 @@ def test_an_allow_list_entry_for_the_metadata_service_is_refused_and_the_operato
     assert k8s.get("networkpolicies", "imds-egress") is None
     assert pods_of(k8s, "imds") == []
     assert after["phase"] == "Succeeded"
+
+
+# -- §6: resources and the runtime a task may ask for --------------------------------------------
+
+
+def test_the_operators_resource_bounds_and_runtime_class_hold_for_every_task(
+    k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.set_default(tool_call("submit", {"answer": "ok"}))
+    k8s.create(secret())
+    env = operator_env(
+        llm_server,
+        LLMSANDBOX_SANDBOX_DEFAULT_RESOURCES='{"limits": {"memory": "1Gi", "ephemeral-storage": "2Gi"}}',
+        LLMSANDBOX_SANDBOX_MAX_LIMITS='{"memory": "8Gi"}',
+        LLMSANDBOX_REQUIRED_RUNTIME_CLASS="gvisor",
+    )
+    with run_operator(OPERATOR, env=env):
+        k8s.create(task("greedy", sandbox={"resources": {"limits": {"memory": "64Gi"}}}))
+        k8s.create(task("runc", sandbox={"runtimeClassName": "runc"}))
+        k8s.create(task("plain"))
+        greedy = wait_phase(k8s, "greedy", TERMINAL)
+        runc = wait_phase(k8s, "runc", TERMINAL)
+        plain = wait_phase(k8s, "plain", TERMINAL)
+    assert (greedy["exitReason"], runc["exitReason"]) == ("invalid_spec", "invalid_spec")
+    assert greedy["message"].startswith(
+        "spec.sandbox.resources.limits.memory: 64Gi is above the operator's maximum 8Gi"
+    )
+    assert runc["message"].startswith(
+        "spec.sandbox.runtimeClassName: 'runc' is not allowed: the operator runs every sandbox "
+        "under RuntimeClass 'gvisor'"
+    )
+    assert pods_of(k8s, "greedy") == pods_of(k8s, "runc") == []
+    assert plain["phase"] == "Succeeded", plain
+    (pod,) = pods_of(k8s, "plain")
+    assert pod["spec"]["runtimeClassName"] == "gvisor"
+    sandbox = next(c for c in pod["spec"]["containers"] if c["name"] == "sandbox")
+    assert sandbox["resources"] == {"limits": {"memory": "1Gi", "ephemeral-storage": "2Gi"}}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "2Gi"}
+    assert volumes["workspace"]["emptyDir"] == {"sizeLimit": "2Gi"}

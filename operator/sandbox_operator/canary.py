@@ -126,6 +126,9 @@ def canary_pod(namespace: str, target: Target, settings: OperatorSettings) -> di
             }
         ],
     }
+    if settings.required_runtime_class:
+        # Under the same runtime as task pods: what it can reach, they can.
+        spec["runtimeClassName"] = settings.required_runtime_class
     return {
         "apiVersion": "v1",
         "kind": "Pod",

@@ -38,6 +38,7 @@ from sandbox_agent.task import SandboxTask, format_validation_error
 
 from .admission import Candidate, positions, to_admit
 from .endpoints import secret_label_problem
+from .errors import SpecError
 from .failures import PodState, PodVerdict, assess_pod, start_timed_out
 from .kube import TASKS, ConflictError, KubeClient, KubeError
 from .metrics import Metrics
@@ -55,12 +56,7 @@ from .status import (
     rfc3339,
     set_condition,
 )
-from .taskconfig import (
-    SpecError,
-    build_task_configmap,
-    resolve_api_key_secret,
-    validate_for_cluster,
-)
+from .taskconfig import build_task_configmap, resolve_api_key_secret, validate_for_cluster
 
 log = logging.getLogger("sandbox_operator")
 
@@ -719,8 +715,7 @@ class Operator:
         if deleted:
             await self._pod_lost(uid, "the pod was deleted")
             return
-        task_limits = ((body.get("spec") or {}).get("sandbox") or {}).get("resources") or {}
-        verdict = assess_pod(pod, (task_limits.get("limits") or {}).get("memory"))
+        verdict = assess_pod(pod, _sandbox_memory_limit(pod))
         if pod["metadata"].get("deletionTimestamp") and verdict.state is not PodState.FINISHED:
             # Being deleted: whatever the kubelet reports while killing it, the pod is lost.
             await self._pod_lost(uid, "the pod was deleted")
@@ -938,6 +933,15 @@ class Operator:
 
 def _pod_may_run(pod: dict[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase", "Pending") not in ("Succeeded", "Failed")
+
+
+def _sandbox_memory_limit(pod: dict[str, Any]) -> str | None:
+    """The sandbox container's memory limit as the pod has it (the task's, or the default)."""
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        if container.get("name") == "sandbox":
+            limit = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+            return str(limit) if limit else None
+    return None
 
 
 def _task_uid(pod: dict[str, Any]) -> str:

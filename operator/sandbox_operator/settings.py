@@ -18,13 +18,16 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sandbox_agent.task import DEFAULT_SANDBOX_IMAGE, NAME_PATTERN, Resources
+from sandbox_agent.quantity import parse_quantity
+from sandbox_agent.task import DEFAULT_SANDBOX_IMAGE, NAME_PATTERN, QUANTITY_PATTERN, Resources
 
 from .endpoints import is_ip_address, parse_endpoint, parse_label, valid_pattern
 
 ENV_PREFIX = "LLMSANDBOX_"
 
 Port = Annotated[int, Field(ge=1, le=65_535)]
+Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN)]
+LIMITED_RESOURCES = ("cpu", "memory", "ephemeral-storage")
 # Label keys and values as Kubernetes accepts them (prefix/name = value).
 _LABEL_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
@@ -162,6 +165,17 @@ class OperatorSettings(BaseSettings):
         DEFAULT_SANDBOX_IMAGE
     )
     agent_resources: Resources = Field(default_factory=_default_agent_resources)
+    # Requests and limits of the sandbox container where the task gives none, per resource.
+    sandbox_default_resources: Resources = Field(default_factory=Resources)
+    # The most a task's sandbox may ask for as limits; a task without a limit gets the maximum.
+    sandbox_max_limits: dict[str, Quantity] = Field(default_factory=dict)
+    # sizeLimit of the sandbox's /tmp volume when it has no ephemeral-storage limit (which
+    # bounds /tmp and /workspace otherwise).
+    sandbox_tmp_size_limit: Quantity = "1Gi"
+    # A RuntimeClass (gVisor, Kata) every task pod runs under; a task may not name another.
+    required_runtime_class: Annotated[str | None, Field(pattern=NAME_PATTERN, max_length=253)] = (
+        None
+    )
     inference_egress: list[EgressRule] = Field(default_factory=list)
     dns_egress: bool = True
     # False: pods of network mode isolated get no DNS (a channel out through the cluster's
@@ -217,6 +231,28 @@ class OperatorSettings(BaseSettings):
                 "create pods"
             )
         return value
+
+    @field_validator("sandbox_max_limits")
+    @classmethod
+    def _known_resources(cls, maxima: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(maxima) - set(LIMITED_RESOURCES))
+        if unknown:
+            raise ValueError(
+                f"unknown resource {unknown[0]!r}: use cpu, memory or ephemeral-storage"
+            )
+        return maxima
+
+    @model_validator(mode="after")
+    def _defaults_within_the_maxima(self) -> OperatorSettings:
+        for name, most in self.sandbox_max_limits.items():
+            for kind in ("requests", "limits"):
+                value = getattr(self.sandbox_default_resources, kind).get(name)
+                if value is not None and parse_quantity(value) > parse_quantity(most):
+                    raise ValueError(
+                        f"{ENV_PREFIX}SANDBOX_DEFAULT_RESOURCES.{kind}.{name}: {value} is above "
+                        f"{ENV_PREFIX}SANDBOX_MAX_LIMITS.{name} {most}"
+                    )
+        return self
 
     @property
     def isolated_pods_resolve_names(self) -> bool:

@@ -13,7 +13,6 @@ import re
 from pathlib import PurePosixPath
 from typing import Any
 
-from sandbox_agent.errors import TaskSpecError
 from sandbox_agent.podconfig import PodModelConfig, PodTaskConfig
 from sandbox_agent.task import (
     API_GROUP,
@@ -28,6 +27,8 @@ from sandbox_agent.task import (
 
 from .addresses import containing_exclusion
 from .endpoints import base_url_problem, is_ip_address, parse_endpoint
+from .errors import SpecError
+from .resources import runtime_class, sandbox_resources
 from .settings import OperatorSettings
 
 TASK_CONFIG_KEY = "task.json"
@@ -53,15 +54,6 @@ MAX_CONFIGMAP_BYTES = 1024 * 1024
 MAX_NAME_LENGTH = 253
 MAX_LABEL_LENGTH = 63
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-
-
-class SpecError(TaskSpecError):
-    """A task is valid by the schema but cannot run on this cluster; names the field path."""
-
-    def __init__(self, field_path: str, message: str) -> None:
-        super().__init__(f"{field_path}: {message}")
-        self.field_path = field_path
-        self.message = message
 
 
 def bounded_name(base: str, suffix: str, *, max_length: int, dns_label: bool = False) -> str:
@@ -306,6 +298,8 @@ def validate_for_cluster(task: SandboxTask, settings: OperatorSettings) -> None:
     resolve_model(task, settings)
     resolve_api_key_secret(task, settings)
     check_endpoint(task, settings)
+    sandbox_resources(task, settings)
+    runtime_class(task, settings)
     _check_inputs(task)
     allow_list(task, settings)
     data = _configmap_data(task, settings)

@@ -24,6 +24,16 @@
   value: {{ .Values.agent.resources | toJson | quote }}
 - name: LLMSANDBOX_DEFAULT_SANDBOX_IMAGE
   value: {{ .Values.sandbox.defaultImage | quote }}
+- name: LLMSANDBOX_SANDBOX_DEFAULT_RESOURCES
+  value: {{ .Values.sandbox.defaultResources | toJson | quote }}
+- name: LLMSANDBOX_SANDBOX_MAX_LIMITS
+  value: {{ .Values.sandbox.maxLimits | toJson | quote }}
+- name: LLMSANDBOX_SANDBOX_TMP_SIZE_LIMIT
+  value: {{ .Values.sandbox.tmpSizeLimit | quote }}
+{{- with .Values.sandbox.requiredRuntimeClass }}
+- name: LLMSANDBOX_REQUIRED_RUNTIME_CLASS
+  value: {{ . | quote }}
+{{- end }}
 - name: LLMSANDBOX_INFERENCE_EGRESS
   value: {{ .Values.inferenceEgress | toJson | quote }}
 - name: LLMSANDBOX_DNS_EGRESS
