@@ -326,6 +326,25 @@ def test_rbac_has_no_wildcards_and_reads_secrets_only_by_name(request, which):
                 assert rule["verbs"] == ["get"]
 
 
+def documented_grants() -> dict[tuple[str, str], set[str]]:
+    """The grants table of docs/operator.md ("Permissions (RBAC)")."""
+    text = (ROOT / "docs" / "operator.md").read_text()
+    section = text.split("## Permissions (RBAC)", 1)[1].split("\n## ", 1)[0]
+    out: dict[tuple[str, str], set[str]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        for group, resource in re.findall(r"`([^`]*)` `([^`]*)`", cells[0]):
+            out.setdefault((group.strip('"'), resource), set()).update(cells[1].split(", "))
+    return out
+
+
+def test_the_documented_grants_are_the_clusterwide_role(default_objects):
+    (role,) = by_kind(default_objects, "ClusterRole")
+    assert documented_grants() == grants(role["rules"])
+
+
 # -- dashboard and alerts -----------------------------------------------------------------------
 
 _METRIC_TOKEN = re.compile(r"\bllmsandbox_[a-z0-9_]+")
