@@ -138,6 +138,8 @@ class Operator:
         self.pods: dict[str, dict[str, Any]] = {}  # by pod uid
         self._locks: dict[str, asyncio.Lock] = {}
         self._admission = asyncio.Lock()
+        # When each namespace's shared policies were last read and, if need be, corrected.
+        self._policies_checked: dict[str, float] = {}
         self._active: set[str] = set()
         self._queued: set[str] = set()
         self.metrics = Metrics(self.count_by_phase, settings.max_running_tasks)
@@ -604,11 +606,12 @@ class Operator:
     async def _ensure_policies(self, task: SandboxTask, namespace: str, uid: str) -> None:
         """Bring the namespace's shared policies, and the task's own, to their desired spec.
 
-        Read on every attempt, never trusted from an earlier one: a policy made beforehand under
-        a shared name (selecting nothing, allowing everything) or edited since would leave the
-        task's pod open, since policies only add up."""
-        for policy in shared_policies(namespace, self.settings):
-            await self.ensure_policy(policy)
+        Never created once and trusted: a policy made beforehand under a shared name (selecting
+        nothing, allowing everything) or edited since would leave task pods open, since policies
+        only add up. They are read before a namespace's first pod and then at most once per
+        refresh period (`reconcile_policies` runs every period too), which costs no API call
+        per task in a busy namespace."""
+        await self._ensure_shared_policies(namespace)
         own = task_policy(task, namespace=namespace, uid=uid, settings=self.settings)
         if own is not None:
             await self.ensure_policy(own)
@@ -651,9 +654,17 @@ class Operator:
         period, not only when the next task starts. Returns how many namespaces were checked."""
         namespaces = sorted({_key(self.tasks[uid])[1] for uid in self._active if uid in self.tasks})
         for namespace in namespaces:
-            for policy in shared_policies(namespace, self.settings):
-                await self.ensure_policy(policy)
+            await self._ensure_shared_policies(namespace, force=True)
         return len(namespaces)
+
+    async def _ensure_shared_policies(self, namespace: str, *, force: bool = False) -> None:
+        now = asyncio.get_running_loop().time()
+        last = self._policies_checked.get(namespace)
+        if not force and last is not None and now - last < self.settings.queue_refresh_seconds:
+            return
+        for policy in shared_policies(namespace, self.settings):
+            await self.ensure_policy(policy)
+        self._policies_checked[namespace] = now
 
     def _pods_of(self, uid: str) -> list[dict[str, Any]]:
         return [
