@@ -144,7 +144,11 @@ def test_a_forged_pod_in_another_namespace_cannot_finish_the_task(
     assert (st["phase"], st["answer"], st["attempt"]) == ("Succeeded", "genuine", 1), st
     (genuine,) = k8s.list("pods", "default")
     assert st["podUID"] == genuine["metadata"]["uid"]
-    assert f"ignoring pod attacker/{pod_name} that claims task default/victim" in runner.output
+    # Logged once, although the forged pod was seen twice (created, then its status written).
+    assert (
+        runner.output.count(f"ignoring pod attacker/{pod_name} that claims task default/victim")
+        == 1
+    )
     assert "it is in namespace 'attacker'" in runner.output
 
 

@@ -140,6 +140,8 @@ class Operator:
         self._admission = asyncio.Lock()
         # When each namespace's shared policies were last read and, if need be, corrected.
         self._policies_checked: dict[str, float] = {}
+        # Pods refused as not their task's, by uid: each is logged once, not at every event.
+        self._refused_pods: set[str] = set()
         self._active: set[str] = set()
         self._queued: set[str] = set()
         self.metrics = Metrics(self.count_by_phase, settings.max_running_tasks)
@@ -198,6 +200,9 @@ class Operator:
         problem = claim_problem(pod, namespace=_key(body)[1], task_uid=uid)
         if problem is not None:
             meta = pod["metadata"]
+            if meta["uid"] in self._refused_pods:
+                return False
+            self._refused_pods.add(meta["uid"])
             log.warning(
                 "ignoring pod %s/%s that claims task %s/%s: %s",
                 meta.get("namespace"),
@@ -214,6 +219,8 @@ class Operator:
         uid = _task_uid(pod)
         if not self._claimed(pod):
             self.pods.pop(meta["uid"], None)
+            if event_type == "DELETED":
+                self._refused_pods.discard(meta["uid"])
             return
         if event_type == "DELETED" or self._phase(uid) in TERMINAL:
             self.pods.pop(meta["uid"], None)
