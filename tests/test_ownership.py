@@ -71,6 +71,39 @@ def test_the_operators_own_pod_as_the_api_returns_it_is_adopted() -> None:
     assert foreign_pod_problem(as_stored(DESIRED_POD), DESIRED_POD, UID) is None
 
 
+def test_quantities_the_api_server_wrote_in_canonical_form_still_match() -> None:
+    task = parse_task(
+        {
+            "apiVersion": "llmsandbox.io/v1alpha1",
+            "kind": "SandboxTask",
+            "metadata": {"name": "t"},
+            "spec": {
+                "prompt": "p",
+                "sandbox": {
+                    "resources": {
+                        "requests": {"cpu": "0.5"},
+                        "limits": {"memory": "1024Mi", "ephemeral-storage": "2048Mi"},
+                    }
+                },
+            },
+        }
+    )
+    desired = build_pod(task, namespace="ns", uid=UID, attempt=1, settings=SETTINGS)
+    stored = as_stored(desired)
+    sandbox = stored["spec"]["containers"][0]
+    sandbox["resources"] = {
+        "requests": {"cpu": "500m"},
+        "limits": {"memory": "1Gi", "ephemeral-storage": "2Gi"},
+    }
+    workspace = next(v for v in stored["spec"]["volumes"] if v["name"] == "workspace")
+    workspace["emptyDir"]["sizeLimit"] = "2Gi"
+    assert foreign_pod_problem(stored, desired, UID) is None
+    sandbox["resources"]["limits"]["memory"] = "2Gi"
+    problem = foreign_pod_problem(stored, desired, UID)
+    assert problem is not None
+    assert "spec.containers[0].resources.limits.memory is '2Gi', not '1024Mi'" in problem
+
+
 def _at(obj: Any, path: tuple[str | int, ...]) -> Any:
     for part in path:
         obj = obj[part]

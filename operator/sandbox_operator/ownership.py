@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sandbox_agent.quantity import parse_quantity
+
 # Pod spec fields the API server, its admission plugins or the scheduler fill in or may set on a
 # pod the operator created; any value is accepted, since none of them changes what runs in the
 # pod or what it may reach (scheduling and image pull credentials only).
@@ -103,9 +105,21 @@ def _difference(found: Any, desired: Any, path: str) -> str | None:
             if problem:
                 return problem
         return None
-    if found != desired:
+    if found != desired and not _same_quantity(path, found, desired):
         return f"{path} is {_short(found)}, not {_short(desired)}"
     return None
+
+
+def _same_quantity(path: str, found: Any, desired: Any) -> bool:
+    """The API server stores quantities in canonical form (0.5 -> 500m, 1024Mi -> 1Gi)."""
+    if not (isinstance(found, str) and isinstance(desired, str)):
+        return False
+    if ".resources." not in path and not path.endswith(".sizeLimit"):
+        return False
+    try:
+        return parse_quantity(found) == parse_quantity(desired)
+    except ValueError:
+        return False
 
 
 def _server_filled(path: str, key: str, value: Any) -> bool:
