@@ -13,7 +13,7 @@ from llmserver import ScriptedLLMServer, tool_call
 from sandbox_agent.result import ExitReason, Phase, TaskResult
 from sandbox_agent.task import SandboxTask
 from sandbox_operator.pod import build_pod
-from sandbox_operator.policy import shared_policies
+from sandbox_operator.policy import shared_policies, task_policy
 from sandbox_operator.settings import OperatorSettings
 from test_operator import (
     OPERATOR,
@@ -558,3 +558,37 @@ def test_the_operators_resource_bounds_and_runtime_class_hold_for_every_task(
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "2Gi"}
     assert volumes["workspace"]["emptyDir"] == {"sizeLimit": "2Gi"}
+
+
+def test_an_allow_list_tasks_own_policy_made_in_advance_is_replaced_by_the_operators(
+    k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.set_default(tool_call("submit", {"answer": "fine"}))
+    env = operator_env(llm_server)
+    k8s.create(secret())
+    k8s.create(task("listed", sandbox={"network": {"mode": "allowList", "allow": ["1.1.1.1:443"]}}))
+    uid = st_uid(k8s, "listed")
+    # Under the name the task's policy gets: every destination, any port.
+    k8s.create(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "listed-egress", "namespace": "default"},
+            "spec": {
+                "podSelector": {"matchLabels": {"llmsandbox.io/task-uid": uid}},
+                **ALLOW_ALL_EGRESS,
+            },
+        }
+    )
+    with run_operator(OPERATOR, env=env):
+        st = wait_phase(k8s, "listed", TERMINAL)
+    assert st["phase"] == "Succeeded", st
+    body = k8s.get("sandboxtasks", "listed")
+    assert body is not None
+    parsed = SandboxTask.model_validate({**body, "metadata": {"name": "listed"}})
+    desired = task_policy(parsed, namespace="default", uid=uid, settings=OperatorSettings())
+    assert desired is not None
+    policy = k8s.get("networkpolicies", "listed-egress")
+    assert policy is not None
+    assert policy["spec"] == desired["spec"]
+    assert policy["metadata"]["ownerReferences"] == desired["metadata"]["ownerReferences"]
