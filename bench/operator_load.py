@@ -7,8 +7,9 @@ test kubelet completes every pod at once (`instant_complete`: no processes, the 
 ends with a valid result JSON as its termination message). From one run it prints:
 
 - the operator's API requests per task by verb and resource (the emulator's request log without
-  the kubelet's), the per-namespace NetworkPolicy creates as a one-off, and the target "at most
-  6 writes per task in the common path" as PASS/FAIL;
+  the kubelet's), the per-namespace NetworkPolicy writes as a one-off (their reads, before every
+  pod, count per task), and the target "at most 6 writes per task in the common path" as
+  PASS/FAIL;
 - the operator's CPU seconds per task (from /proc/<pid>/stat, the drain only: the start-up is
   reported apart) and its peak RSS (VmHWM), read just before it is stopped with SIGTERM;
 - the baseline, measured in the same run: a no-op kopf operator (one `@kopf.on.event` handler
@@ -414,8 +415,12 @@ def report_requests(result: RunResult, n: int) -> bool:
     """Print the operator's requests per task; True when the writes target is met."""
     print(f"\nAPI requests by the operator during the drain (User-Agent not {KUBELET_AGENT}):")
     print(f"  {'verb':<8} {'resource':<24} {'total':>7} {'per task':>9}")
-    one_off = {k: v for k, v in result.requests.items() if k[1] == "networkpolicies"}
-    per_task = {k: v for k, v in result.requests.items() if k[1] != "networkpolicies"}
+    # Policy writes happen once per namespace (and when a policy drifted); the reads, before
+    # every pod, are per task.
+    one_off = {
+        k: v for k, v in result.requests.items() if k[1] == "networkpolicies" and k[0] != "get"
+    }
+    per_task = {k: v for k, v in result.requests.items() if k not in one_off}
     for (verb, resource), count in sorted(per_task.items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"  {verb:<8} {resource:<24} {count:>7} {count / n:>9.2f}")
     for (verb, resource), count in sorted(one_off.items()):

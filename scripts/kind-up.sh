@@ -30,8 +30,10 @@ for image in "llm-sandbox/operator:${tag}" "llm-sandbox/agent:${tag}" "llm-sandb
   kind load docker-image "$image" --name "$cluster"
 done
 
+# The label marks the Secret as one tasks may use as their API key (apiKeySecretLabel).
 kubectl -n "$namespace" create secret generic llm-key \
-  --from-literal=apiKey="${OPENAI_API_KEY:-EMPTY}" --dry-run=client -o yaml | kubectl apply -f -
+  --from-literal=apiKey="${OPENAI_API_KEY:-EMPTY}" --dry-run=client -o yaml |
+  kubectl label --local -f - llmsandbox.io/api-key=true -o yaml | kubectl apply -f -
 
 helm upgrade --install llm-sandbox charts/llm-sandbox \
   --namespace llm-sandbox --create-namespace \

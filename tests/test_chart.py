@@ -33,6 +33,8 @@ NON_DEFAULT: dict[str, Any] = {
     "inference": {
         "baseURL": "http://vllm.inference:8000/v1",
         "model": "Qwen/Qwen3-Coder-30B-A3B-Instruct",
+        "allowedBaseURLs": ["https://api.openai.com/v1", "http://*.inference.svc:*/v1"],
+        "apiKeySecretLabel": "example.com/llm-key=yes",
         "apiKeySecret": {"name": "llm-key", "key": "token"},
     },
     "inferenceEgress": [
@@ -45,6 +47,17 @@ NON_DEFAULT: dict[str, Any] = {
         }
     },
     "maxRunningTasks": 50,
+    "excludedCIDRs": ["10.244.0.0/16", "fd00:10:244::/56"],
+    "netpolCanary": {"enabled": True, "namespace": "team-a", "target": "10.96.0.1:443"},
+    "sandbox": {
+        "defaultResources": {
+            "requests": {"cpu": "500m", "memory": "512Mi"},
+            "limits": {"cpu": "2", "memory": "2Gi", "ephemeral-storage": "4Gi"},
+        },
+        "maxLimits": {"cpu": "4", "memory": "8Gi", "ephemeral-storage": "20Gi"},
+        "tmpSizeLimit": "512Mi",
+        "requiredRuntimeClass": "gvisor",
+    },
 }
 
 # Verbs and resources kopf itself needs in standalone mode (no peering), beyond API_CALLS.
@@ -245,6 +258,26 @@ def test_custom_values_reach_the_operator_as_json(custom_objects):
     assert env["LLMSANDBOX_DEFAULT_BASE_URL"] == NON_DEFAULT["inference"]["baseURL"]
     assert env["LLMSANDBOX_DEFAULT_API_KEY_SECRET"] == "llm-key"
     assert env["LLMSANDBOX_DEFAULT_API_KEY_SECRET_KEY"] == "token"
+    allowed = json.loads(env["LLMSANDBOX_ALLOWED_BASE_URLS"])
+    assert allowed == NON_DEFAULT["inference"]["allowedBaseURLs"]
+    assert env["LLMSANDBOX_API_KEY_SECRET_LABEL"] == "example.com/llm-key=yes"
+    assert json.loads(env["LLMSANDBOX_EXCLUDED_CIDRS"]) == NON_DEFAULT["excludedCIDRs"]
+    assert env["LLMSANDBOX_NETPOL_CANARY"] == "true"
+    assert env["LLMSANDBOX_NETPOL_CANARY_NAMESPACE"] == "team-a"
+    assert env["LLMSANDBOX_NETPOL_CANARY_TARGET"] == "10.96.0.1:443"
+    sandbox = NON_DEFAULT["sandbox"]
+    assert json.loads(env["LLMSANDBOX_SANDBOX_DEFAULT_RESOURCES"]) == sandbox["defaultResources"]
+    assert json.loads(env["LLMSANDBOX_SANDBOX_MAX_LIMITS"]) == sandbox["maxLimits"]
+    assert env["LLMSANDBOX_SANDBOX_TMP_SIZE_LIMIT"] == "512Mi"
+    assert env["LLMSANDBOX_REQUIRED_RUNTIME_CLASS"] == "gvisor"
+
+
+def test_by_default_tasks_may_use_only_the_default_endpoint_and_labelled_secrets(
+    default_objects,
+):
+    env = operator_env(default_objects)
+    assert json.loads(env["LLMSANDBOX_ALLOWED_BASE_URLS"]) == []
+    assert env["LLMSANDBOX_API_KEY_SECRET_LABEL"] == "llmsandbox.io/api-key=true"
 
 
 def test_metrics_service_targets_the_metrics_port(default_objects):
@@ -282,12 +315,34 @@ def test_namespaced_rbac_is_a_role_per_watched_namespace(custom_objects):
 
 
 @pytest.mark.parametrize("which", ["default_objects", "custom_objects"])
-def test_rbac_has_no_wildcards_and_no_secrets(request, which):
+def test_rbac_has_no_wildcards_and_reads_secrets_only_by_name(request, which):
     for obj in request.getfixturevalue(which):
         for rule in obj.get("rules", []):
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], rule
-            assert "secrets" not in rule["resources"]
+            if "secrets" in rule["resources"]:
+                # A Secret's labels are checked by name; Secrets are never listed or watched.
+                assert rule["resources"] == ["secrets"]
+                assert rule["verbs"] == ["get"]
+
+
+def documented_grants() -> dict[tuple[str, str], set[str]]:
+    """The grants table of docs/operator.md ("Permissions (RBAC)")."""
+    text = (ROOT / "docs" / "operator.md").read_text()
+    section = text.split("## Permissions (RBAC)", 1)[1].split("\n## ", 1)[0]
+    out: dict[tuple[str, str], set[str]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        for group, resource in re.findall(r"`([^`]*)` `([^`]*)`", cells[0]):
+            out.setdefault((group.strip('"'), resource), set()).update(cells[1].split(", "))
+    return out
+
+
+def test_the_documented_grants_are_the_clusterwide_role(default_objects):
+    (role,) = by_kind(default_objects, "ClusterRole")
+    assert documented_grants() == grants(role["rules"])
 
 
 # -- dashboard and alerts -----------------------------------------------------------------------
@@ -368,6 +423,7 @@ def test_alerts_query_only_exported_metrics(custom_objects):
         "LLMSandboxTaskFailureRatioHigh",
         "LLMSandboxQueueNotDraining",
         "LLMSandboxLLMErrorRatioHigh",
+        "LLMSandboxNetworkPolicyNotEnforced",
     } <= names
     for alert in alerts:
         metrics = {family(m) for m in _METRIC_TOKEN.findall(alert["expr"])}
@@ -389,6 +445,15 @@ def test_alerts_query_only_exported_metrics(custom_objects):
         {"operator": {"image": {"pullPolicy": "Sometimes"}}},
         {"tokenPrices": {"m": {"prompt_per_million": -1, "completion_per_million": 1}}},
         {"inferenceEgress": [{"ports": [8000]}]},
+        {"inference": {"allowedBaseURLs": ["ftp://models.example/v1"]}},
+        {"inference": {"allowedBaseURLs": ["https://user@evil.example/v1"]}},
+        {"inference": {"apiKeySecretLabel": "no-value-given"}},
+        {"excludedCIDRs": ["pods.cluster.local"]},
+        {"isolatedDNSEgress": "no"},
+        {"netpolCanary": {"target": "kubernetes.default:443"}},
+        {"sandbox": {"maxLimits": {"gpu": "1"}}},
+        {"sandbox": {"maxLimits": {"memory": "8 GB"}}},
+        {"sandbox": {"requiredRuntimeClass": "gVisor"}},
         {"unknownKey": True},
     ],
 )

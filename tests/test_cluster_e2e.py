@@ -61,7 +61,11 @@ def test_an_example_task_succeeds_on_a_real_cluster(tmp_path: Path) -> None:
     secret = {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": "llm-e2e-key", "namespace": NAMESPACE},
+        "metadata": {
+            "name": "llm-e2e-key",
+            "namespace": NAMESPACE,
+            "labels": {"llmsandbox.io/api-key": "true"},
+        },
         "stringData": {"apiKey": os.environ.get("LLMSANDBOX_E2E_API_KEY", "EMPTY")},
     }
     assert kubectl("apply", "-f", "-", stdin=yaml.safe_dump(secret)).returncode == 0

@@ -36,11 +36,19 @@ def operator_env(server: ScriptedLLMServer, **overrides: str) -> dict[str, str]:
     return env
 
 
-def secret(name: str = "llm-key") -> dict[str, Any]:
+API_KEY_LABEL = {"llmsandbox.io/api-key": "true"}
+
+
+def secret(name: str = "llm-key", labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """An API-key Secret; with the operator's API-key label unless `labels` says otherwise."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name, "namespace": "default"},
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": API_KEY_LABEL if labels is None else labels,
+        },
         "stringData": {"apiKey": "sk-cluster-secret"},
     }
 
@@ -386,9 +394,14 @@ def test_a_pod_that_is_never_scheduled_fails_after_the_start_timeout_and_frees_i
 ) -> None:
     # Kubernetes' activeDeadlineSeconds never starts for an unscheduled pod: without the
     # operator's start timeout this task would hold the only run slot forever.
-    llm_server.set_default(tool_call("submit", {"answer": "next"}))
     kubelet.inject(
         lambda pod: pod["metadata"]["labels"]["llmsandbox.io/task"] == "huge", NeverStart()
+    )
+    # The next task's pod completes at once: with a 2 s start timeout for every pod, one that
+    # really starts could itself time out on a loaded machine.
+    kubelet.instant_complete(
+        {"phase": "Succeeded", "exitReason": "submitted", "answer": "next"},
+        match=lambda pod: pod["metadata"]["labels"]["llmsandbox.io/task"] == "waiting",
     )
     k8s.create(secret())
     env = operator_env(
@@ -408,7 +421,7 @@ def test_a_pod_that_is_never_scheduled_fails_after_the_start_timeout_and_frees_i
     assert "did not start within 2s" in st["message"]
     assert "Insufficient cpu" in st["message"]
     assert {c["type"]: c for c in st["conditions"]}["Complete"]["reason"] == "StartTimeout"
-    assert after["phase"] == "Succeeded"
+    assert after["phase"] == "Succeeded", after
     assert after["answer"] == "next"
 
 

@@ -209,3 +209,31 @@ def test_an_unreadable_termination_message_says_why(text: str, error: str) -> No
 def test_a_log_without_a_result_line_says_so() -> None:
     with pytest.raises(ResultError, match="no result line"):
         parse_log_result("just\nlogs\n")
+
+
+# U+2028, U+2029 and U+0085 end a line for str.splitlines, and JSON may carry them raw.
+LINE_BREAKERS = "one\u2028two\u2029three\x85four\x1cfive\x0bsix\r\nseven"
+
+
+def test_the_result_log_line_is_ascii_whatever_the_answer_holds() -> None:
+    result = TaskResult.model_validate(
+        {"phase": "Succeeded", "exitReason": "submitted", "answer": LINE_BREAKERS + " ü ∑ 𝔸"}
+    )
+    line = RESULT_LOG_PREFIX + result.to_json()
+    assert line.isascii()
+    assert line.splitlines() == [line]
+    assert TaskResult.model_validate_json(result.to_json()) == result
+
+
+def test_a_result_line_with_unicode_line_separators_is_read_whole() -> None:
+    result = TaskResult.model_validate(
+        {"phase": "Succeeded", "exitReason": "submitted", "answer": LINE_BREAKERS, "steps": 2}
+    )
+    # As an agent that does not escape them writes it: the separators raw inside the JSON.
+    raw = result.model_dump_json(by_alias=True, exclude_none=True, ensure_ascii=False)
+    assert "\u2028" in raw
+    for line in (raw, result.to_json()):
+        log = "noise\u2028more noise\n" + RESULT_LOG_PREFIX + line + "\n"
+        parsed = parse_log_result(log)
+        assert parsed.answer == LINE_BREAKERS
+        assert parsed.steps == 2

@@ -150,7 +150,11 @@ def test_operator_killed_at_random_points_and_restarted_finishes_every_task_exac
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": "llm-key", "namespace": "default"},
+            "metadata": {
+                "name": "llm-key",
+                "namespace": "default",
+                "labels": {"llmsandbox.io/api-key": "true"},
+            },
             "stringData": {"apiKey": "sk-test"},
         }
     )
@@ -336,7 +340,13 @@ def _operator(kube: FakeKube) -> Any:
 def _task_body(phase: str, **status: Any) -> dict[str, Any]:
     body = short_task("t")
     body["metadata"].update(uid="uid-t", resourceVersion="5", generation=1)
-    body["status"] = {"phase": phase, "attempt": 1, "podName": "t-a1", **status}
+    body["status"] = {
+        "phase": phase,
+        "attempt": 1,
+        "podName": "t-a1",
+        "podUID": "pod-uid",
+        **status,
+    }
     return body
 
 
@@ -349,6 +359,7 @@ def _stuck_pod() -> dict[str, Any]:
             "namespace": "default",
             "uid": "pod-uid",
             "labels": {"llmsandbox.io/task-uid": "uid-t", "llmsandbox.io/attempt": "1"},
+            "ownerReferences": [{"kind": "SandboxTask", "uid": "uid-t", "controller": True}],
         },
         "spec": {"containers": [{"name": "sandbox", "image": "nope:1"}, {"name": "agent"}]},
         "status": {

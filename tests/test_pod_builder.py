@@ -10,11 +10,11 @@ import kubernetes_validate
 import pytest
 
 from sandbox_agent.podconfig import PodTaskConfig
-from sandbox_agent.task import SandboxTask, parse_task
+from sandbox_agent.task import Resources, SandboxTask, parse_task
+from sandbox_operator.errors import SpecError
 from sandbox_operator.pod import build_pod, pod_name
 from sandbox_operator.settings import OperatorSettings, SettingsError, cost_usd, load_settings
 from sandbox_operator.taskconfig import (
-    SpecError,
     build_task_configmap,
     resolve_model,
     task_configmap_name,
@@ -269,7 +269,7 @@ def test_pod_metadata_names_the_task_the_attempt_and_the_network_mode() -> None:
     [
         ({"mode": "isolated"}, "isolated"),
         ({"mode": "internet"}, "internet"),
-        ({"mode": "allowList", "allow": ["10.0.0.5:8000"]}, "allowlist"),
+        ({"mode": "allowList", "allow": ["198.51.100.5:8000"]}, "allowlist"),
     ],
 )
 def test_the_network_label_follows_the_mode(network: dict[str, Any], label: str) -> None:
@@ -359,7 +359,6 @@ def test_shared_volumes_are_small_and_the_socket_volume_lives_in_memory(
 ) -> None:
     assert volume(full_pod, "execd-bin")["emptyDir"] == {"sizeLimit": "16Mi"}
     assert volume(full_pod, "execd-run")["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Mi"}
-    assert volume(full_pod, "tmp")["emptyDir"] == {}
     assert volume(full_pod, "agent-tmp")["emptyDir"] == {}
 
 
@@ -663,3 +662,145 @@ def test_bad_settings_name_the_environment_variable(monkeypatch: pytest.MonkeyPa
     assert any(
         line.startswith("LLMSANDBOX_AGENT_RESOURCES.limits: unknown resource") for line in lines
     )
+
+
+# -- resources the operator fills in and caps -----------------------------------------------
+
+LIMITED = SETTINGS.model_copy(
+    update={
+        "sandbox_default_resources": Resources(
+            requests={"cpu": "250m", "memory": "512Mi"},
+            limits={"cpu": "1", "memory": "1Gi", "ephemeral-storage": "2Gi"},
+        ),
+        "sandbox_max_limits": {"cpu": "4", "memory": "8Gi", "ephemeral-storage": "20Gi"},
+    }
+)
+
+
+def sandbox_of(task: SandboxTask, settings: OperatorSettings = LIMITED) -> dict[str, Any]:
+    return container(pod_for(task, settings=settings), "sandbox")
+
+
+def test_the_sandbox_tmp_is_bounded_by_its_disk_limit_or_the_operators_cap(
+    full_pod: dict[str, Any],
+) -> None:
+    assert volume(full_pod, "tmp")["emptyDir"] == {"sizeLimit": "4Gi"}
+    assert volume(pod_for(make_task()), "tmp")["emptyDir"] == {"sizeLimit": "1Gi"}
+    small = SETTINGS.model_copy(update={"sandbox_tmp_size_limit": "128Mi"})
+    assert volume(pod_for(make_task(), settings=small), "tmp")["emptyDir"] == {"sizeLimit": "128Mi"}
+
+
+def test_a_task_without_resources_gets_the_operators_defaults() -> None:
+    pod = pod_for(make_task(), settings=LIMITED)
+    assert container(pod, "sandbox")["resources"] == {
+        "requests": {"cpu": "250m", "memory": "512Mi"},
+        "limits": {"cpu": "1", "memory": "1Gi", "ephemeral-storage": "2Gi"},
+    }
+    assert volume(pod, "workspace")["emptyDir"] == {"sizeLimit": "2Gi"}
+    assert volume(pod, "tmp")["emptyDir"] == {"sizeLimit": "2Gi"}
+    assert_valid(pod)
+
+
+def test_the_tasks_own_values_win_resource_by_resource() -> None:
+    task = make_task(sandbox={"resources": {"limits": {"memory": "4Gi"}}})
+    assert sandbox_of(task)["resources"] == {
+        "requests": {"cpu": "250m", "memory": "512Mi"},
+        "limits": {"cpu": "1", "memory": "4Gi", "ephemeral-storage": "2Gi"},
+    }
+
+
+def test_a_default_request_above_the_tasks_limit_is_lowered_to_it() -> None:
+    task = make_task(sandbox={"resources": {"limits": {"memory": "256Mi", "cpu": "100m"}}})
+    resources = sandbox_of(task)["resources"]
+    assert resources["requests"] == {"cpu": "100m", "memory": "256Mi"}
+    assert_valid(pod_for(task, settings=LIMITED))
+
+
+def test_without_a_default_a_missing_limit_is_the_operators_maximum() -> None:
+    settings = SETTINGS.model_copy(update={"sandbox_max_limits": {"memory": "8Gi"}})
+    assert sandbox_of(make_task(), settings)["resources"] == {"limits": {"memory": "8Gi"}}
+
+
+@pytest.mark.parametrize(
+    ("resources", "field", "message"),
+    [
+        (
+            {"limits": {"memory": "64Gi"}},
+            "spec.sandbox.resources.limits.memory",
+            "64Gi is above the operator's maximum 8Gi (LLMSANDBOX_SANDBOX_MAX_LIMITS)",
+        ),
+        (
+            {"limits": {"cpu": "4001m"}},
+            "spec.sandbox.resources.limits.cpu",
+            "4001m is above the operator's maximum 4",
+        ),
+        (
+            {"limits": {"ephemeral-storage": "1Ti"}},
+            "spec.sandbox.resources.limits.ephemeral-storage",
+            "1Ti is above the operator's maximum 20Gi",
+        ),
+        (
+            {"requests": {"memory": "2Gi"}},
+            "spec.sandbox.resources.requests.memory",
+            "2Gi is above its limit 1Gi (the operator's default or maximum)",
+        ),
+        (
+            {"requests": {"cpu": "2"}, "limits": {"cpu": "1500m"}},
+            "spec.sandbox.resources.requests.cpu",
+            "2 is above its limit 1500m",
+        ),
+    ],
+)
+def test_resources_beyond_the_operators_bounds_are_refused_naming_the_field(
+    resources: dict[str, Any], field: str, message: str
+) -> None:
+    with pytest.raises(SpecError) as info:
+        validate_for_cluster(make_task(sandbox={"resources": resources}), LIMITED)
+    assert info.value.field_path == field
+    assert str(info.value).startswith(f"{field}: {message}")
+
+
+def test_a_required_runtime_class_applies_to_every_pod_and_cannot_be_changed() -> None:
+    gvisor = SETTINGS.model_copy(update={"required_runtime_class": "gvisor"})
+    assert pod_for(make_task(), settings=gvisor)["spec"]["runtimeClassName"] == "gvisor"
+    same = make_task(sandbox={"runtimeClassName": "gvisor"})
+    assert pod_for(same, settings=gvisor)["spec"]["runtimeClassName"] == "gvisor"
+    with pytest.raises(SpecError) as info:
+        validate_for_cluster(make_task(sandbox={"runtimeClassName": "runc"}), gvisor)
+    assert str(info.value) == (
+        "spec.sandbox.runtimeClassName: 'runc' is not allowed: the operator runs every sandbox "
+        "under RuntimeClass 'gvisor' (LLMSANDBOX_REQUIRED_RUNTIME_CLASS)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {
+                "LLMSANDBOX_SANDBOX_DEFAULT_RESOURCES": '{"limits": {"memory": "16Gi"}}',
+                "LLMSANDBOX_SANDBOX_MAX_LIMITS": '{"memory": "8Gi"}',
+            },
+            "LLMSANDBOX_SANDBOX_DEFAULT_RESOURCES.limits.memory: 16Gi is above "
+            "LLMSANDBOX_SANDBOX_MAX_LIMITS.memory 8Gi",
+        ),
+        (
+            {"LLMSANDBOX_SANDBOX_MAX_LIMITS": '{"gpu": "1"}'},
+            "LLMSANDBOX_SANDBOX_MAX_LIMITS: unknown resource 'gpu'",
+        ),
+        (
+            {"LLMSANDBOX_SANDBOX_MAX_LIMITS": '{"memory": "lots"}'},
+            "LLMSANDBOX_SANDBOX_MAX_LIMITS.memory: String should match pattern",
+        ),
+        ({"LLMSANDBOX_SANDBOX_TMP_SIZE_LIMIT": "1 GB"}, "LLMSANDBOX_SANDBOX_TMP_SIZE_LIMIT:"),
+        ({"LLMSANDBOX_REQUIRED_RUNTIME_CLASS": "gVisor"}, "LLMSANDBOX_REQUIRED_RUNTIME_CLASS:"),
+    ],
+)
+def test_bad_resource_settings_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], line: str
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert any(text.startswith(line) for text in str(info.value).splitlines()), str(info.value)

@@ -10,15 +10,12 @@ from pydantic import ValidationError
 
 from sandbox_agent.errors import TaskSpecError
 from sandbox_agent.task import SandboxTask, parse_task
+from sandbox_operator.addresses import EXCLUDED_IPV4, EXCLUDED_IPV6
+from sandbox_operator.errors import SpecError
 from sandbox_operator.pod import build_pod
-from sandbox_operator.policy import (
-    EXCLUDED_IPV4,
-    EXCLUDED_IPV6,
-    policy_name_for,
-    shared_policies,
-    task_policy,
-)
-from sandbox_operator.settings import EgressRule, OperatorSettings
+from sandbox_operator.policy import policy_name_for, shared_policies, task_policy
+from sandbox_operator.settings import EgressRule, OperatorSettings, SettingsError, load_settings
+from sandbox_operator.taskconfig import validate_for_cluster
 
 KUBERNETES_VERSIONS = ["1.29", "1.30", "1.31", "1.32", "1.33"]
 UID = "0b7c2f4e-8d1a-4e3b-a5c6-d7e8f9a0b1c2"
@@ -57,7 +54,7 @@ INFERENCE_RULES = [
 ]
 ALLOW_LIST: dict[str, Any] = {
     "mode": "allowList",
-    "allow": ["203.0.113.7:443", "10.20.0.0/16:5432", "2001:db8::5:8080"],
+    "allow": ["203.0.113.7:443", "192.0.2.0/25:5432", "2001:db8::5:8080"],
 }
 
 
@@ -174,14 +171,24 @@ def test_internet_pods_reach_public_addresses_but_not_cluster_private_or_link_lo
         {"ipBlock": {"cidr": "::/0", "except": EXCLUDED_IPV6}},
     ]
     assert set(EXCLUDED_IPV4) == {
+        "0.0.0.0/8",
         "10.0.0.0/8",
         "172.16.0.0/12",
         "192.168.0.0/16",
         "169.254.0.0/16",
         "100.64.0.0/10",
         "127.0.0.0/8",
+        "192.0.0.0/24",
+        "168.63.129.16/32",
     }
-    assert set(EXCLUDED_IPV6) == {"fc00::/7", "fe80::/10"}
+    assert set(EXCLUDED_IPV6) == {
+        "::1/128",
+        "::ffff:0:0/96",
+        "64:ff9b::/96",
+        "64:ff9b:1::/48",
+        "fc00::/7",
+        "fe80::/10",
+    }
 
 
 def test_an_allow_list_task_gets_its_own_policy_for_exactly_its_entries() -> None:
@@ -198,7 +205,7 @@ def test_an_allow_list_task_gets_its_own_policy_for_exactly_its_entries() -> Non
             "ports": [{"protocol": "TCP", "port": 443}],
         },
         {
-            "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+            "to": [{"ipBlock": {"cidr": "192.0.2.0/25"}}],
             "ports": [{"protocol": "TCP", "port": 5432}],
         },
         {
@@ -272,3 +279,102 @@ def test_a_rule_without_ports_allows_every_port_of_its_destination() -> None:
     settings = OperatorSettings(inference_egress=[EgressRule(cidrs=["10.1.2.3/32"])])
     isolated = by_name(shared_policies(NAMESPACE, settings))["llmsandbox-isolated"]
     assert isolated["spec"]["egress"][-1] == {"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}]}
+
+
+def test_the_clusters_own_ranges_are_kept_out_of_the_internet_policy_too() -> None:
+    # Pod, service and node ranges outside the private ones (public IPv4, global IPv6).
+    settings = OperatorSettings(
+        excluded_cidrs=["203.0.113.0/24", "2001:db8:42::/48", "10.96.0.0/12"]
+    )
+    internet = by_name(shared_policies(NAMESPACE, settings))["llmsandbox-internet"]
+    ipv4, ipv6 = (peer["ipBlock"] for peer in internet["spec"]["egress"][-1]["to"])
+    assert ipv4["except"] == [*EXCLUDED_IPV4, "203.0.113.0/24"]
+    # 10.96.0.0/12 is inside 10.0.0.0/8 already.
+    assert ipv6["except"] == [*EXCLUDED_IPV6, "2001:db8:42::/48"]
+    kubernetes_validate.validate(internet, "1.33", strict=True)
+
+
+@pytest.mark.parametrize(
+    ("entry", "inside"),
+    [
+        ("169.254.169.254:80", "169.254.0.0/16"),
+        ("168.63.129.16:80", "168.63.129.16/32"),
+        ("10.96.0.1:443", "10.0.0.0/8"),
+        ("127.0.0.1:8080", "127.0.0.0/8"),
+        ("fd00:ec2::254:80", "fc00::/7"),
+        ("::ffff:169.254.169.254:80", "::ffff:0:0/96"),
+        ("64:ff9b::a9fe:a9fe:80", "64:ff9b::/96"),
+        ("203.0.113.9:443", "203.0.113.0/24"),
+    ],
+)
+def test_an_allow_list_entry_inside_an_excluded_range_is_refused_naming_it(
+    entry: str, inside: str
+) -> None:
+    settings = SETTINGS.model_copy(update={"excluded_cidrs": ["203.0.113.0/24"]})
+    task = make_task(mode="allowList", allow=["198.18.0.1:443", entry])
+    with pytest.raises(SpecError) as info:
+        validate_for_cluster(task, settings)
+    assert info.value.field_path == "spec.sandbox.network.allow[1]"
+    assert str(info.value).startswith(f"spec.sandbox.network.allow[1]: {entry} is inside {inside}")
+
+
+def test_a_wide_allow_list_entry_keeps_the_excluded_ranges_out() -> None:
+    policy = own_policy(make_task(mode="allowList", allow=["0.0.0.0/0:443", "100.0.0.0/8:80"]))
+    assert policy is not None
+    wide, narrower = policy["spec"]["egress"][-2:]
+    assert wide["to"] == [{"ipBlock": {"cidr": "0.0.0.0/0", "except": EXCLUDED_IPV4}}]
+    assert narrower["to"] == [{"ipBlock": {"cidr": "100.0.0.0/8", "except": ["100.64.0.0/10"]}}]
+    kubernetes_validate.validate(policy, "1.33", strict=True)
+
+
+def test_isolated_pods_can_go_without_dns_while_the_other_modes_keep_it() -> None:
+    settings = SETTINGS.model_copy(
+        update={"isolated_dns_egress": False, "default_base_url": "http://10.0.0.7:8000/v1"}
+    )
+    policies = by_name(shared_policies(NAMESPACE, settings))
+    assert policies["llmsandbox-isolated"]["spec"]["egress"] == INFERENCE_RULES
+    assert policies["llmsandbox-allowlist"]["spec"]["egress"][0] == DNS_RULE
+    assert policies["llmsandbox-internet"]["spec"]["egress"][0] == DNS_RULE
+
+
+def test_without_dns_an_isolated_task_must_name_its_endpoint_by_address() -> None:
+    settings = OperatorSettings(
+        isolated_dns_egress=False,
+        default_base_url="http://10.0.0.7:8000/v1",
+        default_model="m",
+        default_api_key_secret="llm-key",
+        allowed_base_urls=["*"],
+    )
+    own_key = {"apiKeySecretRef": {"name": "k", "key": "k"}}
+    validate_for_cluster(make_task(), settings)
+    by_name_task = parse_task(
+        {
+            "apiVersion": "llmsandbox.io/v1alpha1",
+            "kind": "SandboxTask",
+            "metadata": {"name": "t"},
+            "spec": {"prompt": "p", "model": {**own_key, "baseURL": "http://vllm.inference/v1"}},
+        }
+    )
+    with pytest.raises(
+        SpecError, match=r"^spec\.model\.baseURL: vllm\.inference cannot be resolved"
+    ):
+        validate_for_cluster(by_name_task, settings)
+
+
+def test_turning_dns_off_with_a_default_endpoint_known_by_name_stops_the_operator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLMSANDBOX_ISOLATED_DNS_EGRESS", "false")
+    monkeypatch.setenv("LLMSANDBOX_DEFAULT_BASE_URL", "http://vllm.inference:8000/v1")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert str(info.value).startswith(
+        "LLMSANDBOX_ISOLATED_DNS_EGRESS=false with LLMSANDBOX_DEFAULT_BASE_URL="
+        "http://vllm.inference:8000/v1: isolated pods get no DNS"
+    )
+    monkeypatch.setenv("LLMSANDBOX_EXCLUDED_CIDRS", '["10.0.0.0/8", "fd00::1/8"]')
+    monkeypatch.setenv("LLMSANDBOX_DEFAULT_BASE_URL", "http://10.0.0.7:8000/v1")
+    with pytest.raises(
+        SettingsError, match=r"LLMSANDBOX_EXCLUDED_CIDRS\[1\]: 'fd00::1/8' is not a CIDR"
+    ):
+        load_settings()

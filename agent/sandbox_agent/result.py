@@ -94,7 +94,9 @@ class TaskResult(WireModel):
     duration_seconds: float = 0.0
 
     def to_json(self) -> str:
-        return self.model_dump_json(by_alias=True, exclude_none=True)
+        # ASCII-escaped: the result is one log line whatever the answer holds (no raw U+2028,
+        # U+0085 or other characters that a reader could take for a line break).
+        return self.model_dump_json(by_alias=True, exclude_none=True, ensure_ascii=True)
 
 
 RESULT_LOG_PREFIX = "LLMSANDBOX_RESULT "

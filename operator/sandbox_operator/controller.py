@@ -2,7 +2,13 @@
 
 kopf watches SandboxTasks and their pods and calls `Operator.on_task` / `Operator.on_pod`; all
 writes go through KubeClient. Every step may run twice (a restart, a repeated watch event): pods
-and ConfigMaps have deterministic names, so a second create is a 409 that is simply adopted.
+and ConfigMaps have deterministic names, so a second create is a 409, and the object found is
+adopted only once it is verified to be the one the operator would make (ownership.py).
+
+Trust: a pod's report counts for a task only when the pod is in the task's namespace, has a
+controller owner reference to the task, and has the uid recorded in `status.podUID` when the
+operator created it. Anyone who can create pods can copy a task pod's labels; nobody else can
+make the API server hand out a uid the operator recorded.
 
 Crash safety (the operator may be killed between any two API calls):
 
@@ -31,9 +37,12 @@ from sandbox_agent.result import ExitReason, Phase, TaskResult, phase_for
 from sandbox_agent.task import SandboxTask, format_validation_error
 
 from .admission import Candidate, positions, to_admit
+from .endpoints import secret_label_problem
+from .errors import SpecError
 from .failures import PodState, PodVerdict, assess_pod, start_timed_out
 from .kube import TASKS, ConflictError, KubeClient, KubeError
 from .metrics import Metrics
+from .ownership import claim_problem, foreign_configmap_problem, foreign_pod_problem, policy_drift
 from .pod import build_pod, pod_name
 from .policy import shared_policies, task_policy
 from .result import ResultError, parse_log_result, parse_termination_message
@@ -47,7 +56,7 @@ from .status import (
     rfc3339,
     set_condition,
 )
-from .taskconfig import SpecError, build_task_configmap, validate_for_cluster
+from .taskconfig import build_task_configmap, resolve_api_key_secret, validate_for_cluster
 
 log = logging.getLogger("sandbox_operator")
 
@@ -70,7 +79,16 @@ _COMPLETE_REASONS = {
     ExitReason.START_TIMEOUT: Reason.START_TIMEOUT,
     ExitReason.CANCELLED: Reason.CANCELLED,
 }
+# Causes named by the agent or the operator that become the Complete condition's reason as is.
+_CAUSE_REASONS = {
+    Reason.ENDPOINT_UNREACHABLE.value,
+    Reason.EXEC_SERVER_NOT_READY.value,
+    Reason.FOREIGN_OBJECT.value,
+    Reason.SECRET_NOT_ALLOWED.value,
+}
 _LOG_TAIL_LINES = 20
+# Replacing a NetworkPolicy that changes between our read and our write is tried this often.
+_POLICY_WRITE_ATTEMPTS = 3
 
 
 def _now() -> datetime:
@@ -105,8 +123,8 @@ def _key(body: dict[str, Any]) -> tuple[str, str, str]:
 
 
 def _complete_reason(result: TaskResult) -> str:
-    if result.cause in {Reason.ENDPOINT_UNREACHABLE.value, Reason.EXEC_SERVER_NOT_READY.value}:
-        return result.cause
+    if result.cause in _CAUSE_REASONS:
+        return str(result.cause)
     return _COMPLETE_REASONS.get(result.exit_reason, Reason.FAILED).value
 
 
@@ -120,7 +138,10 @@ class Operator:
         self.pods: dict[str, dict[str, Any]] = {}  # by pod uid
         self._locks: dict[str, asyncio.Lock] = {}
         self._admission = asyncio.Lock()
-        self._policies_ready: set[str] = set()
+        # When each namespace's shared policies were last read and, if need be, corrected.
+        self._policies_checked: dict[str, float] = {}
+        # Pods refused as not their task's, by uid: each is logged once, not at every event.
+        self._refused_pods: set[str] = set()
         self._active: set[str] = set()
         self._queued: set[str] = set()
         self.metrics = Metrics(self.count_by_phase, settings.max_running_tasks)
@@ -148,7 +169,8 @@ class Operator:
             for body in await self.kube.list(TASKS, ns):
                 self._remember(body)
             for pod in await self.kube.list("pods", ns, MANAGED_SELECTOR):
-                self.pods[pod["metadata"]["uid"]] = pod
+                if self._claimed(pod):
+                    self.pods[pod["metadata"]["uid"]] = pod
 
     # -- events ------------------------------------------------------------------------------
 
@@ -168,15 +190,42 @@ class Operator:
                 await self._reconcile(uid)
         await self.admit()
 
+    def _claimed(self, pod: dict[str, Any]) -> bool:
+        """Whether the pod belongs to the task its label names: same namespace, and the task as
+        its controller owner. Labels alone prove nothing (anyone can copy them)."""
+        uid = _task_uid(pod)
+        body = self.tasks.get(uid) if uid else None
+        if body is None:
+            return False
+        problem = claim_problem(pod, namespace=_key(body)[1], task_uid=uid)
+        if problem is not None:
+            meta = pod["metadata"]
+            if meta["uid"] in self._refused_pods:
+                return False
+            self._refused_pods.add(meta["uid"])
+            log.warning(
+                "ignoring pod %s/%s that claims task %s/%s: %s",
+                meta.get("namespace"),
+                meta.get("name"),
+                _key(body)[1],
+                _key(body)[2],
+                problem,
+            )
+            return False
+        return True
+
     async def on_pod(self, event_type: str | None, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
         uid = _task_uid(pod)
+        if not self._claimed(pod):
+            self.pods.pop(meta["uid"], None)
+            if event_type == "DELETED":
+                self._refused_pods.discard(meta["uid"])
+            return
         if event_type == "DELETED" or self._phase(uid) in TERMINAL:
             self.pods.pop(meta["uid"], None)
         else:
             self.pods[meta["uid"]] = pod
-        if not uid or uid not in self.tasks:
-            return
         async with self._lock(uid):
             if event_type != "DELETED" and self._phase(uid) in TERMINAL:
                 await self._reap_pod_of_finished_task(pod)
@@ -212,7 +261,7 @@ class Operator:
         if status.phase in ACTIVE:
             pod = await self._current_pod(uid, body, status)
             if pod is None:
-                if status.phase is Phase.PENDING:
+                if status.phase is Phase.PENDING and status.pod_uid is None:
                     # Admitted, but the operator stopped before the pod was created.
                     await self._start_attempt(uid, status.attempt or 1, resume=True)
                 else:
@@ -316,7 +365,11 @@ class Operator:
                 if status.phase is not Phase.PENDING:
                     continue
                 pod = next(
-                    (p for p in self._pods_of(uid) if p["metadata"]["name"] == status.pod_name),
+                    (
+                        p
+                        for p in self._pods_of(uid)
+                        if p["metadata"]["uid"] == status.pod_uid and status.pod_uid
+                    ),
                     None,
                 )
                 created = _parse_time(pod["metadata"].get("creationTimestamp")) if pod else None
@@ -372,13 +425,21 @@ class Operator:
         if missing:
             await self._finish_without_run(uid, ExitReason.CONFIG_ERROR, missing)
             return False
-        pod = build_pod(
-            task,
-            namespace=namespace,
-            uid=uid,
-            attempt=attempt,
-            settings=self.settings,
-        )
+        try:
+            pod = build_pod(
+                task, namespace=namespace, uid=uid, attempt=attempt, settings=self.settings
+            )
+            configmap = build_task_configmap(
+                task, namespace=namespace, uid=uid, settings=self.settings
+            )
+        except SpecError as exc:
+            # Valid at admission, but the operator's settings changed before this attempt.
+            await self._finish_without_run(uid, ExitReason.INVALID_SPEC, str(exc))
+            return False
+        refused = await self._api_key_secret_problem(task, namespace)
+        if refused is not None:
+            await self._finish_without_run(uid, ExitReason.CONFIG_ERROR, *refused)
+            return False
         if not resume:
             now = _now()
             old = _status_of(body)
@@ -404,7 +465,8 @@ class Operator:
                 )
                 status.message = retry_note
             status.conditions = conditions
-            if not await self._write_status(uid, status, clear=["queuePosition"]):
+            # podUID goes: only the pod created next, for this attempt, may report.
+            if not await self._write_status(uid, status, clear=["queuePosition", "podUID"]):
                 return False  # the task was deleted meanwhile: nothing to run
         if self._other_live_pods(uid, pod["metadata"]["name"]):
             # The previous attempt's pod is still shutting down (a deleted pod keeps running for
@@ -413,15 +475,9 @@ class Operator:
             return not resume
         try:
             await self._ensure_policies(task, namespace, uid)
-            await self._create(
-                "configmaps",
-                namespace,
-                build_task_configmap(task, namespace=namespace, uid=uid, settings=self.settings),
-            )
-            created = await self._create("pods", namespace, pod)
-            if created is not None:
-                # Known now, so a status event that outruns the pod's ADDED needs no API read.
-                self.pods[created["metadata"]["uid"]] = created
+            if not await self._ensure_task_configmap(uid, configmap):
+                return not resume
+            await self._create_pod(uid, pod)
         except KubeError as exc:
             log.warning("creating the pod for %s/%s failed: %s", namespace, name, exc)
             await self._finish_without_run(
@@ -448,23 +504,174 @@ class Operator:
                 return f'{where}: configmap "{ref.name}" has no key {ref.key!r}'
         return None
 
+    async def _api_key_secret_problem(
+        self, task: SandboxTask, namespace: str
+    ) -> tuple[str, Reason] | None:
+        """Why the task's API-key Secret may not go into its pod: missing, or without the
+        operator's API-key label. Only its metadata is read (never its data)."""
+        ref = resolve_api_key_secret(task, self.settings)
+        where = (
+            "spec.model.apiKeySecretRef"
+            if task.spec.model.api_key_secret_ref is not None
+            else "the operator's default API key (LLMSANDBOX_DEFAULT_API_KEY_SECRET)"
+        )
+        found = await self.kube.get_metadata("secrets", namespace, ref.name)
+        if found is None:
+            return (
+                f'{where}: secret "{ref.name}" not found in namespace {namespace}; create it '
+                "before the task",
+                Reason.CONFIG_MISSING,
+            )
+        problem = secret_label_problem(found, self.settings.api_key_secret_label)
+        if problem is not None:
+            return f"{where}: {problem}", Reason.SECRET_NOT_ALLOWED
+        return None
+
     async def _create(
         self, resource: str, namespace: str, obj: dict[str, Any]
     ) -> dict[str, Any] | None:
+        """The created object, or None when one of that name exists (to verify, then adopt)."""
         try:
             return await self.kube.create(resource, namespace, obj)
         except ConflictError:
-            # Created by an earlier run of this same step: adopt it.
             return None
 
+    async def _create_pod(self, uid: str, pod: dict[str, Any]) -> None:
+        """Create the attempt's pod and record its uid; or, when a pod of that name exists (ours
+        from a run cut short, or someone else's), verify it and adopt it or fail the task."""
+        meta = pod["metadata"]
+        for _ in range(2):  # a second round only when the pod in the way vanished meanwhile
+            created = await self._create("pods", meta["namespace"], pod)
+            if created is not None:
+                # Known now, so a status event that outruns the pod's ADDED needs no API read.
+                self.pods[created["metadata"]["uid"]] = created
+                await self._record_pod_uid(uid, created)
+                return
+            found = await self.kube.get("pods", meta["namespace"], meta["name"])
+            if found is not None:
+                await self._adopt_pod(uid, found, pod)
+                return
+
+    async def _record_pod_uid(self, uid: str, pod: dict[str, Any]) -> bool:
+        status = _status_of(self.tasks[uid])
+        status.pod_uid = pod["metadata"]["uid"]
+        return await self._write_status(uid, status)
+
+    async def _adopt_pod(
+        self, uid: str, found: dict[str, Any], desired: dict[str, Any] | None = None
+    ) -> bool:
+        """Take a pod found under the attempt's pod name as the task's, if it is the pod the
+        operator would create; otherwise fail the task naming what differs. True if adopted."""
+        if desired is None:
+            body = self.tasks[uid]
+            status = _status_of(body)
+            try:
+                desired = build_pod(
+                    _task(body),
+                    namespace=_key(body)[1],
+                    uid=uid,
+                    attempt=status.attempt or 1,
+                    settings=self.settings,
+                )
+            except (SpecError, ValidationError) as exc:
+                await self._finish_without_run(uid, ExitReason.INVALID_SPEC, str(exc))
+                return False
+        problem = foreign_pod_problem(found, desired, uid)
+        if problem is not None:
+            await self._fail_foreign(uid, problem)
+            return False
+        if self._claimed(found):
+            self.pods[found["metadata"]["uid"]] = found
+        return await self._record_pod_uid(uid, found)
+
+    async def _ensure_task_configmap(self, uid: str, configmap: dict[str, Any]) -> bool:
+        """Create the task's ConfigMap, or verify the one found under its name; False when the
+        task failed because the one found is not the operator's."""
+        namespace = configmap["metadata"]["namespace"]
+        if await self._create("configmaps", namespace, configmap) is not None:
+            return True
+        found = await self.kube.get("configmaps", namespace, configmap["metadata"]["name"])
+        if found is None:
+            # Deleted between the create and the read: make it again.
+            await self.kube.create("configmaps", namespace, configmap)
+            return True
+        problem = foreign_configmap_problem(found, configmap, uid)
+        if problem is None:
+            return True
+        await self._fail_foreign(uid, problem)
+        return False
+
+    async def _fail_foreign(self, uid: str, problem: str) -> None:
+        log.warning("refusing to adopt: %s", problem)
+        await self._finish_without_run(
+            uid,
+            ExitReason.CONFIG_ERROR,
+            f"{problem}; delete it, then create the task again",
+            cause=Reason.FOREIGN_OBJECT,
+        )
+
     async def _ensure_policies(self, task: SandboxTask, namespace: str, uid: str) -> None:
-        if namespace not in self._policies_ready:
-            for policy in shared_policies(namespace, self.settings):
-                await self._create("networkpolicies", namespace, policy)
-            self._policies_ready.add(namespace)
+        """Bring the namespace's shared policies, and the task's own, to their desired spec.
+
+        Never created once and trusted: a policy made beforehand under a shared name (selecting
+        nothing, allowing everything) or edited since would leave task pods open, since policies
+        only add up. They are read before a namespace's first pod and then at most once per
+        refresh period (`reconcile_policies` runs every period too), which costs no API call
+        per task in a busy namespace."""
+        await self._ensure_shared_policies(namespace)
         own = task_policy(task, namespace=namespace, uid=uid, settings=self.settings)
         if own is not None:
-            await self._create("networkpolicies", namespace, own)
+            await self.ensure_policy(own)
+
+    async def ensure_policy(self, desired: dict[str, Any]) -> None:
+        """Create a NetworkPolicy, or replace the one of its name when it differs."""
+        meta = desired["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        for _ in range(_POLICY_WRITE_ATTEMPTS):
+            found = await self.kube.get("networkpolicies", namespace, name)
+            if found is None:
+                if await self._create("networkpolicies", namespace, desired) is not None:
+                    return
+                continue  # created meanwhile: read it and compare
+            drift = policy_drift(found, desired)
+            if drift is None:
+                return
+            log.warning(
+                "NetworkPolicy %s/%s is not the operator's (%s): replacing it",
+                namespace,
+                name,
+                drift,
+            )
+            body = {
+                **desired,
+                "metadata": {**meta, "resourceVersion": found["metadata"].get("resourceVersion")},
+            }
+            try:
+                await self.kube.replace("networkpolicies", namespace, name, body)
+                return
+            except ConflictError:
+                continue  # changed between the read and the write: read it again
+        raise KubeError(
+            409, "Conflict", f"NetworkPolicy {namespace}/{name} keeps changing; cannot set it"
+        )
+
+    async def reconcile_policies(self) -> int:
+        """Bring the shared policies of every namespace with active tasks back to their desired
+        spec (called periodically): a policy edited while a task runs is corrected within a
+        period, not only when the next task starts. Returns how many namespaces were checked."""
+        namespaces = sorted({_key(self.tasks[uid])[1] for uid in self._active if uid in self.tasks})
+        for namespace in namespaces:
+            await self._ensure_shared_policies(namespace, force=True)
+        return len(namespaces)
+
+    async def _ensure_shared_policies(self, namespace: str, *, force: bool = False) -> None:
+        now = asyncio.get_running_loop().time()
+        last = self._policies_checked.get(namespace)
+        if not force and last is not None and now - last < self.settings.queue_refresh_seconds:
+            return
+        for policy in shared_policies(namespace, self.settings):
+            await self.ensure_policy(policy)
+        self._policies_checked[namespace] = now
 
     def _pods_of(self, uid: str) -> list[dict[str, Any]]:
         return [
@@ -484,13 +691,20 @@ class Operator:
     async def _current_pod(
         self, uid: str, body: dict[str, Any], status: TaskStatus
     ) -> dict[str, Any] | None:
+        """The current attempt's pod: its name, claimed by the task, and once recorded its uid.
+        A pod that took the name of the recorded one after it was deleted is not it."""
         name = status.pod_name
-        for pod in self._pods_of(uid):
-            if pod["metadata"]["name"] == name:
-                return pod
-        # Not seen by the watch (yet): ask the API before concluding anything.
-        namespace = body["metadata"].get("namespace", "default")
-        return await self.kube.get("pods", namespace, name) if name else None
+        if not name:
+            return None
+        pod = next((p for p in self._pods_of(uid) if p["metadata"]["name"] == name), None)
+        if pod is None:
+            # Not seen by the watch (yet): ask the API before concluding anything.
+            pod = await self.kube.get("pods", _key(body)[1], name)
+            if pod is None or not self._claimed(pod):
+                return None
+        if status.pod_uid is not None and pod["metadata"]["uid"] != status.pod_uid:
+            return None
+        return pod
 
     async def _follow_pod(self, uid: str, pod: dict[str, Any], deleted: bool) -> None:
         body = self.tasks.get(uid)
@@ -509,11 +723,17 @@ class Operator:
             ):
                 await self._reconcile(uid)
             return
+        if status.pod_uid is None:
+            # Created but not recorded (the operator stopped in between): verify it first.
+            if deleted or not await self._adopt_pod(uid, pod):
+                return
+            status = _status_of(self.tasks[uid])
+        elif pod["metadata"]["uid"] != status.pod_uid:
+            return  # not the pod the operator created, whatever its name and labels
         if deleted:
             await self._pod_lost(uid, "the pod was deleted")
             return
-        task_limits = ((body.get("spec") or {}).get("sandbox") or {}).get("resources") or {}
-        verdict = assess_pod(pod, (task_limits.get("limits") or {}).get("memory"))
+        verdict = assess_pod(pod, _sandbox_memory_limit(pod))
         if pod["metadata"].get("deletionTimestamp") and verdict.state is not PodState.FINISHED:
             # Being deleted: whatever the kubelet reports while killing it, the pod is lost.
             await self._pod_lost(uid, "the pod was deleted")
@@ -633,10 +853,16 @@ class Operator:
             ),
         )
 
-    async def _finish_without_run(self, uid: str, reason: ExitReason, message: str) -> None:
-        await self._finish(
-            uid, TaskResult(phase=phase_for(reason), exit_reason=reason, message=message), None
+    async def _finish_without_run(
+        self, uid: str, reason: ExitReason, message: str, cause: Reason | None = None
+    ) -> None:
+        result = TaskResult(
+            phase=phase_for(reason),
+            exit_reason=reason,
+            message=message,
+            cause=cause.value if cause else None,
         )
+        await self._finish(uid, result, None)
 
     async def _finish(self, uid: str, result: TaskResult, pod: dict[str, Any] | None) -> None:
         body = self.tasks[uid]
@@ -725,6 +951,15 @@ class Operator:
 
 def _pod_may_run(pod: dict[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase", "Pending") not in ("Succeeded", "Failed")
+
+
+def _sandbox_memory_limit(pod: dict[str, Any]) -> str | None:
+    """The sandbox container's memory limit as the pod has it (the task's, or the default)."""
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        if container.get("name") == "sandbox":
+            limit = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+            return str(limit) if limit else None
+    return None
 
 
 def _task_uid(pod: dict[str, Any]) -> str:

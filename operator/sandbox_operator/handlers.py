@@ -9,6 +9,7 @@ from typing import Any
 
 import kopf
 
+from .canary import Verdict, run_canary
 from .controller import MANAGED_SELECTOR, Operator
 from .kube import API_GROUP, API_VERSION, TASKS, KubeClient
 from .settings import load_settings
@@ -31,6 +32,8 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         operator.metrics.serve(config.metrics_port)
     memo["operator"] = operator
     memo["queue_refresher"] = asyncio.create_task(_refresh_queue(operator))
+    if config.netpol_canary:
+        memo["canary"] = asyncio.create_task(run_canary(operator))
     log.info(
         "llm-sandbox operator started: maxRunningTasks=%d, %d tasks known",
         config.max_running_tasks,
@@ -43,21 +46,28 @@ async def cleanup(memo: Any, **_: Any) -> None:
     refresher: asyncio.Task[None] | None = memo.get("queue_refresher")
     if refresher is not None:
         refresher.cancel()
+    canary: asyncio.Task[Verdict] | None = memo.get("canary")
+    if canary is not None and not canary.done():
+        canary.cancel()
+        # Its clean-up deletes the canary pod.
+        await asyncio.gather(canary, return_exceptions=True)
     operator: Operator | None = memo.get("operator")
     if operator is not None:
         await operator.kube.close()
 
 
 async def _refresh_queue(operator: Operator) -> None:
-    """The operator's only timer: queue positions, and pods that never start."""
+    """The operator's only timer: queue positions, pods that never start, and the shared
+    NetworkPolicies of namespaces with active tasks."""
     while True:
         await asyncio.sleep(operator.settings.queue_refresh_seconds)
         try:
             await operator.refresh_queue_positions()
             await operator.fail_pods_that_never_start()
+            await operator.reconcile_policies()
         except Exception:
             # A failed round (API hiccup) is retried on the next one; it must not stop them.
-            log.exception("the periodic queue and start-timeout round failed")
+            log.exception("the periodic queue, start-timeout and policy round failed")
 
 
 @kopf.on.event(API_GROUP, API_VERSION, TASKS)

@@ -1,6 +1,6 @@
 """A thin async client for the few Kubernetes API calls the operator makes (aiohttp, like kopf).
 
-kopf watches; this client writes: create, merge-patch, delete, and the odd read. Every call is
+kopf watches; this client writes: create, replace, merge-patch, delete, and the odd read. Every call is
 counted by verb and resource, so the load benchmark can report API writes per task.
 """
 
@@ -19,6 +19,7 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 import kopf
+from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox_agent import __version__
 
@@ -39,8 +40,26 @@ API_CALLS: tuple[tuple[str, str], ...] = (
     ("get", "pods/log"),
     ("create", "configmaps"),
     ("get", "configmaps"),
+    ("get", "secrets"),
+    ("get", "networkpolicies"),
     ("create", "networkpolicies"),
+    ("update", "networkpolicies"),
 )
+
+
+# Asks the API server for an object's metadata only: of a Secret, never its data.
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json"
+
+
+class ObjectMetadata(BaseModel):
+    """The part of an object's metadata the operator reads."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    namespace: str | None = None
+    uid: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
 
 
 def user_agent() -> str:
@@ -94,6 +113,12 @@ def matches_labels(obj: Mapping[str, Any], selector: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def _pem(data: str | bytes) -> bytes:
+    """Certificate or key data as PEM bytes; kubeconfig carries it base64-encoded."""
+    raw = data if isinstance(data, bytes) else data.encode()
+    return raw if raw.lstrip().startswith(b"-----") else base64.b64decode(raw)
+
+
 def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     if info.insecure:
         return False
@@ -103,28 +128,39 @@ def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     if info.ca_path:
         ctx.load_verify_locations(cafile=str(info.ca_path))
     elif info.ca_data:
-        data = info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data
-        ctx.load_verify_locations(cadata=data)
-    cert, key = info.certificate_path, info.private_key_path
+        ctx.load_verify_locations(cadata=_pem(info.ca_data).decode("ascii"))
     if info.certificate_data or info.private_key_data:
-        # ssl wants files for client certificates; kubeconfig often carries them inline.
-        cert = _to_file(info.certificate_data)
-        key = _to_file(info.private_key_data)
-    if cert:
-        ctx.load_cert_chain(certfile=str(cert), keyfile=str(key) if key else None)
+        _load_client_certificate_data(ctx, info)
+    elif info.certificate_path:
+        key = info.private_key_path
+        ctx.load_cert_chain(certfile=str(info.certificate_path), keyfile=str(key) if key else None)
     return ctx
 
 
-def _to_file(data: str | bytes | None) -> str | None:
+def _load_client_certificate_data(ctx: ssl.SSLContext, info: kopf.ConnectionInfo) -> None:
+    """Load an inline client certificate and key, leaving no copy of them on disk.
+
+    `load_cert_chain` reads only files, so the PEM data goes into a private directory (0700,
+    files 0600) that is removed as soon as the context holds them, whether loading worked or not.
+    """
+    with tempfile.TemporaryDirectory(prefix="llmsandbox-cred-") as directory:
+        cert = _private_file(directory, "client.crt", info.certificate_data)
+        key = _private_file(directory, "client.key", info.private_key_data)
+        cert = cert or (str(info.certificate_path) if info.certificate_path else None)
+        key = key or (str(info.private_key_path) if info.private_key_path else None)
+        if cert is None:
+            raise KubeError(0, "NoCredentials", "a client key was given without its certificate")
+        ctx.load_cert_chain(certfile=cert, keyfile=key)
+
+
+def _private_file(directory: str, name: str, data: str | bytes | None) -> str | None:
     if not data:
         return None
-    raw = data if isinstance(data, bytes) else data.encode()
-    if not raw.lstrip().startswith(b"-----"):
-        raw = base64.b64decode(raw)
-    fh = tempfile.NamedTemporaryFile(prefix="llmsandbox-cred-", delete=False)  # noqa: SIM115
-    with fh:
-        fh.write(raw)
-    return fh.name
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(_pem(data))
+    return path
 
 
 class KubeClient:
@@ -171,6 +207,7 @@ class KubeClient:
         body: Any = None,
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
         text: bool = False,
     ) -> Any:
         self.calls[(verb, resource)] += 1
@@ -178,9 +215,8 @@ class KubeClient:
         if params:
             url += "?" + urlencode(params)
         data = json.dumps(body) if body is not None else None
-        async with self._session.request(
-            method, url, data=data, headers={"Content-Type": content_type}
-        ) as resp:
+        headers = {"Content-Type": content_type, "Accept": accept}
+        async with self._session.request(method, url, data=data, headers=headers) as resp:
             raw = await resp.text()
             if resp.status >= 400:
                 try:
@@ -205,6 +241,23 @@ class KubeClient:
             raise
         return obj
 
+    async def get_metadata(self, resource: str, namespace: str, name: str) -> ObjectMetadata | None:
+        """An object's metadata (PartialObjectMetadata), or None when it does not exist. For
+        Secrets: the operator learns their labels, never their data."""
+        try:
+            obj = await self._request(
+                "get",
+                "GET",
+                resource_path(resource, namespace, name),
+                resource=resource,
+                accept=METADATA_ONLY,
+            )
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return ObjectMetadata.model_validate(obj.get("metadata") or {})
+
     async def list(
         self,
         resource: str,
@@ -224,6 +277,20 @@ class KubeClient:
     async def create(self, resource: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         obj: dict[str, Any] = await self._request(
             "create", "POST", resource_path(resource, namespace), resource=resource, body=body
+        )
+        return obj
+
+    async def replace(
+        self, resource: str, namespace: str, name: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """PUT the whole object; `body.metadata.resourceVersion` makes it fail with 409
+        (ConflictError) when the object changed since it was read."""
+        obj: dict[str, Any] = await self._request(
+            "update",
+            "PUT",
+            resource_path(resource, namespace, name),
+            resource=resource,
+            body=body,
         )
         return obj
 

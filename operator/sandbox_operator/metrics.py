@@ -109,6 +109,13 @@ class Metrics:
             registry=r,
         )
         self.build_info.labels(version=__version__).set(1)
+        self.network_policy_enforced = Gauge(
+            "llmsandbox_network_policy_enforced",
+            "1 when the start-up canary found NetworkPolicy enforced, 0 when a pod under the "
+            "isolated policy could connect anyway, -1 when unknown (canary off, or no verdict).",
+            registry=r,
+        )
+        self.network_policy_enforced.set(-1)
 
     def record_result(self, model: str, result: TaskResult, cost: float | None) -> None:
         usage = result.usage
@@ -140,4 +147,5 @@ METRIC_NAMES = (
     "llmsandbox_tool_calls_total",
     "llmsandbox_max_running_tasks",
     "llmsandbox_build_info",
+    "llmsandbox_network_policy_enforced",
 )

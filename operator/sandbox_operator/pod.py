@@ -7,6 +7,7 @@ from typing import Any
 from sandbox_agent.pod import execd_command
 from sandbox_agent.task import SandboxTask
 
+from .resources import runtime_class, sandbox_resources
 from .settings import OperatorSettings
 from .taskconfig import (
     LABEL_ATTEMPT,
@@ -128,16 +129,20 @@ def _input_volumes(task: SandboxTask) -> tuple[list[dict[str, Any]], list[dict[s
     return [projected, *volumes], mounts
 
 
-def _volumes(task: SandboxTask, input_volumes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _volumes(
+    task: SandboxTask, settings: OperatorSettings, input_volumes: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     workspace: dict[str, Any] = {}
-    disk = task.spec.sandbox.resources.limits.get("ephemeral-storage")
+    disk = sandbox_resources(task, settings).limits.get("ephemeral-storage")
     if disk:
         workspace["sizeLimit"] = disk
+    # /tmp is the sandbox's too: bounded by its disk limit, else by the operator's own cap.
+    tmp = {"sizeLimit": disk or settings.sandbox_tmp_size_limit}
     return [
         {"name": "execd-bin", "emptyDir": {"sizeLimit": "16Mi"}},
         {"name": "execd-run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         {"name": "workspace", "emptyDir": workspace},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": tmp},
         {"name": "agent-tmp", "emptyDir": {}},
         {
             "name": "task",
@@ -177,6 +182,7 @@ def _sandbox_container(
     task: SandboxTask, settings: OperatorSettings, input_mounts: list[dict[str, Any]]
 ) -> dict[str, Any]:
     sandbox = task.spec.sandbox
+    resources = sandbox_resources(task, settings)
     # The model fills in its own default image; the operator's configured default wins over that.
     image = sandbox.image if "image" in sandbox.model_fields_set else settings.default_sandbox_image
     return {
@@ -197,7 +203,7 @@ def _sandbox_container(
             *input_mounts,
             {"name": "tmp", "mountPath": "/tmp"},
         ],
-        "resources": _resources(sandbox.resources.requests, sandbox.resources.limits),
+        "resources": _resources(resources.requests, resources.limits),
         # Writable root: sandbox images write caches and scratch files where they like.
         "securityContext": sandbox_security_context(),
     }
@@ -266,13 +272,14 @@ def build_pod(
             "fsGroup": NOBODY,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumes": _volumes(task, input_volumes),
+        "volumes": _volumes(task, settings, input_volumes),
         "initContainers": [_install_container(settings)],
         "containers": [
             _sandbox_container(task, settings, input_mounts),
             _agent_container(task, settings),
         ],
     }
-    if task.spec.sandbox.runtime_class_name:
-        spec["runtimeClassName"] = task.spec.sandbox.runtime_class_name
+    runtime = runtime_class(task, settings)
+    if runtime:
+        spec["runtimeClassName"] = runtime
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}

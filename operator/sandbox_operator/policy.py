@@ -6,10 +6,12 @@ for every mode, the public internet for `internet`, the listed entries for `allo
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from sandbox_agent.task import NetworkMode, SandboxTask
 
+from .addresses import excluded_by_family, exclusions_inside
 from .settings import EgressRule, OperatorSettings
 from .taskconfig import (
     LABEL_MANAGED_BY,
@@ -28,17 +30,6 @@ from .taskconfig import (
 ISOLATED_POLICY = "llmsandbox-isolated"
 INTERNET_POLICY = "llmsandbox-internet"
 ALLOWLIST_POLICY = "llmsandbox-allowlist"
-
-# Cluster, private, carrier-grade NAT, loopback and link-local (cloud metadata) ranges.
-EXCLUDED_IPV4 = [
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "169.254.0.0/16",
-    "100.64.0.0/10",
-    "127.0.0.0/8",
-]
-EXCLUDED_IPV6 = ["fc00::/7", "fe80::/10"]
 
 _SHARED_NAMES = {
     NetworkMode.ISOLATED: ISOLATED_POLICY,
@@ -77,17 +68,21 @@ def egress_rule(rule: EgressRule) -> dict[str, Any]:
     return out
 
 
-def base_egress(settings: OperatorSettings) -> list[dict[str, Any]]:
-    """What every task pod may reach: DNS (when enabled) and the inference endpoint."""
-    rules = [dns_rule()] if settings.dns_egress else []
+def base_egress(settings: OperatorSettings, mode: NetworkMode) -> list[dict[str, Any]]:
+    """What every task pod of `mode` may reach: DNS (when enabled; isolated pods may go without,
+    since DNS queries can carry data out) and the inference endpoint."""
+    dns = settings.dns_egress and (mode is not NetworkMode.ISOLATED or settings.isolated_dns_egress)
+    rules = [dns_rule()] if dns else []
     return rules + [egress_rule(rule) for rule in settings.inference_egress]
 
 
-def internet_rule() -> dict[str, Any]:
+def internet_rule(settings: OperatorSettings) -> dict[str, Any]:
+    """Every address but the excluded ranges (addresses.py and LLMSANDBOX_EXCLUDED_CIDRS)."""
+    ipv4, ipv6 = excluded_by_family(settings.excluded_cidrs)
     return {
         "to": [
-            {"ipBlock": {"cidr": "0.0.0.0/0", "except": list(EXCLUDED_IPV4)}},
-            {"ipBlock": {"cidr": "::/0", "except": list(EXCLUDED_IPV6)}},
+            {"ipBlock": {"cidr": "0.0.0.0/0", "except": ipv4}},
+            {"ipBlock": {"cidr": "::/0", "except": ipv6}},
         ]
     }
 
@@ -125,15 +120,16 @@ def shared_policies(namespace: str, settings: OperatorSettings) -> list[dict[str
     The allow-list baseline keeps an allow-list pod isolated whenever its own policy is missing
     (not created yet, or deleted), instead of leaving it unrestricted.
     """
+    isolated, internet, allow = NetworkMode.ISOLATED, NetworkMode.INTERNET, NetworkMode.ALLOW_LIST
     return [
-        _shared(ISOLATED_POLICY, namespace, NetworkMode.ISOLATED, base_egress(settings)),
+        _shared(ISOLATED_POLICY, namespace, isolated, base_egress(settings, isolated)),
         _shared(
             INTERNET_POLICY,
             namespace,
-            NetworkMode.INTERNET,
-            [*base_egress(settings), internet_rule()],
+            internet,
+            [*base_egress(settings, internet), internet_rule(settings)],
         ),
-        _shared(ALLOWLIST_POLICY, namespace, NetworkMode.ALLOW_LIST, base_egress(settings)),
+        _shared(ALLOWLIST_POLICY, namespace, allow, base_egress(settings, allow)),
     ]
 
 
@@ -153,8 +149,18 @@ def task_policy(
     if network.mode is not NetworkMode.ALLOW_LIST:
         return None
     allowed = [
-        {"to": [{"ipBlock": {"cidr": cidr}}], "ports": [{"protocol": "TCP", "port": port}]}
-        for cidr, port in allow_list(task)
+        {"to": [_ip_block(cidr, settings)], "ports": [{"protocol": "TCP", "port": port}]}
+        for cidr, port in allow_list(task, settings)
     ]
     metadata = task_metadata(task, name=policy_name_for(task), namespace=namespace, uid=uid)
-    return _policy(metadata, {LABEL_TASK_UID: uid}, [*base_egress(settings), *allowed])
+    egress = [*base_egress(settings, NetworkMode.ALLOW_LIST), *allowed]
+    return _policy(metadata, {LABEL_TASK_UID: uid}, egress)
+
+
+def _ip_block(cidr: str, settings: OperatorSettings) -> dict[str, Any]:
+    """An allow-list entry; one wider than an excluded range (0.0.0.0/0:443) keeps it out."""
+    inside = exclusions_inside(ipaddress.ip_network(cidr), settings.excluded_cidrs)
+    block: dict[str, Any] = {"cidr": cidr}
+    if inside:
+        block["except"] = inside
+    return {"ipBlock": block}

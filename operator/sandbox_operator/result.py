@@ -29,8 +29,11 @@ def parse_termination_message(text: str) -> tuple[TaskResult, bool]:
 
 
 def parse_log_result(log: str) -> TaskResult:
-    """The last `LLMSANDBOX_RESULT {...}` line of the agent's log."""
-    for line in reversed(log.splitlines()):
+    """The last `LLMSANDBOX_RESULT {...}` line of the agent's log.
+
+    Lines end at `\n` only: `str.splitlines` also breaks at U+2028, U+2029, U+0085 and other
+    separators that a model's answer may hold, which would cut the result line apart."""
+    for line in reversed(log.split("\n")):
         if line.startswith(RESULT_LOG_PREFIX):
             try:
                 return TaskResult.model_validate_json(line.removeprefix(RESULT_LOG_PREFIX))

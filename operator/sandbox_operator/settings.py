@@ -6,14 +6,28 @@ import ipaddress
 import re
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sandbox_agent.task import DEFAULT_SANDBOX_IMAGE, NAME_PATTERN, Resources
+from sandbox_agent.quantity import parse_quantity
+from sandbox_agent.task import DEFAULT_SANDBOX_IMAGE, NAME_PATTERN, QUANTITY_PATTERN, Resources
+
+from .endpoints import is_ip_address, parse_endpoint, parse_label, valid_pattern
 
 ENV_PREFIX = "LLMSANDBOX_"
 
 Port = Annotated[int, Field(ge=1, le=65_535)]
+Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN)]
+LIMITED_RESOURCES = ("cpu", "memory", "ephemeral-storage")
 # Label keys and values as Kubernetes accepts them (prefix/name = value).
 _LABEL_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
@@ -22,8 +36,50 @@ _LABEL_KEY = re.compile(
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
 
 
+def _valid_label(text: str) -> str:
+    """`key=value` as Kubernetes labels allow, or "" (no label required)."""
+    if not text:
+        return text
+    key, value = parse_label(text)
+    if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+        raise ValueError(f"{text!r} is not a valid label key=value")
+    return text
+
+
+def _valid_base_url(url: str | None) -> str | None:
+    if url is not None:
+        parse_endpoint(url)
+    return url
+
+
+def parse_address_port(text: str) -> tuple[str, int]:
+    """`ADDRESS:PORT` with an IP address (IPv6 with or without brackets) as (address, port)."""
+    address, _, port_text = text.rpartition(":")
+    try:
+        host = str(ipaddress.ip_address(address.strip("[]")))
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not ADDRESS:PORT with an IP address") from None
+    if not 1 <= port <= 65_535:
+        raise ValueError(f"port {port} is outside 1-65535")
+    return host, port
+
+
+def _valid_address_port(text: str | None) -> str | None:
+    if text is not None:
+        parse_address_port(text)
+    return text
+
+
 class SettingsError(ValueError):
     """The operator's environment is invalid; one line per variable, named as it is set."""
+
+
+def _canonical_cidr(cidr: str) -> str:
+    try:
+        return str(ipaddress.ip_network(cidr, strict=True))
+    except ValueError as exc:
+        raise ValueError(f"{cidr!r} is not a CIDR such as 10.0.0.0/8: {exc}") from None
 
 
 class EgressRule(BaseModel):
@@ -39,13 +95,7 @@ class EgressRule(BaseModel):
     @field_validator("cidrs")
     @classmethod
     def _canonical_cidrs(cls, cidrs: list[str]) -> list[str]:
-        out = []
-        for cidr in cidrs:
-            try:
-                out.append(str(ipaddress.ip_network(cidr, strict=True)))
-            except ValueError as exc:
-                raise ValueError(f"{cidr!r} is not a CIDR such as 10.0.0.0/8: {exc}") from None
-        return out
+        return [_canonical_cidr(cidr) for cidr in cidrs]
 
     @field_validator("namespace_selector", "pod_selector")
     @classmethod
@@ -91,12 +141,23 @@ class OperatorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
-    default_base_url: Annotated[str | None, Field(pattern=r"^https?://[^\s]+$")] = None
+    default_base_url: Annotated[
+        str | None, Field(pattern=r"^https?://[^\s]+$"), AfterValidator(_valid_base_url)
+    ] = None
     default_model: Annotated[str | None, Field(min_length=1)] = None
     default_api_key_secret: Annotated[str | None, Field(max_length=253, pattern=NAME_PATTERN)] = (
         None
     )
     default_api_key_secret_key: Annotated[str, Field(min_length=1, max_length=253)] = "apiKey"  # noqa: S105 - a key name
+    # Patterns (syntax in endpoints.py) a task's own spec.model.baseURL must match; the default
+    # base URL is always allowed. Empty: tasks may name no endpoint but the default.
+    allowed_base_urls: list[Annotated[str, AfterValidator(valid_pattern)]] = Field(
+        default_factory=list
+    )
+    # The label (key=value) a Secret must carry to be a task's API key; "" requires none.
+    api_key_secret_label: Annotated[str, AfterValidator(_valid_label)] = (
+        "llmsandbox.io/api-key=true"  # noqa: S105 - a label, not a secret
+    )
     agent_image: Annotated[str, Field(min_length=1, pattern=r"^[^\s]+$")] = (
         "llm-sandbox/agent:0.1.0"
     )
@@ -104,8 +165,27 @@ class OperatorSettings(BaseSettings):
         DEFAULT_SANDBOX_IMAGE
     )
     agent_resources: Resources = Field(default_factory=_default_agent_resources)
+    # Requests and limits of the sandbox container where the task gives none, per resource.
+    sandbox_default_resources: Resources = Field(default_factory=Resources)
+    # The most a task's sandbox may ask for as limits; a task without a limit gets the maximum.
+    sandbox_max_limits: dict[str, Quantity] = Field(default_factory=dict)
+    # sizeLimit of the sandbox's /tmp volume when it has no ephemeral-storage limit (which
+    # bounds /tmp and /workspace otherwise).
+    sandbox_tmp_size_limit: Quantity = "1Gi"
+    # A RuntimeClass (gVisor, Kata) every task pod runs under; a task may not name another.
+    required_runtime_class: Annotated[str | None, Field(pattern=NAME_PATTERN, max_length=253)] = (
+        None
+    )
     inference_egress: list[EgressRule] = Field(default_factory=list)
     dns_egress: bool = True
+    # False: pods of network mode isolated get no DNS (a channel out through the cluster's
+    # resolvers); their inference endpoint must then be an IP address.
+    isolated_dns_egress: bool = True
+    # The cluster's own ranges (pod, service and node CIDRs, IPv4 and IPv6), kept out of the
+    # internet policy and refused in allow lists, besides the built-in ones (addresses.py).
+    excluded_cidrs: list[Annotated[str, AfterValidator(_canonical_cidr)]] = Field(
+        default_factory=list
+    )
     max_running_tasks: Annotated[int, Field(ge=1)] = 10
     watched_namespaces: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]] = Field(
         default_factory=list, description="Namespaces to watch; empty means all."
@@ -125,9 +205,76 @@ class OperatorSettings(BaseSettings):
     pod_start_timeout_seconds: Annotated[int, Field(ge=0, le=86_400)] = 900
     # The kubelet keeps at most 4096 bytes of a container's termination message.
     termination_message_limit: Annotated[int, Field(ge=256, le=4096)] = 4096
+    # At start, run one pod under the isolated policy to learn whether the network plugin
+    # enforces NetworkPolicy (canary.py); off by default: it needs a pod and an image pull.
+    netpol_canary: bool = False
+    # Where the canary runs: default the first watched namespace, else "default".
+    netpol_canary_namespace: Annotated[str | None, Field(pattern=NAME_PATTERN, max_length=63)] = (
+        None
+    )
+    # ADDRESS:PORT the canary tries to reach; default the API server the operator talks to.
+    netpol_canary_target: Annotated[str | None, AfterValidator(_valid_address_port)] = None
+
+    @property
+    def canary_namespace(self) -> str:
+        if self.netpol_canary_namespace:
+            return self.netpol_canary_namespace
+        return self.watched_namespaces[0] if self.watched_namespaces else "default"
+
+    @field_validator("netpol_canary_namespace")
+    @classmethod
+    def _canary_in_a_watched_namespace(cls, value: str | None, info: ValidationInfo) -> str | None:
+        watched = info.data.get("watched_namespaces") or []
+        if value and watched and value not in watched:
+            raise ValueError(
+                f"{value!r} is not one of LLMSANDBOX_WATCHED_NAMESPACES, where the operator may "
+                "create pods"
+            )
+        return value
+
+    @field_validator("sandbox_max_limits")
+    @classmethod
+    def _known_resources(cls, maxima: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(maxima) - set(LIMITED_RESOURCES))
+        if unknown:
+            raise ValueError(
+                f"unknown resource {unknown[0]!r}: use cpu, memory or ephemeral-storage"
+            )
+        return maxima
+
+    @model_validator(mode="after")
+    def _defaults_within_the_maxima(self) -> OperatorSettings:
+        for name, most in self.sandbox_max_limits.items():
+            for kind in ("requests", "limits"):
+                value = getattr(self.sandbox_default_resources, kind).get(name)
+                if value is not None and parse_quantity(value) > parse_quantity(most):
+                    raise ValueError(
+                        f"{ENV_PREFIX}SANDBOX_DEFAULT_RESOURCES.{kind}.{name}: {value} is above "
+                        f"{ENV_PREFIX}SANDBOX_MAX_LIMITS.{name} {most}"
+                    )
+        return self
+
+    @property
+    def isolated_pods_resolve_names(self) -> bool:
+        return self.dns_egress and self.isolated_dns_egress
+
+    @model_validator(mode="after")
+    def _isolated_pods_can_reach_the_default_endpoint(self) -> OperatorSettings:
+        if self.default_base_url and not self.isolated_pods_resolve_names:
+            host = parse_endpoint(self.default_base_url).host
+            if not is_ip_address(host):
+                variable = "DNS_EGRESS" if not self.dns_egress else "ISOLATED_DNS_EGRESS"
+                raise ValueError(
+                    f"{ENV_PREFIX}{variable}=false with {ENV_PREFIX}DEFAULT_BASE_URL="
+                    f"{self.default_base_url}: isolated pods get no DNS, so they cannot resolve "
+                    f"{host}; give the default base URL as an IP address"
+                )
+        return self
 
 
 def _env_name(loc: tuple[int | str, ...]) -> str:
+    if not loc:
+        return ""  # a rule across variables: its message names them
     head, *rest = loc
     name = f"{ENV_PREFIX}{str(head).upper()}"
     for part in rest:
@@ -140,10 +287,11 @@ def load_settings() -> OperatorSettings:
     try:
         return OperatorSettings()
     except ValidationError as exc:
-        lines = [
-            f"{_env_name(tuple(err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        ]
+        lines = []
+        for err in exc.errors():
+            name = _env_name(tuple(err["loc"]))
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{name}: {message}" if name else message)
         raise SettingsError("\n".join(lines)) from None
 
 

@@ -64,6 +64,15 @@ class Reason(StrEnum):
     """A container image could not be pulled (ErrImagePull, ImagePullBackOff, InvalidImageName)."""
     CONFIG_MISSING = "ConfigMissing"
     """A referenced Secret or ConfigMap (API key, input files) does not exist or lacks the key."""
+    SECRET_NOT_ALLOWED = "SecretNotAllowed"  # noqa: S105 - a condition reason
+    """The API-key Secret (the task's apiKeySecretRef, or the operator's default) exists but lacks
+    the label that marks Secrets usable as tasks' API keys (LLMSANDBOX_API_KEY_SECRET_LABEL); the
+    task fails with exitReason config_error before any pod is made."""
+    FOREIGN_OBJECT = "ForeignObject"
+    """An object the task needs (its pod or its ConfigMap) already exists under the name the
+    operator gives it, but the operator did not make it for this task: another namespace, no
+    controller owner reference to the task, other labels or other content. The task fails
+    (exitReason config_error) rather than trust it; the message names the object and what differs."""
     OOM_KILLED = "OOMKilled"
     """A container exceeded its memory limit and was killed."""
     EVICTED = "Evicted"
@@ -110,6 +119,14 @@ class TaskStatus(StatusModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     pod_name: str | None = Field(default=None, description="The pod of the current attempt.")
+    pod_uid: str | None = Field(
+        default=None,
+        alias="podUID",
+        description=(
+            "UID of the current attempt's pod, recorded when the operator created (or verified "
+            "and adopted) it; only that pod's reports count for the task."
+        ),
+    )
     attempt: int | None = Field(default=None, description="1 for the first run, +1 per retry.")
     start_time: str | None = Field(
         default=None, description="When the first pod was created.", json_schema_extra=_TIMESTAMP

@@ -7,12 +7,12 @@ the pod, the ConfigMap and the NetworkPolicy all build on it.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import re
 from pathlib import PurePosixPath
 from typing import Any
 
-from sandbox_agent.errors import TaskSpecError
 from sandbox_agent.podconfig import PodModelConfig, PodTaskConfig
 from sandbox_agent.task import (
     API_GROUP,
@@ -25,6 +25,10 @@ from sandbox_agent.task import (
     parse_allow_entry,
 )
 
+from .addresses import containing_exclusion
+from .endpoints import base_url_problem, is_ip_address, parse_endpoint
+from .errors import SpecError
+from .resources import runtime_class, sandbox_resources
 from .settings import OperatorSettings
 
 TASK_CONFIG_KEY = "task.json"
@@ -50,15 +54,6 @@ MAX_CONFIGMAP_BYTES = 1024 * 1024
 MAX_NAME_LENGTH = 253
 MAX_LABEL_LENGTH = 63
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-
-
-class SpecError(TaskSpecError):
-    """A task is valid by the schema but cannot run on this cluster; names the field path."""
-
-    def __init__(self, field_path: str, message: str) -> None:
-        super().__init__(f"{field_path}: {message}")
-        self.field_path = field_path
-        self.message = message
 
 
 def bounded_name(base: str, suffix: str, *, max_length: int, dns_label: bool = False) -> str:
@@ -152,6 +147,30 @@ def resolve_model(task: SandboxTask, settings: OperatorSettings) -> tuple[str, s
     return model, base_url
 
 
+def check_endpoint(task: SandboxTask, settings: OperatorSettings) -> None:
+    """A base URL the task names must be one the operator lets it send its API key to."""
+    url = task.spec.model.base_url
+    if url is None:
+        return
+    problem = base_url_problem(
+        url,
+        patterns=settings.allowed_base_urls,
+        default_base_url=settings.default_base_url,
+        default_key=task.spec.model.api_key_secret_ref is None,
+    )
+    if problem is not None:
+        raise SpecError("spec.model.baseURL", problem)
+    isolated = task.spec.sandbox.network.mode is NetworkMode.ISOLATED
+    host = parse_endpoint(url).host
+    if isolated and not settings.isolated_pods_resolve_names and not is_ip_address(host):
+        raise SpecError(
+            "spec.model.baseURL",
+            f"{host} cannot be resolved: isolated pods get no DNS on this cluster "
+            "(LLMSANDBOX_ISOLATED_DNS_EGRESS=false); give the endpoint as an IP address, or use "
+            "network mode allowList",
+        )
+
+
 def resolve_api_key_secret(task: SandboxTask, settings: OperatorSettings) -> SecretKeyRef:
     """The Secret key the agent's OPENAI_API_KEY comes from: the task's, else the default."""
     if task.spec.model.api_key_secret_ref is not None:
@@ -222,14 +241,26 @@ def _check_inputs(task: SandboxTask) -> None:
                 )
 
 
-def allow_list(task: SandboxTask) -> list[tuple[str, int]]:
-    """The task's allow entries as (CIDR, port); SpecError names the entry that is wrong."""
+def allow_list(task: SandboxTask, settings: OperatorSettings) -> list[tuple[str, int]]:
+    """The task's allow entries as (CIDR, port); SpecError names the entry that is wrong or
+    lies inside a range no task may reach (addresses.py)."""
     allowed = []
     for i, entry in enumerate(task.spec.sandbox.network.allow):
+        where = f"spec.sandbox.network.allow[{i}]"
         try:
-            allowed.append(parse_allow_entry(entry))
+            cidr, port = parse_allow_entry(entry)
         except ValueError as exc:
-            raise SpecError(f"spec.sandbox.network.allow[{i}]", str(exc)) from None
+            raise SpecError(where, str(exc)) from None
+        excluded = containing_exclusion(ipaddress.ip_network(cidr), settings.excluded_cidrs)
+        if excluded is not None:
+            raise SpecError(
+                where,
+                f"{entry} is inside {excluded}, which no task may reach (cluster, private, "
+                "loopback, link-local and cloud metadata ranges, and the operator's "
+                "LLMSANDBOX_EXCLUDED_CIDRS); reach cluster services through the operator's "
+                "inference egress instead",
+            )
+        allowed.append((cidr, port))
     return allowed
 
 
@@ -266,8 +297,11 @@ def validate_for_cluster(task: SandboxTask, settings: OperatorSettings) -> None:
     task_name(task)
     resolve_model(task, settings)
     resolve_api_key_secret(task, settings)
+    check_endpoint(task, settings)
+    sandbox_resources(task, settings)
+    runtime_class(task, settings)
     _check_inputs(task)
-    allow_list(task)
+    allow_list(task, settings)
     data = _configmap_data(task, settings)
     size = sum(len(k.encode()) + len(v.encode()) for k, v in data.items())
     if size > MAX_CONFIGMAP_BYTES:

@@ -56,7 +56,11 @@ def api_key_secret(key: str, name: str = "llm-key") -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name, "namespace": "default"},
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": {"llmsandbox.io/api-key": "true"},
+        },
         "stringData": {"apiKey": key},
     }
 

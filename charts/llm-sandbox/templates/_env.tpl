@@ -14,16 +14,44 @@
 {{- end }}
 - name: LLMSANDBOX_DEFAULT_API_KEY_SECRET_KEY
   value: {{ .Values.inference.apiKeySecret.key | quote }}
+- name: LLMSANDBOX_ALLOWED_BASE_URLS
+  value: {{ .Values.inference.allowedBaseURLs | toJson | quote }}
+- name: LLMSANDBOX_API_KEY_SECRET_LABEL
+  value: {{ .Values.inference.apiKeySecretLabel | quote }}
 - name: LLMSANDBOX_AGENT_IMAGE
   value: {{ include "llm-sandbox.agentImage" . | quote }}
 - name: LLMSANDBOX_AGENT_RESOURCES
   value: {{ .Values.agent.resources | toJson | quote }}
 - name: LLMSANDBOX_DEFAULT_SANDBOX_IMAGE
   value: {{ .Values.sandbox.defaultImage | quote }}
+- name: LLMSANDBOX_SANDBOX_DEFAULT_RESOURCES
+  value: {{ .Values.sandbox.defaultResources | toJson | quote }}
+- name: LLMSANDBOX_SANDBOX_MAX_LIMITS
+  value: {{ .Values.sandbox.maxLimits | toJson | quote }}
+- name: LLMSANDBOX_SANDBOX_TMP_SIZE_LIMIT
+  value: {{ .Values.sandbox.tmpSizeLimit | quote }}
+{{- with .Values.sandbox.requiredRuntimeClass }}
+- name: LLMSANDBOX_REQUIRED_RUNTIME_CLASS
+  value: {{ . | quote }}
+{{- end }}
 - name: LLMSANDBOX_INFERENCE_EGRESS
   value: {{ .Values.inferenceEgress | toJson | quote }}
 - name: LLMSANDBOX_DNS_EGRESS
   value: {{ .Values.dnsEgress | quote }}
+- name: LLMSANDBOX_ISOLATED_DNS_EGRESS
+  value: {{ .Values.isolatedDNSEgress | quote }}
+- name: LLMSANDBOX_EXCLUDED_CIDRS
+  value: {{ .Values.excludedCIDRs | toJson | quote }}
+- name: LLMSANDBOX_NETPOL_CANARY
+  value: {{ .Values.netpolCanary.enabled | quote }}
+{{- with .Values.netpolCanary.namespace }}
+- name: LLMSANDBOX_NETPOL_CANARY_NAMESPACE
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.netpolCanary.target }}
+- name: LLMSANDBOX_NETPOL_CANARY_TARGET
+  value: {{ . | quote }}
+{{- end }}
 - name: LLMSANDBOX_MAX_RUNNING_TASKS
   value: {{ .Values.maxRunningTasks | quote }}
 - name: LLMSANDBOX_TOKEN_PRICES
