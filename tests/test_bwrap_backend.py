@@ -16,6 +16,7 @@ import pytest
 from conftest import bwrap_works
 from sandbox_agent.backends import BwrapSandbox, SandboxConfig
 from sandbox_agent.backends.limits import CGROUP_PREFIX, own_cgroup_parents, sweep_stale_cgroups
+from sandbox_agent.errors import SandboxError
 from sandbox_agent.execclient import ExecClient, ExecResult
 
 pytestmark = [
@@ -368,3 +369,33 @@ def test_no_uid_in_the_sandbox_is_the_hosts_root() -> None:
         assert len({outside for _, outside, _ in rows}) == 2
     else:
         assert inside == {1000}
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_a_start_that_times_out_leaves_no_sandbox_behind() -> None:
+    """The failed start itself ends the process it began (before stop() and its cgroup sweep)."""
+    sandbox = BwrapSandbox(SandboxConfig(start_timeout=0.001))
+    workspace = str(sandbox.host_workspace)
+
+    async def go() -> tuple[str, list[str]]:
+        try:
+            await sandbox.start()
+        except SandboxError as exc:
+            return str(exc), [
+                cmd
+                for pid in os.listdir("/proc")
+                if pid.isdigit() and workspace in (cmd := _cmdline(pid))
+            ]
+        finally:
+            await sandbox.stop()
+        return "started", []
+
+    message, left = asyncio.run(go())
+    assert "not ready after" in message
+    assert left == []

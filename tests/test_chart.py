@@ -57,6 +57,7 @@ NON_DEFAULT: dict[str, Any] = {
         "maxLimits": {"cpu": "4", "memory": "8Gi", "ephemeral-storage": "20Gi"},
         "tmpSizeLimit": "512Mi",
         "requiredRuntimeClass": "gvisor",
+        "userSplit": False,
     },
 }
 
@@ -270,6 +271,7 @@ def test_custom_values_reach_the_operator_as_json(custom_objects):
     assert json.loads(env["LLMSANDBOX_SANDBOX_MAX_LIMITS"]) == sandbox["maxLimits"]
     assert env["LLMSANDBOX_SANDBOX_TMP_SIZE_LIMIT"] == "512Mi"
     assert env["LLMSANDBOX_REQUIRED_RUNTIME_CLASS"] == "gvisor"
+    assert env["LLMSANDBOX_SANDBOX_USER_SPLIT"] == "false"
 
 
 def test_by_default_tasks_may_use_only_the_default_endpoint_and_labelled_secrets(

@@ -4,6 +4,7 @@ the real exec server and the real agent, talking to the scripted LLM server."""
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,8 @@ def operator_env(server: ScriptedLLMServer, **overrides: str) -> dict[str, str]:
         "LLMSANDBOX_DEADLINE_GRACE_SECONDS": "5",
         "LLMSANDBOX_EXECD_READY_TIMEOUT_SECONDS": "5",
         "LLMSANDBOX_TOKEN_PRICES": '{"scripted-model": {"prompt_per_million": 1.0, "completion_per_million": 2.0}}',
+        # Only a root test kubelet can start the sandbox container as root and let it drop.
+        "LLMSANDBOX_SANDBOX_USER_SPLIT": "true" if os.geteuid() == 0 else "false",
     }
     env.update(overrides)
     return env
@@ -160,6 +163,27 @@ def test_a_task_applied_ends_succeeded_with_the_answer_steps_and_usage_in_status
     assert llm_server.chat_requests[0].headers["authorization"] == "Bearer sk-cluster-secret"
     # The inline input was mounted into the sandbox.
     assert "q.txt" in llm_server.chat_requests[0].json["messages"][1]["content"]
+
+
+def test_without_the_user_split_a_task_runs_with_every_container_as_nobody(
+    k8s: EmulatedApiServer, kubelet: TestKubelet, run_operator: Any, llm_server: ScriptedLLMServer
+) -> None:
+    """For namespaces that enforce Pod Security "restricted": no root, no added capability."""
+    llm_server.script(
+        tool_call("execute_bash", {"command": "id -u"}),
+        tool_call("submit", {"answer": "ok"}),
+    )
+    k8s.create(secret())
+    env = operator_env(llm_server, LLMSANDBOX_SANDBOX_USER_SPLIT="false")
+    with run_operator(OPERATOR, env=env):
+        k8s.create(task("nosplit"))
+        st = wait_phase(k8s, "nosplit", TERMINAL)
+    assert st["phase"] == "Succeeded", st
+    (pod,) = pods_of(k8s, "nosplit")
+    for c in pod["spec"]["initContainers"] + pod["spec"]["containers"]:
+        assert c["securityContext"]["runAsUser"] == 65534, c["name"]
+        assert "add" not in c["securityContext"]["capabilities"], c["name"]
+    assert "[exit code 0]" in llm_server.chat_requests[1].json["messages"][-1]["content"]
 
 
 def test_the_common_path_costs_at_most_six_api_writes_per_task(

@@ -216,6 +216,21 @@ def test_the_exec_server_drops_from_root_and_runs_commands_as_nobody(
     assert command[command.index("--command-user") + 1] == "65534:65534"
 
 
+def test_without_the_user_split_every_container_is_nobody_for_pod_security_restricted() -> None:
+    """LLMSANDBOX_SANDBOX_USER_SPLIT=false: no root and no added capability anywhere (what the
+    Pod Security Standard "restricted" demands); the exec server and the commands share nobody."""
+    settings = SETTINGS.model_copy(update={"sandbox_user_split": False})
+    pod = pod_for(make_task(**FULL_TASK), settings=settings)
+    assert_valid(pod)
+    for c in pod["spec"]["initContainers"] + pod["spec"]["containers"]:
+        ctx = c["securityContext"]
+        assert (ctx["runAsUser"], ctx["runAsGroup"], ctx["runAsNonRoot"]) == (65534, 65534, True)
+        assert ctx["capabilities"] == {"drop": ["ALL"]}, c["name"]
+    command = container(pod, "sandbox")["command"]
+    assert "--drop-to" not in command
+    assert "--command-user" not in command
+
+
 def test_agent_and_installer_roots_are_read_only_and_the_sandbox_root_is_not(
     full_pod: dict[str, Any],
 ) -> None:
@@ -359,7 +374,7 @@ def test_shared_volumes_are_small_and_the_socket_volume_lives_in_memory(
 ) -> None:
     assert volume(full_pod, "execd-bin")["emptyDir"] == {"sizeLimit": "16Mi"}
     assert volume(full_pod, "execd-run")["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Mi"}
-    assert volume(full_pod, "agent-tmp")["emptyDir"] == {}
+    assert volume(full_pod, "agent-tmp")["emptyDir"] == {"sizeLimit": "256Mi"}
 
 
 def test_inline_and_single_key_inputs_are_projected_under_their_paths(

@@ -40,6 +40,7 @@ SANDBOX_CONTAINER = "sandbox"
 AGENT_CONTAINER = "agent"
 INSTALL_CONTAINER = "install-execd"
 
+AGENT_TMP_SIZE_LIMIT = "256Mi"
 # The init container only copies one file and writes a token.
 INSTALL_REQUESTS = {"cpu": "50m", "memory": "64Mi"}
 INSTALL_LIMITS = {"cpu": "500m", "memory": "128Mi"}
@@ -67,13 +68,29 @@ def hardened_security_context(*, read_only_root: bool, uid: int = AGENT_UID) -> 
     return context
 
 
-def sandbox_security_context() -> dict[str, Any]:
-    """Root with three capabilities, for the exec server's first instructions only: it drops to
-    AGENT_UID at once and runs every command as NOBODY with no capability at all."""
+def agent_uid(settings: OperatorSettings) -> int:
+    """The agent's uid, which owns the private run directory and which the exec server takes on;
+    without the user split every container is nobody."""
+    return AGENT_UID if settings.sandbox_user_split else NOBODY
+
+
+def sandbox_security_context(settings: OperatorSettings) -> dict[str, Any]:
+    """With the user split, root with three capabilities, for the exec server's first
+    instructions only: it drops to AGENT_UID at once and runs every command as NOBODY with no
+    capability at all. Without it, nobody like the other containers."""
+    if not settings.sandbox_user_split:
+        return hardened_security_context(read_only_root=False, uid=NOBODY)
     context = hardened_security_context(read_only_root=False, uid=0)
     context["runAsNonRoot"] = False
     context["capabilities"] = {"drop": ["ALL"], "add": list(EXECD_CAPABILITIES)}
     return context
+
+
+def execd_users(settings: OperatorSettings) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """(the exec server's uid, the commands') with the user split; None: one uid for both."""
+    if not settings.sandbox_user_split:
+        return None
+    return (AGENT_UID, AGENT_UID), (NOBODY, NOBODY)
 
 
 def _resources(requests: dict[str, str], limits: dict[str, str]) -> dict[str, Any]:
@@ -143,7 +160,8 @@ def _volumes(
         {"name": "execd-run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         {"name": "workspace", "emptyDir": workspace},
         {"name": "tmp", "emptyDir": tmp},
-        {"name": "agent-tmp", "emptyDir": {}},
+        # The agent writes nothing large to /tmp; bounded so a bug cannot fill the node's disk.
+        {"name": "agent-tmp", "emptyDir": {"sizeLimit": AGENT_TMP_SIZE_LIMIT}},
         {
             "name": "task",
             "configMap": {
@@ -174,7 +192,7 @@ def _install_container(settings: OperatorSettings) -> dict[str, Any]:
             {"name": "execd-run", "mountPath": RUN_DIR},
         ],
         "resources": _resources(INSTALL_REQUESTS, INSTALL_LIMITS),
-        "securityContext": hardened_security_context(read_only_root=True),
+        "securityContext": hardened_security_context(read_only_root=True, uid=agent_uid(settings)),
     }
 
 
@@ -189,10 +207,7 @@ def _sandbox_container(
         "name": SANDBOX_CONTAINER,
         "image": image,
         "command": execd_command(
-            f"{EXECD_DIR}/execd.py",
-            RUN_DIR,
-            WORKSPACE,
-            users=((AGENT_UID, AGENT_UID), (NOBODY, NOBODY)),
+            f"{EXECD_DIR}/execd.py", RUN_DIR, WORKSPACE, users=execd_users(settings)
         ),
         # Only HOME: whatever runs here is model-written code, so it gets no credential at all.
         "env": [{"name": "HOME", "value": "/tmp/home"}],
@@ -205,7 +220,7 @@ def _sandbox_container(
         ],
         "resources": _resources(resources.requests, resources.limits),
         # Writable root: sandbox images write caches and scratch files where they like.
-        "securityContext": sandbox_security_context(),
+        "securityContext": sandbox_security_context(settings),
     }
 
 
@@ -243,7 +258,7 @@ def _agent_container(task: SandboxTask, settings: OperatorSettings) -> dict[str,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "File",
         "resources": _resources(settings.agent_resources.requests, settings.agent_resources.limits),
-        "securityContext": hardened_security_context(read_only_root=True),
+        "securityContext": hardened_security_context(read_only_root=True, uid=agent_uid(settings)),
     }
 
 

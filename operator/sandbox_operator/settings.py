@@ -172,6 +172,11 @@ class OperatorSettings(BaseSettings):
     # sizeLimit of the sandbox's /tmp volume when it has no ephemeral-storage limit (which
     # bounds /tmp and /workspace otherwise).
     sandbox_tmp_size_limit: Quantity = "1Gi"
+    # True: the sandbox container starts as root with KILL, SETGID and SETUID only, the exec
+    # server drops to the agent's uid and runs commands as nobody (they cannot signal, trace or
+    # impersonate it). False, for namespaces that enforce Pod Security "restricted": every
+    # container runs as nobody, and the exec server is guarded only by being non-dumpable.
+    sandbox_user_split: bool = True
     # A RuntimeClass (gVisor, Kata) every task pod runs under; a task may not name another.
     required_runtime_class: Annotated[str | None, Field(pattern=NAME_PATTERN, max_length=253)] = (
         None

@@ -111,6 +111,39 @@ class HandOff:
             "--ready-fd", str(self._ready_w),
         ]  # fmt: skip
 
+    async def launch(
+        self,
+        argv: list[str],
+        *,
+        log: CappedLog,
+        what: str,
+        timeout: float,
+        cwd: str | Path,
+        env: dict[str, str],
+        extra_fds: tuple[int, ...] = (),
+    ) -> asyncio.subprocess.Process:
+        """Start the exec server's process with these descriptors (and `extra_fds`), its stderr
+        into `log`, and return it once the server reports ready."""
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            pass_fds=[*self.fds, *extra_fds],
+            cwd=cwd,
+            env=env,
+        )
+        self.spawned()
+        log.follow(proc.stderr)
+        try:
+            await self.wait_ready(proc, timeout, what, log)
+        except BaseException:
+            # The caller never gets the process: nothing of it may outlive a failed start.
+            await terminate(proc)
+            raise
+        return proc
+
     def spawned(self) -> None:
         """The child has its copies; ours would keep the ready pipe from ever ending.
         Idempotent: a descriptor number closed twice could by then be someone else's."""

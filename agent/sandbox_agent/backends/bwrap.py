@@ -46,7 +46,7 @@ from .base import (
     terminate,
 )
 from .limits import MIB, Enforcement, SandboxLimits, human_bytes
-from .seccomp import filter_program, supported
+from .seccomp import filter_program, machine, supported
 
 WORKSPACE = "/workspace"
 # The commands' uid and gid inside every sandbox; the exec server's is 0 when the host is root.
@@ -443,22 +443,15 @@ class BwrapSandbox(Sandbox):
                 os.close(seccomp_w)
             command = self.command(userns_fd, seccomp_r, tuple(handoff.execd_args()))
             self.enforcement = self._enforcement(self.limits.setup())
-            pass_fds = handoff.fds + [fd for fd in (userns_fd, seccomp_r) if fd is not None]
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.limits.wrap([*self._launcher(), *command]),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-                pass_fds=pass_fds,
+            self._proc = await handoff.launch(
+                self.limits.wrap([*self._launcher(), *command]),
+                log=self._log,
+                what="bwrap sandbox",
+                timeout=self.config.start_timeout,
                 # No PWD or anything else of ours: bwrap's own process is visible inside.
                 cwd="/",
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            )
-            handoff.spawned()
-            self._log.follow(self._proc.stderr)
-            await handoff.wait_ready(
-                self._proc, self.config.start_timeout, "bwrap sandbox", self._log
+                extra_fds=tuple(fd for fd in (userns_fd, seccomp_r) if fd is not None),
             )
         finally:
             handoff.close()
@@ -482,6 +475,8 @@ class BwrapSandbox(Sandbox):
                 "this bubblewrap cannot size a tmpfs (--size needs 0.5 or later): /workspace is a "
                 "host directory, only single files are capped"
             )
+        if not supported():
+            unenforced["seccomp"] = f"no filter is known for the {machine()} architecture"
         mechanism = limits.mechanism
         if "disk" in enforced:
             mechanism = "tmpfs sizes" if mechanism == "none" else f"{mechanism} + tmpfs sizes"

@@ -61,20 +61,13 @@ class ProcessSandbox(Sandbox):
         ]
         self.enforcement = self._enforcement(self.limits.setup())
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.limits.wrap(command),
+            self._proc = await handoff.launch(
+                self.limits.wrap(command),
+                log=self._log,
+                what="process sandbox",
+                timeout=self.config.start_timeout,
                 cwd=self.workspace,
                 env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-                pass_fds=handoff.fds,
-            )
-            handoff.spawned()
-            self._log.follow(self._proc.stderr)
-            await handoff.wait_ready(
-                self._proc, self.config.start_timeout, "process sandbox", self._log
             )
         finally:
             handoff.close()

@@ -30,6 +30,8 @@
   value: {{ .Values.sandbox.maxLimits | toJson | quote }}
 - name: LLMSANDBOX_SANDBOX_TMP_SIZE_LIMIT
   value: {{ .Values.sandbox.tmpSizeLimit | quote }}
+- name: LLMSANDBOX_SANDBOX_USER_SPLIT
+  value: {{ .Values.sandbox.userSplit | quote }}
 {{- with .Values.sandbox.requiredRuntimeClass }}
 - name: LLMSANDBOX_REQUIRED_RUNTIME_CLASS
   value: {{ . | quote }}
