@@ -189,6 +189,21 @@ async def collect_outputs(
     return outputs
 
 
+async def with_outputs(
+    result: TaskResult, client: ExecClient, dest: Path | None, on_event: EventSink = ignore
+) -> TaskResult:
+    """`result` with the sandbox's output files collected into `dest`: failed as compromised
+    when the exec server names an unsafe path, as it was (with a Notice) when the sandbox can no
+    longer be read."""
+    try:
+        result.outputs = await collect_outputs(client, dest, on_event=on_event)
+    except UnsafeOutputError as exc:
+        return compromised(result, exc)
+    except SandboxError as exc:
+        on_event(Notice(f"collecting output files failed: {exc}"))
+    return result
+
+
 def _skipped(rel: PurePosixPath, size: int, caps: OutputCaps, total: int) -> str:
     if size > caps.max_file_bytes:
         return (

@@ -29,7 +29,7 @@ from .events import Event, LLMRetrying, Notice
 from .execclient import ExecClient
 from .llm import ChatLLM, hide_from_environ
 from .loop import AgentLoop, AgentSettings
-from .outputs import KEEP_FILE, OUTPUT_DIR, UnsafeOutputError, collect_outputs, compromised
+from .outputs import KEEP_FILE, OUTPUT_DIR, with_outputs
 from .podconfig import PodTaskConfig
 from .result import (
     RESULT_LOG_PREFIX,
@@ -176,12 +176,7 @@ async def run(
         try:
             result = await loop.run(config.prompt, inputs)
             output_dir = artifacts / OUTPUT_DIR if artifacts is not None else None
-            try:
-                result.outputs = await collect_outputs(client, output_dir, on_event=_log)
-            except UnsafeOutputError as exc:
-                result = compromised(result, exc)
-            except SandboxError as exc:
-                _log(Notice(f"collecting output files failed: {exc}"))
+            result = await with_outputs(result, client, output_dir, _log)
         finally:
             await llm.aclose()
             # The sandbox container's main process is the exec server: stopping it ends the pod.

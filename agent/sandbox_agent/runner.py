@@ -15,7 +15,7 @@ from .events import EventSink, Notice, ignore
 from .execclient import ExecClient
 from .llm import ChatLLM
 from .loop import AgentLoop, AgentSettings
-from .outputs import KEEP_FILE, OUTPUT_DIR, UnsafeOutputError, collect_outputs, compromised
+from .outputs import KEEP_FILE, OUTPUT_DIR, with_outputs
 from .quantity import parse_quantity
 from .result import ExitReason, Phase, TaskResult, phase_for
 from .task import NetworkMode, SandboxTask
@@ -227,14 +227,7 @@ async def run_task(
                 trajectory,
             )
             result = await loop.run(spec.prompt, listing)
-            try:
-                result.outputs = await collect_outputs(
-                    client, run_dir / "output", on_event=on_event
-                )
-            except UnsafeOutputError as exc:
-                result = compromised(result, exc)
-            except SandboxError as exc:
-                on_event(Notice(f"collecting output files failed: {exc}"))
+            result = await with_outputs(result, client, run_dir / OUTPUT_DIR, on_event)
         return RunOutcome(result, run_dir, backend_cls.name, endpoint)
     except asyncio.CancelledError:
         result = _failed(ExitReason.CANCELLED, "interrupted before the task finished")

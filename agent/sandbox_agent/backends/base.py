@@ -371,16 +371,5 @@ def host_env_for_sandbox(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def seal_rundir(rundir: Path) -> None:
-    """After start, keep the sandbox from writing into the host directory that holds its socket.
-
-    Only root can hand the directory to another owner; elsewhere file sizes stay capped by the
-    backend's limits instead.
-    """
-    if os.geteuid() == 0:
-        os.chown(rundir, 65534, 65534)
-        rundir.chmod(0o755)
-
-
 def which(cmd: str) -> str | None:
     return shutil.which(cmd, path=os.environ.get("PATH"))

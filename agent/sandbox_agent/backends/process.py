@@ -49,6 +49,7 @@ class ProcessSandbox(Sandbox):
             {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.workspace)}
             | self.config.env
         )
+        self.enforcement = self._enforcement(self.limits.setup())
         handoff = HandOff(self.rundir, self.token)
         command = [
             sys.executable,
@@ -59,7 +60,6 @@ class ProcessSandbox(Sandbox):
             str(self.workspace),
             *handoff.execd_args(),
         ]
-        self.enforcement = self._enforcement(self.limits.setup())
         try:
             self._proc = await handoff.launch(
                 self.limits.wrap(command),
