@@ -1209,11 +1209,15 @@ class _PodWorker:
         switched = bool(user) and any(a.startswith("--reuid=") for a in user)
         open_up = _interpreter_ancestors() if switched else frozenset()
         cmd = [self.kubelet.bwrap, *_root_args(targets, open_up)]
-        cmd += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+        # /tmp as an image has it (1777): containers may run as any user.
+        cmd += ["--dev", "/dev", "--proc", "/proc", "--perms", "1777", "--tmpfs", "/tmp"]
         for target, host, read_only in sorted(mounts, key=lambda m: len(Path(m[0]).parts)):
             cmd += ["--ro-bind" if read_only else "--bind", str(host), target]
-        # After the volumes: a volume at /tmp (the agent's) would hide the code otherwise.
+        # After the volumes: a volume at /tmp (the agent's) would hide the code otherwise. The
+        # directories above it are made passable first: bwrap's own are root's alone (0700).
         for code in _code_under_tmp():
+            for parent in reversed(Path(code).parents[:-2]):
+                cmd += ["--perms", "0755", "--dir", str(parent)]
             cmd += ["--ro-bind", code, code]
         cmd += ["--bind", str(container.message_path), message_target]
         if workdir != "/":
