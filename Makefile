@@ -2,7 +2,7 @@
 TASK ?= examples/maths-by-code.yaml
 PYTHON ?= python3
 
-.PHONY: run test lint setup
+.PHONY: run test unit lint setup
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -12,6 +12,10 @@ run: setup
 
 test: setup
 	bash scripts/test.sh
+
+# The edit-test loop: no containers, no emulated cluster, no setup (a few minutes, not eight).
+unit:
+	$(PYTHON) -m pytest -q -m "not container and not cluster and not emulator"
 
 lint: setup
 	ruff check . && ruff format --check . && mypy

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
@@ -24,6 +26,59 @@ __all__ = ["arun_operator", "k8s", "kubelet", "llm_server", "run_operator"]
 
 # The image container tests run the docker backend with (built by images/base/build.sh).
 TEST_IMAGE = "llm-sandbox/base:bookworm"
+REPO = Path(__file__).resolve().parents[1]
+# What a child process (sandboxctl, the operator, a pod's containers) imports, asked of a fresh
+# interpreter with nothing but PATH, as pods get.
+_IMPORTED_FROM = (
+    "import sandbox_agent, sandbox_operator; "
+    "print(sandbox_agent.__file__); print(sandbox_operator.__file__)"
+)
+
+
+def imported_from(python: str = sys.executable) -> list[Path]:
+    """Where a child process finds the two packages (an empty list when it finds none)."""
+    probe = subprocess.run(
+        [python, "-c", _IMPORTED_FROM],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return []
+    return [Path(line).resolve().parents[1] for line in probe.stdout.split()]
+
+
+def checkout_problem(found: list[Path], repo: Path = REPO) -> str | None:
+    """Why child processes would not test `repo`, given where they import the packages from."""
+    if found == [repo / "agent", repo / "operator"]:
+        return None
+    where = ", ".join(map(str, found)) or "nowhere (it is not installed)"
+    return (
+        f"child processes would import llm-sandbox-operator from {where}, not from this "
+        f"checkout ({repo}): run `pip install -e .` here first (`make test` does)"
+    )
+
+
+# Fixtures that bring up the emulated API server (and with it, usually, the test kubelet).
+_EMULATOR_FIXTURES = {"k8s", "kubelet", "run_operator", "arun_operator"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs the emulator, so `make unit` can leave them out."""
+    for item in items:
+        if _EMULATOR_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.emulator)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In-process tests import this checkout; child processes import what is installed. Both
+    must be this checkout, or the subprocess and pod tests would test another copy."""
+    problem = checkout_problem(imported_from())
+    if problem is not None:
+        raise pytest.UsageError(problem)
 
 
 @cache
