@@ -295,11 +295,11 @@ def probe_syscalls(inside: bool) -> dict[str, Any]:
         "clone": CLONE[machine()],
     }
     if not inside:
-        res = subprocess.run(
+        proc = subprocess.run(
             ["/usr/bin/python3", "-c", _PROBE, json.dumps(plan), "outside"],
             capture_output=True, text=True, timeout=60, check=True,
         )  # fmt: skip
-        return dict(json.loads(res.stdout))
+        return dict(json.loads(proc.stdout))
     (res,) = run_in_sandbox(
         f"cat > /tmp/probe.py <<'EOF'\n{_PROBE}\nEOF\n"
         f"python3 /tmp/probe.py '{json.dumps(plan)}' inside"

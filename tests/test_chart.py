@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
@@ -15,6 +16,9 @@ import yaml
 from sandbox_operator.kube import API_CALLS, resource_path
 from sandbox_operator.metrics import METRIC_NAMES
 from sandbox_operator.settings import ENV_PREFIX, OperatorSettings
+
+if TYPE_CHECKING:
+    from helm_python import Chart
 
 helm = pytest.importorskip("helm_python", reason="needs helm-python-sdk")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -73,12 +77,12 @@ PROMETHEUS_BUILTINS = {"up"}
 
 
 @pytest.fixture(scope="module")
-def chart():
+def chart() -> Iterator[Chart]:
     with helm.Chart.load(str(CHART)) as loaded:
         yield loaded
 
 
-def render(chart, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def render(chart: Chart, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     rendered = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
     return [
         doc
@@ -90,12 +94,12 @@ def render(chart, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def default_objects(chart) -> list[dict[str, Any]]:
+def default_objects(chart: Chart) -> list[dict[str, Any]]:
     return render(chart)
 
 
 @pytest.fixture(scope="module")
-def custom_objects(chart) -> list[dict[str, Any]]:
+def custom_objects(chart: Chart) -> list[dict[str, Any]]:
     return render(chart, NON_DEFAULT)
 
 
@@ -136,14 +140,14 @@ def merge(*parts: dict[tuple[str, str], set[str]]) -> dict[tuple[str, str], set[
 # -- rendering and validity ---------------------------------------------------------------------
 
 
-def test_chart_metadata_names_version_and_app_version(chart):
+def test_chart_metadata_names_version_and_app_version(chart: Chart) -> None:
     assert chart.metadata["apiVersion"] == "v2"
     assert chart.version == "0.1.0"
     assert chart.metadata["appVersion"] == "0.1.0"
 
 
 @pytest.mark.parametrize("values", [None, NON_DEFAULT], ids=["default", "custom"])
-def test_helm_lint_reports_no_warnings_or_errors(values):
+def test_helm_lint_reports_no_warnings_or_errors(values: dict[str, Any] | None) -> None:
     report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE)
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert not problems, report
@@ -152,14 +156,18 @@ def test_helm_lint_reports_no_warnings_or_errors(values):
 
 @pytest.mark.parametrize("which", ["default_objects", "custom_objects"])
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
-def test_every_builtin_object_is_valid_for_supported_kubernetes(request, which, version):
+def test_every_builtin_object_is_valid_for_supported_kubernetes(
+    request: pytest.FixtureRequest, which: str, version: str
+) -> None:
     for obj in request.getfixturevalue(which):
         if obj["apiVersion"].startswith("monitoring.coreos.com/"):
             continue  # Prometheus Operator CRDs: shape checked below
         kubernetes_validate.validate(obj, version, strict=True)
 
 
-def test_default_render_has_operator_rbac_and_metrics_service_only(default_objects):
+def test_default_render_has_operator_rbac_and_metrics_service_only(
+    default_objects: list[dict[str, Any]],
+) -> None:
     kinds = sorted(o["kind"] for o in default_objects)
     assert kinds == [
         "ClusterRole",
@@ -170,7 +178,9 @@ def test_default_render_has_operator_rbac_and_metrics_service_only(default_objec
     ]
 
 
-def test_monitoring_objects_have_the_prometheus_operator_shape(custom_objects):
+def test_monitoring_objects_have_the_prometheus_operator_shape(
+    custom_objects: list[dict[str, Any]],
+) -> None:
     (monitor,) = by_kind(custom_objects, "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
@@ -195,7 +205,7 @@ def test_monitoring_objects_have_the_prometheus_operator_shape(custom_objects):
             assert alert["annotations"]["description"]
 
 
-def test_monitoring_objects_are_off_by_default(default_objects):
+def test_monitoring_objects_are_off_by_default(default_objects: list[dict[str, Any]]) -> None:
     kinds = {o["kind"] for o in default_objects}
     assert not kinds & {"ServiceMonitor", "PrometheusRule", "ConfigMap"}
 
@@ -205,11 +215,12 @@ def test_monitoring_objects_are_off_by_default(default_objects):
 
 def operator_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
     (deployment,) = by_kind(objects, "Deployment")
+    container: dict[str, Any]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     return container
 
 
-def test_operator_runs_locked_down(default_objects):
+def test_operator_runs_locked_down(default_objects: list[dict[str, Any]]) -> None:
     (deployment,) = by_kind(default_objects, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -228,7 +239,7 @@ def test_operator_runs_locked_down(default_objects):
     )
 
 
-def test_probes_hit_kopfs_liveness_endpoint(default_objects):
+def test_probes_hit_kopfs_liveness_endpoint(default_objects: list[dict[str, Any]]) -> None:
     container = operator_container(default_objects)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for probe in ("livenessProbe", "readinessProbe"):
@@ -242,7 +253,9 @@ def operator_env(objects: list[dict[str, Any]]) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("which", ["default_objects", "custom_objects"])
-def test_env_is_accepted_by_the_operators_settings(request, monkeypatch, which):
+def test_env_is_accepted_by_the_operators_settings(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, which: str
+) -> None:
     env = operator_env(request.getfixturevalue(which))
     assert all(name.startswith(ENV_PREFIX) for name in env)
     for name, value in env.items():
@@ -251,7 +264,7 @@ def test_env_is_accepted_by_the_operators_settings(request, monkeypatch, which):
     assert settings.max_running_tasks == (50 if which == "custom_objects" else 10)
 
 
-def test_custom_values_reach_the_operator_as_json(custom_objects):
+def test_custom_values_reach_the_operator_as_json(custom_objects: list[dict[str, Any]]) -> None:
     env = operator_env(custom_objects)
     assert json.loads(env["LLMSANDBOX_WATCHED_NAMESPACES"]) == NON_DEFAULT["watchedNamespaces"]
     assert json.loads(env["LLMSANDBOX_INFERENCE_EGRESS"]) == NON_DEFAULT["inferenceEgress"]
@@ -275,14 +288,14 @@ def test_custom_values_reach_the_operator_as_json(custom_objects):
 
 
 def test_by_default_tasks_may_use_only_the_default_endpoint_and_labelled_secrets(
-    default_objects,
-):
+    default_objects: list[dict[str, Any]],
+) -> None:
     env = operator_env(default_objects)
     assert json.loads(env["LLMSANDBOX_ALLOWED_BASE_URLS"]) == []
     assert env["LLMSANDBOX_API_KEY_SECRET_LABEL"] == "llmsandbox.io/api-key=true"
 
 
-def test_metrics_service_targets_the_metrics_port(default_objects):
+def test_metrics_service_targets_the_metrics_port(default_objects: list[dict[str, Any]]) -> None:
     (service,) = by_kind(default_objects, "Service")
     ports = {p["name"]: p["containerPort"] for p in operator_container(default_objects)["ports"]}
     (port,) = service["spec"]["ports"]
@@ -293,7 +306,9 @@ def test_metrics_service_targets_the_metrics_port(default_objects):
 # -- RBAC ---------------------------------------------------------------------------------------
 
 
-def test_clusterwide_rbac_grants_exactly_api_calls_and_kopfs_needs(default_objects):
+def test_clusterwide_rbac_grants_exactly_api_calls_and_kopfs_needs(
+    default_objects: list[dict[str, Any]],
+) -> None:
     (role,) = by_kind(default_objects, "ClusterRole")
     expected = merge(
         needed_by_operator(), KOPF_CLUSTER_RULES, KOPF_CLUSTERWIDE_RULES, KOPF_EVENT_RULES
@@ -304,7 +319,9 @@ def test_clusterwide_rbac_grants_exactly_api_calls_and_kopfs_needs(default_objec
     assert binding["subjects"][0]["namespace"] == NAMESPACE
 
 
-def test_namespaced_rbac_is_a_role_per_watched_namespace(custom_objects):
+def test_namespaced_rbac_is_a_role_per_watched_namespace(
+    custom_objects: list[dict[str, Any]],
+) -> None:
     (cluster_role,) = by_kind(custom_objects, "ClusterRole")
     # CRDs are cluster-scoped; namespaces are not watched when kopf has a fixed list.
     assert grants(cluster_role["rules"]) == KOPF_CLUSTER_RULES
@@ -317,7 +334,9 @@ def test_namespaced_rbac_is_a_role_per_watched_namespace(custom_objects):
 
 
 @pytest.mark.parametrize("which", ["default_objects", "custom_objects"])
-def test_rbac_has_no_wildcards_and_reads_secrets_only_by_name(request, which):
+def test_rbac_has_no_wildcards_and_reads_secrets_only_by_name(
+    request: pytest.FixtureRequest, which: str
+) -> None:
     for obj in request.getfixturevalue(which):
         for rule in obj.get("rules", []):
             for field in ("apiGroups", "resources", "verbs"):
@@ -342,7 +361,9 @@ def documented_grants() -> dict[tuple[str, str], set[str]]:
     return out
 
 
-def test_the_documented_grants_are_the_clusterwide_role(default_objects):
+def test_the_documented_grants_are_the_clusterwide_role(
+    default_objects: list[dict[str, Any]],
+) -> None:
     (role,) = by_kind(default_objects, "ClusterRole")
     assert documented_grants() == grants(role["rules"])
 
@@ -373,7 +394,7 @@ def dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def dashboard(custom_objects) -> dict[str, Any]:
+def dashboard(custom_objects: list[dict[str, Any]]) -> dict[str, Any]:
     (configmap,) = by_kind(custom_objects, "ConfigMap")
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     loaded: dict[str, Any] = json.loads(configmap["data"]["llm-sandbox.json"])
@@ -381,17 +402,19 @@ def dashboard(custom_objects) -> dict[str, Any]:
     return loaded
 
 
-def test_dashboard_queries_only_exported_metrics(dashboard):
+def test_dashboard_queries_only_exported_metrics(dashboard: dict[str, Any]) -> None:
     queried = {family(m) for e in dashboard_exprs(dashboard) for m in _METRIC_TOKEN.findall(e)}
     assert queried <= set(METRIC_NAMES), queried - set(METRIC_NAMES)
 
 
-def test_every_exported_metric_is_on_the_dashboard(dashboard):
+def test_every_exported_metric_is_on_the_dashboard(dashboard: dict[str, Any]) -> None:
     queried = {family(m) for e in dashboard_exprs(dashboard) for m in _METRIC_TOKEN.findall(e)}
     assert set(METRIC_NAMES) <= queried, set(METRIC_NAMES) - queried
 
 
-def test_dashboard_shows_latency_quantiles_from_histogram_buckets(dashboard):
+def test_dashboard_shows_latency_quantiles_from_histogram_buckets(
+    dashboard: dict[str, Any],
+) -> None:
     exprs = "\n".join(dashboard_exprs(dashboard))
     for histogram in (
         "llmsandbox_queue_wait_seconds",
@@ -402,7 +425,7 @@ def test_dashboard_shows_latency_quantiles_from_histogram_buckets(dashboard):
             assert f"histogram_quantile({q}, sum by (le) (rate({histogram}_bucket" in exprs
 
 
-def test_dashboard_panels_do_not_overlap(dashboard):
+def test_dashboard_panels_do_not_overlap(dashboard: dict[str, Any]) -> None:
     cells: set[tuple[int, int]] = set()
     for panel in dashboard["panels"]:
         pos = panel["gridPos"]
@@ -416,7 +439,7 @@ def test_dashboard_panels_do_not_overlap(dashboard):
         cells |= mine
 
 
-def test_alerts_query_only_exported_metrics(custom_objects):
+def test_alerts_query_only_exported_metrics(custom_objects: list[dict[str, Any]]) -> None:
     (rule,) = by_kind(custom_objects, "PrometheusRule")
     alerts = [a for g in rule["spec"]["groups"] for a in g["rules"]]
     names = {a["alert"] for a in alerts}
@@ -459,18 +482,18 @@ def test_alerts_query_only_exported_metrics(custom_objects):
         {"unknownKey": True},
     ],
 )
-def test_values_schema_rejects_bad_values(chart, bad):
+def test_values_schema_rejects_bad_values(chart: Chart, bad: dict[str, Any]) -> None:
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema(bad)
     with pytest.raises(helm.HelmError):
         chart.render(bad, name=RELEASE, namespace=NAMESPACE)
 
 
-def test_values_schema_accepts_the_custom_values(chart):
+def test_values_schema_accepts_the_custom_values(chart: Chart) -> None:
     chart.validate_schema(NON_DEFAULT)
 
 
-def test_committed_manifests_equal_a_fresh_render():
+def test_committed_manifests_equal_a_fresh_render() -> None:
     fresh = subprocess.run(
         ["bash", str(ROOT / "scripts" / "render-manifests.sh"), "-"],
         capture_output=True,
@@ -500,7 +523,7 @@ def _kind_up_values() -> dict[str, Any]:
     return values
 
 
-def test_the_kind_quickstart_values_render_and_reach_the_operator(chart):
+def test_the_kind_quickstart_values_render_and_reach_the_operator(chart: Chart) -> None:
     values = _kind_up_values()
     assert values["inference"]["baseURL"] == "http://10.0.0.1:8000/v1"
     objects = render(chart, values)

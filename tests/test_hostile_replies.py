@@ -42,6 +42,11 @@ def run_with(
     return asyncio.run(go())
 
 
+def replying(reply: Reply) -> Handler:
+    """A route that answers every request with `reply` (bound now, not to a loop variable)."""
+    return lambda _b: reply
+
+
 def files_under(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
@@ -82,7 +87,7 @@ def test_a_listing_with_escaping_paths_writes_nothing_outside_the_output_dir(
     absolute = tmp_path / "abs-PWNED.txt"
     for hostile in ("../../x/PWNED.txt", str(absolute)):
         routes: dict[str, Handler] = {
-            "/files/list": lambda _b, h=hostile: listing("good.txt", h),
+            "/files/list": replying(listing("good.txt", hostile)),
             "/files/read": lambda _b: file_reply(b"pwned"),
         }
         with pytest.raises(UnsafeOutputError) as caught:
@@ -116,7 +121,7 @@ def test_a_symlink_planted_in_the_destination_is_not_followed(tmp_path: Path) ->
     (dest / "f.txt").symlink_to(tmp_path / "victim.txt")
     for name in ("sub/x.txt", "f.txt"):
         routes: dict[str, Handler] = {
-            "/files/list": lambda _b, n=name: listing(n),
+            "/files/list": replying(listing(name)),
             "/files/read": lambda _b: file_reply(b"pwned"),
         }
         with pytest.raises(UnsafeOutputError):
@@ -190,7 +195,7 @@ def test_a_reply_body_over_its_cap_is_refused_unread(tmp_path: Path) -> None:
         with pytest.raises(SandboxError, match="more than .* bytes for /exec; refused"):
             run_with(
                 tmp_path,
-                {"/exec": lambda _b, r=reply: r},
+                {"/exec": replying(reply)},
                 lambda c: c.exec("true", 5, max_output_bytes=16384),
             )
 
@@ -251,7 +256,7 @@ def test_invalid_listing_shapes_are_refused(tmp_path: Path) -> None:
     ):
         reply = Reply({"path": "output", "entries": [entry]})
         with pytest.raises(SandboxError, match="unexpected reply for /files/list"):
-            run_with(tmp_path, {"/files/list": lambda _b, r=reply: r}, lambda c: c.list_dir("o"))
+            run_with(tmp_path, {"/files/list": replying(reply)}, lambda c: c.list_dir("o"))
 
 
 def test_error_replies_keep_a_bounded_message(tmp_path: Path) -> None:

@@ -163,7 +163,7 @@ def test_the_images_run_a_task_as_a_pod_would(
         result = json.loads((pod_dirs["term"] / "message").read_text())
         assert result["phase"] == "Succeeded", result
         assert result["answer"] == "{641: 1, 6700417: 1}"
-        observation = llm_server.chat_requests[1].json["messages"][-1]["content"]
+        observation = (llm_server.chat_requests[1].json or {})["messages"][-1]["content"]
         assert "641" in observation
         # Commands are nobody and cannot signal the exec server (it dropped to the agent's uid).
         assert "65534" in observation

@@ -9,8 +9,10 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import kmock
@@ -24,6 +26,7 @@ from k8s.kubelet import (
     ImagePullFailure,
     NeverStart,
     OOMKill,
+    PodMatch,
     TestKubelet,
     process_group_alive,
 )
@@ -32,6 +35,7 @@ __all__ = ["arun_operator", "k8s", "kubelet", "run_operator"]  # the fixtures us
 
 JSON = dict[str, Any]
 FINISHED = ("Succeeded", "Failed")
+T = TypeVar("T")
 
 
 def container(name: str, code: str, **extra: Any) -> JSON:
@@ -52,9 +56,33 @@ def phase_of(api: EmulatedApiServer, name: str) -> str | None:
     return obj["status"].get("phase") if obj else None
 
 
-def wait_phase(api: EmulatedApiServer, name: str, phases: tuple[str, ...], timeout: float = 15):
-    return api.wait_for(
-        lambda: (obj := api.get("pods", name)) and obj["status"].get("phase") in phases and obj,
+def until(
+    api: EmulatedApiServer,
+    predicate: Callable[[], T | None],
+    timeout: float = 10.0,
+    message: str = "",
+) -> T:
+    """``api.wait_for`` for a predicate that returns None until its value is there."""
+    value = api.wait_for(predicate, timeout=timeout, message=message)
+    assert value is not None  # wait_for returns only a truthy value
+    return value
+
+
+def existing(api: EmulatedApiServer, resource: str, name: str) -> JSON:
+    """An object the test knows is there."""
+    obj = api.get(resource, name)
+    assert obj is not None, f"{resource}/{name} does not exist"
+    return obj
+
+
+def wait_phase(
+    api: EmulatedApiServer, name: str, phases: tuple[str, ...], timeout: float = 15
+) -> JSON:
+    return until(
+        api,
+        lambda: (
+            obj if (obj := api.get("pods", name)) and obj["status"].get("phase") in phases else None
+        ),
         timeout=timeout,
         message=f"pod {name} never reached {phases}: {api.get('pods', name)}",
     )
@@ -77,7 +105,9 @@ def http_get(api: EmulatedApiServer, path: str) -> tuple[int, bytes]:
 # --- pods run by the kubelet ------------------------------------------------------------------
 
 
-def test_init_container_fills_empty_dir_and_main_reports_termination_message(k8s, kubelet):
+def test_init_container_fills_empty_dir_and_main_reports_termination_message(
+    k8s: EmulatedApiServer, kubelet: TestKubelet
+) -> None:
     writer = container(
         "fetch",
         "open('/workspace/input.txt', 'w').write('42'); print('fetched')",
@@ -109,7 +139,9 @@ def test_init_container_fills_empty_dir_and_main_reports_termination_message(k8s
     assert conditions["Initialized"] == "True"
 
 
-def test_failing_init_container_fails_the_pod_and_main_never_starts(k8s, kubelet):
+def test_failing_init_container_fails_the_pod_and_main_never_starts(
+    k8s: EmulatedApiServer, kubelet: TestKubelet
+) -> None:
     k8s.create(
         pod(
             "p2",
@@ -125,7 +157,9 @@ def test_failing_init_container_fails_the_pod_and_main_never_starts(k8s, kubelet
     assert "waiting" in states["main"]["state"]
 
 
-def test_configmap_volume_and_secret_env_reach_the_container(k8s, kubelet):
+def test_configmap_volume_and_secret_env_reach_the_container(
+    k8s: EmulatedApiServer, kubelet: TestKubelet
+) -> None:
     k8s.create(
         {
             "apiVersion": "v1",
@@ -216,7 +250,9 @@ open('/dev/termination-log', 'w').write('|'.join(parts))
     ]
 
 
-def test_missing_secret_is_create_container_config_error_until_it_exists(k8s, kubelet):
+def test_missing_secret_is_create_container_config_error_until_it_exists(
+    k8s: EmulatedApiServer, kubelet: TestKubelet
+) -> None:
     main = container(
         "agent",
         "import os; open('/dev/termination-log','w').write(os.environ['K'])",
@@ -233,7 +269,7 @@ def test_missing_secret_is_create_container_config_error_until_it_exists(k8s, ku
             else None
         )
 
-    state = k8s.wait_for(waiting)
+    state = until(k8s, waiting)
     assert state["message"] == 'secret "late" not found'
     assert phase_of(k8s, "p4") == "Pending"
 
@@ -249,7 +285,9 @@ def test_missing_secret_is_create_container_config_error_until_it_exists(k8s, ku
     assert statuses(done)["agent"]["state"]["terminated"]["message"] == "now"
 
 
-def test_active_deadline_fails_the_pod_and_kills_the_process(k8s, kubelet):
+def test_active_deadline_fails_the_pod_and_kills_the_process(
+    k8s: EmulatedApiServer, kubelet: TestKubelet
+) -> None:
     k8s.create(
         pod("p5", [container("sleeper", "import time; time.sleep(60)")], activeDeadlineSeconds=1)
     )
@@ -266,7 +304,9 @@ def test_active_deadline_fails_the_pod_and_kills_the_process(k8s, kubelet):
     assert not process_group_alive(groups["sleeper"])
 
 
-def test_deleting_a_pod_kills_its_process_then_the_object_is_gone(k8s, kubelet):
+def test_deleting_a_pod_kills_its_process_then_the_object_is_gone(
+    k8s: EmulatedApiServer, kubelet: TestKubelet
+) -> None:
     k8s.create(pod("p6", [container("sleeper", "import time; time.sleep(60)")]))
     wait_phase(k8s, "p6", ("Running",))
     group = kubelet.process_groups("default", "p6")["sleeper"]
@@ -278,7 +318,9 @@ def test_deleting_a_pod_kills_its_process_then_the_object_is_gone(k8s, kubelet):
     assert not process_group_alive(group)
 
 
-def test_pod_log_with_tail_lines_and_container(k8s, kubelet):
+def test_pod_log_with_tail_lines_and_container(
+    k8s: EmulatedApiServer, kubelet: TestKubelet
+) -> None:
     code = "import sys\nfor i in range(5): print(f'line {i}', flush=True)\nprint('oops', file=sys.stderr)"
     k8s.create(pod("p7", [container("a", code), container("b", "print('only b')")]))
     wait_phase(k8s, "p7", FINISHED)
@@ -307,7 +349,9 @@ def owned_by(owner: JSON) -> list[JSON]:
     ]
 
 
-def test_owner_reference_garbage_collection_is_recursive_and_honours_orphan(k8s):
+def test_owner_reference_garbage_collection_is_recursive_and_honours_orphan(
+    k8s: EmulatedApiServer,
+) -> None:
     def configmap(name: str, owner: JSON | None = None) -> JSON:
         meta: JSON = {"name": name, **({"ownerReferences": owned_by(owner)} if owner else {})}
         return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta}
@@ -334,7 +378,7 @@ def test_owner_reference_garbage_collection_is_recursive_and_honours_orphan(k8s)
     )
 
     k8s.delete("configmaps", "orphaner", propagation="Orphan")
-    assert "ownerReferences" not in k8s.get("networkpolicies", "np")["metadata"]
+    assert "ownerReferences" not in existing(k8s, "networkpolicies", "np")["metadata"]
     k8s.delete("sandboxtasks", "t")
 
     assert k8s.get("configmaps", "child") is None
@@ -343,7 +387,7 @@ def test_owner_reference_garbage_collection_is_recursive_and_honours_orphan(k8s)
     assert k8s.get("networkpolicies", "np") is not None
 
 
-def test_label_and_field_selectors_and_increasing_resource_versions(k8s):
+def test_label_and_field_selectors_and_increasing_resource_versions(k8s: EmulatedApiServer) -> None:
     versions = []
     for name, labels in (("a", {"app": "x", "tier": "1"}), ("b", {"app": "y"}), ("c", {})):
         obj = k8s.create(
@@ -375,7 +419,7 @@ def test_label_and_field_selectors_and_increasing_resource_versions(k8s):
     assert parse_label_selector("a in (x, y),!b")[0].values == frozenset({"x", "y"})
 
 
-def test_status_subresource_json_patch_conflicts_and_finalizers(k8s):
+def test_status_subresource_json_patch_conflicts_and_finalizers(k8s: EmulatedApiServer) -> None:
     task = k8s.create(
         {
             "apiVersion": "llmsandbox.io/v1alpha1",
@@ -419,7 +463,9 @@ def test_status_subresource_json_patch_conflicts_and_finalizers(k8s):
     assert json_patch({"a": [1]}, [{"op": "add", "path": "/a/-", "value": 2}]) == {"a": [1, 2]}
 
 
-async def test_watch_resumes_from_resource_version_and_filters_by_label(k8s):
+async def test_watch_resumes_from_resource_version_and_filters_by_label(
+    k8s: EmulatedApiServer,
+) -> None:
     first = k8s.create(
         {
             "apiVersion": "v1",
@@ -450,8 +496,11 @@ async def test_watch_resumes_from_resource_version_and_filters_by_label(k8s):
 # --- fault injection --------------------------------------------------------------------------
 
 
-def test_kmock_reactions_inject_api_errors_and_the_kubelet_retries(k8s, kubelet):
+def test_kmock_reactions_inject_api_errors_and_the_kubelet_retries(
+    k8s: EmulatedApiServer, kubelet: TestKubelet
+) -> None:
     pods = kmock.resource(group="", version="v1", plural="pods")
+    assert k8s.handler is not None  # the server is started
     failing = k8s.handler["patch", pods, kmock.subresource("status")][:2] << 503
     k8s.create(pod("flaky", [container("main", "print('fine')")]))
     done = wait_phase(k8s, "flaky", FINISHED)
@@ -459,11 +508,13 @@ def test_kmock_reactions_inject_api_errors_and_the_kubelet_retries(k8s, kubelet)
     assert len(list(failing)) == 2  # the two failed writes changed nothing and were retried
 
 
-def named(name: str):
+def named(name: str) -> PodMatch:
     return lambda obj: obj["metadata"]["name"] == name
 
 
-def test_image_pull_failure_keeps_the_pod_pending_in_back_off(k8s, kubelet):
+def test_image_pull_failure_keeps_the_pod_pending_in_back_off(
+    k8s: EmulatedApiServer, kubelet: TestKubelet
+) -> None:
     kubelet.inject(named("pull"), ImagePullFailure())
     k8s.create(pod("pull", [container("main", "print(1)")]))
 
@@ -472,12 +523,12 @@ def test_image_pull_failure_keeps_the_pod_pending_in_back_off(k8s, kubelet):
         waiting = statuses(obj).get("main", {}).get("state", {}).get("waiting", {}) if obj else {}
         return waiting if waiting.get("reason") == "ImagePullBackOff" else None
 
-    waiting = k8s.wait_for(backoff)
+    waiting = until(k8s, backoff)
     assert waiting["message"] == 'Back-off pulling image "python:3.11-slim"'
     assert phase_of(k8s, "pull") == "Pending"
 
 
-def test_oom_killed_container(k8s, kubelet):
+def test_oom_killed_container(k8s: EmulatedApiServer, kubelet: TestKubelet) -> None:
     kubelet.inject(named("oom"), OOMKill("main", after=0.2))
     k8s.create(pod("oom", [container("main", "import time; time.sleep(60)")]))
     done = wait_phase(k8s, "oom", FINISHED)
@@ -486,7 +537,7 @@ def test_oom_killed_container(k8s, kubelet):
     assert (terminated["reason"], terminated["exitCode"]) == ("OOMKilled", 137)
 
 
-def test_evicted_pod(k8s, kubelet):
+def test_evicted_pod(k8s: EmulatedApiServer, kubelet: TestKubelet) -> None:
     kubelet.inject(named("ev"), Evict(after=0.2))
     k8s.create(pod("ev", [container("main", "import time; time.sleep(60)")]))
     done = wait_phase(k8s, "ev", FINISHED)
@@ -494,11 +545,14 @@ def test_evicted_pod(k8s, kubelet):
     assert done["status"]["message"] == "The node was low on resource: memory."
 
 
-def test_never_started_pod_stays_unschedulable(k8s, kubelet):
+def test_never_started_pod_stays_unschedulable(
+    k8s: EmulatedApiServer, kubelet: TestKubelet
+) -> None:
     kubelet.inject(named("stuck"), NeverStart())
     k8s.create(pod("stuck", [container("main", "print(1)")]))
-    obj = k8s.wait_for(
-        lambda: (p := k8s.get("pods", "stuck")) and p["status"].get("conditions") and p
+    obj = until(
+        k8s,
+        lambda: p if (p := k8s.get("pods", "stuck")) and p["status"].get("conditions") else None,
     )
     scheduled = obj["status"]["conditions"][0]
     assert (scheduled["type"], scheduled["status"], scheduled["reason"]) == (
@@ -508,10 +562,10 @@ def test_never_started_pod_stays_unschedulable(k8s, kubelet):
     )
     time.sleep(0.3)
     assert phase_of(k8s, "stuck") == "Pending"
-    assert "nodeName" not in k8s.get("pods", "stuck")["spec"]
+    assert "nodeName" not in existing(k8s, "pods", "stuck")["spec"]
 
 
-def test_delayed_start_and_instant_completion(k8s, kubelet):
+def test_delayed_start_and_instant_completion(k8s: EmulatedApiServer, kubelet: TestKubelet) -> None:
     kubelet.inject(named("slow"), DelayStart(0.5))
     kubelet.instant_complete({"phase": "Succeeded", "answer": "204"}, match=named("fast"))
     started = time.monotonic()
@@ -575,22 +629,26 @@ def task(name: str) -> JSON:
     }
 
 
-def test_kopf_operator_reacts_to_a_sandbox_task(k8s, run_operator, tmp_path: Path):
+def test_kopf_operator_reacts_to_a_sandbox_task(
+    k8s: EmulatedApiServer, run_operator: Callable[..., AbstractContextManager[Any]], tmp_path: Path
+) -> None:
     module = tmp_path / "harness_operator.py"
     module.write_text(textwrap.dedent(OPERATOR))
 
     with run_operator(module, env={"GREETING": "hello"}, wait_watching=["sandboxtasks"]) as op:
         k8s.create(task("t1"))
-        running = k8s.wait_for(
+        running = until(
+            k8s,
             lambda: (
-                (t := k8s.get("sandboxtasks", "t1"))
+                t
+                if (t := k8s.get("sandboxtasks", "t1"))
                 and t.get("status", {}).get("phase") == "Running"
-                and t
-            )
+                else None
+            ),
         )
         assert running["status"]["greeting"] == "hello"
         assert running["metadata"]["finalizers"]  # kopf's, for the delete handler
-        owned = k8s.get("configmaps", "t1-prompt")
+        owned = existing(k8s, "configmaps", "t1-prompt")
         assert owned["data"] == {"prompt": "What is 6 x 7?"}
         assert owned["metadata"]["ownerReferences"][0]["uid"] == running["metadata"]["uid"]
 
@@ -604,7 +662,11 @@ def test_kopf_operator_reacts_to_a_sandbox_task(k8s, run_operator, tmp_path: Pat
     assert "cleaning up t1" in op.output
 
 
-async def test_kopf_operator_as_a_task_of_the_test_loop(k8s, arun_operator, tmp_path: Path):
+async def test_kopf_operator_as_a_task_of_the_test_loop(
+    k8s: EmulatedApiServer,
+    arun_operator: Callable[..., AbstractAsyncContextManager[Any]],
+    tmp_path: Path,
+) -> None:
     module = tmp_path / "harness_operator_async.py"
     module.write_text(textwrap.dedent(OPERATOR))
     async with arun_operator(module, env={"GREETING": "from a task"}):
@@ -616,7 +678,7 @@ async def test_kopf_operator_as_a_task_of_the_test_loop(k8s, arun_operator, tmp_
         await asyncio.sleep(0)
 
 
-def test_kubelet_stop_leaves_no_process_behind(k8s):
+def test_kubelet_stop_leaves_no_process_behind(k8s: EmulatedApiServer) -> None:
     node = TestKubelet(k8s).start()
     try:
         k8s.create(

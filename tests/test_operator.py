@@ -86,7 +86,9 @@ def wait_phase(
 
 
 def st_uid(k8s: EmulatedApiServer, name: str) -> str:
-    return str(k8s.get("sandboxtasks", name)["metadata"]["uid"])
+    body = k8s.get("sandboxtasks", name)
+    assert body is not None, f"sandboxtask {name} does not exist"
+    return str(body["metadata"]["uid"])
 
 
 def pods_of(k8s: EmulatedApiServer, name: str) -> list[dict[str, Any]]:
@@ -162,7 +164,7 @@ def test_a_task_applied_ends_succeeded_with_the_answer_steps_and_usage_in_status
     # The key reached the endpoint from the agent container's Secret reference.
     assert llm_server.chat_requests[0].headers["authorization"] == "Bearer sk-cluster-secret"
     # The inline input was mounted into the sandbox.
-    assert "q.txt" in llm_server.chat_requests[0].json["messages"][1]["content"]
+    assert "q.txt" in (llm_server.chat_requests[0].json or {})["messages"][1]["content"]
 
 
 def test_without_the_user_split_a_task_runs_with_every_container_as_nobody(
@@ -183,7 +185,7 @@ def test_without_the_user_split_a_task_runs_with_every_container_as_nobody(
     for c in pod["spec"]["initContainers"] + pod["spec"]["containers"]:
         assert c["securityContext"]["runAsUser"] == 65534, c["name"]
         assert "add" not in c["securityContext"]["capabilities"], c["name"]
-    assert "[exit code 0]" in llm_server.chat_requests[1].json["messages"][-1]["content"]
+    assert "[exit code 0]" in (llm_server.chat_requests[1].json or {})["messages"][-1]["content"]
 
 
 def test_the_common_path_costs_at_most_six_api_writes_per_task(
@@ -326,13 +328,14 @@ def test_a_pod_deleted_under_a_running_task_is_retried_then_fails(
     with run_operator(OPERATOR, env=operator_env(llm_server)):
         k8s.create(task("fragile", retries=1))
         for attempt in (1, 2):
-            k8s.wait_for(
-                lambda a=attempt: (
+
+            def running(a: int = attempt) -> bool:
+                return bool(
                     status(k8s, "fragile").get("attempt") == a
                     and status(k8s, "fragile").get("phase") == "Running"
-                ),
-                timeout=30,
-            )
+                )
+
+            k8s.wait_for(running, timeout=30)
             k8s.delete("pods", status(k8s, "fragile")["podName"])
         st = wait_phase(k8s, "fragile", TERMINAL)
     assert st["phase"] == "Failed"
@@ -516,7 +519,7 @@ def test_inputs_from_a_configmap_reach_the_sandbox(
     assert st["phase"] == "Succeeded", kubelet.read_log(
         "default", pods[0]["metadata"]["name"], "sandbox"
     )
-    observation = llm_server.chat_requests[1].json["messages"][-1]["content"]
+    observation = (llm_server.chat_requests[1].json or {})["messages"][-1]["content"]
     assert "from-afrom-b" in observation.replace("\n", "").replace("\n", "")
 
 

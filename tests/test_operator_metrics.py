@@ -8,6 +8,7 @@ import urllib.request
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from k8s.emulator import EmulatedApiServer
 from k8s.kubelet import TestKubelet
@@ -22,20 +23,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def scrape(port: int) -> dict[str, list[Any]]:
+def scrape(port: int) -> dict[str, list[Sample]]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    families: dict[str, list[Any]] = {}
+    families: dict[str, list[Sample]] = {}
     for family in text_string_to_metric_families(text):
         families[family.name] = list(family.samples)
     return families
 
 
-def completions(families: dict[str, list[Any]]) -> float:
+def completions(families: dict[str, list[Sample]]) -> float:
     samples = families.get("llmsandbox_tasks_completed", [])
     return sum(s.value for s in samples if s.name.endswith("_total"))
 
 
-def value(samples: list[Any], name: str, **labels: str) -> float:
+def value(samples: list[Sample], name: str, **labels: str) -> float:
     return sum(
         s.value
         for s in samples

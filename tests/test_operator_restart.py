@@ -36,7 +36,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -44,6 +44,9 @@ from k8s.emulator import EmulatedApiServer
 from k8s.history import TaskHistory
 from k8s.process import OperatorProcess, free_port
 from k8s.workload import EXPECTED, faulty_kubelet, short_task
+
+if TYPE_CHECKING:
+    from sandbox_operator.controller import Operator
 
 SEED = int(os.environ.get("RESTART_TEST_SEED", "5021"))
 N_TASKS = 60
@@ -371,7 +374,7 @@ def _stuck_pod() -> dict[str, Any]:
     }
 
 
-def _completed(operator: Any) -> float:
+def _completed(operator: Operator) -> float:
     return sum(
         s.value
         for family in operator.metrics.registry.collect()
