@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import jsonschema  # type: ignore[import-untyped]  # jsonschema ships no types, stubs not installed
+import jsonschema
 
 from sandbox_operator.crd import crd_manifest
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import jsonschema  # type: ignore[import-untyped]  # jsonschema ships no types, stubs not installed
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
