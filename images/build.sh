@@ -9,7 +9,7 @@ bash images/base/build.sh
 # The project and its dependencies as wheels, fetched with this machine's pip settings, so the
 # image builds install offline.
 rm -rf images/.wheels
-python3 -m pip wheel --quiet --disable-pip-version-check --wheel-dir images/.wheels .
+python3 -m pip wheel --quiet --disable-pip-version-check --wheel-dir images/.wheels '.[operator]'
 for name in sandbox agent operator; do
   image="llm-sandbox/${name}:${tag}"
   [ "$name" = sandbox ] && image="llm-sandbox/sandbox-python:${tag}"

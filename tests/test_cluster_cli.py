@@ -21,7 +21,7 @@ def sandboxctl(
     *args: str, env: dict[str, str], cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sandbox_operator.cli", *args],
+        [sys.executable, "-m", "sandbox_agent.cli", *args],
         env={"PATH": os.environ["PATH"], "HOME": str(cwd or Path.cwd()), **env},
         cwd=cwd,
         capture_output=True,

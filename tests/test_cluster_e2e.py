@@ -81,13 +81,13 @@ def test_an_example_task_succeeds_on_a_real_cluster(tmp_path: Path) -> None:
     try:
         kubectl("delete", "sandboxtask", "maths-by-code", "-n", NAMESPACE, "--ignore-not-found")
         submit = subprocess.run(
-            [sys.executable, "-m", "sandbox_operator.cli", "submit", str(ROOT / "examples" / "maths-by-code.yaml"), "-n", NAMESPACE],
+            [sys.executable, "-m", "sandbox_agent.cli", "submit", str(ROOT / "examples" / "maths-by-code.yaml"), "-n", NAMESPACE],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert submit.returncode == 0, submit.stderr
         deadline = time.monotonic() + 900
         wait = subprocess.run(
-            [sys.executable, "-m", "sandbox_operator.cli", "wait", "maths-by-code", "-n", NAMESPACE, "--timeout", str(int(deadline - time.monotonic()))],
+            [sys.executable, "-m", "sandbox_agent.cli", "wait", "maths-by-code", "-n", NAMESPACE, "--timeout", str(int(deadline - time.monotonic()))],
             capture_output=True, text=True, timeout=960, check=False,
         )  # fmt: skip
         assert wait.returncode == 0, wait.stdout + wait.stderr

@@ -35,8 +35,8 @@ from sandbox_agent.llm import ChatLLM
 from sandbox_agent.result import ExitReason, TaskResult, termination_message
 from sandbox_agent.runner import RunOptions, RunOutcome, run_task
 from sandbox_agent.taskfile import load_task_file
+from sandbox_operator.agent_report import parse_termination_message
 from sandbox_operator.metrics import Metrics
-from sandbox_operator.result import parse_termination_message
 
 MODEL = "scripted-model"
 DEADLINE = 20  # limits.activeDeadlineSeconds of every run here

@@ -17,7 +17,7 @@ from conftest import docker_image_present
 from llmserver import ScriptedLLMServer, tool_call
 from sandbox_agent.backends.docker import docker_reachable
 from sandbox_agent.task import SandboxTask
-from sandbox_operator.pod import build_pod
+from sandbox_operator.pod_builder import build_pod
 from sandbox_operator.settings import OperatorSettings
 
 pytestmark = [
@@ -195,3 +195,23 @@ def test_the_operator_image_runs_the_operator_as_nobody(images: None) -> None:
     )
     assert bad.returncode == 2
     assert "LLMSANDBOX_MAX_RUNNING_TASKS" in bad.stderr
+
+
+def test_the_agent_image_carries_no_operator_and_the_operator_image_does(images: None) -> None:
+    """The agent runs next to model-written code: it installs without the operator's extra."""
+    probe = "import importlib.util as u; print([bool(u.find_spec(m)) for m in ('kopf', 'aiohttp', 'sandbox_agent')])"
+    agent = docker("run", "--rm", AGENT, "python", "-c", probe)
+    assert agent.returncode == 0, agent.stderr
+    assert agent.stdout.strip() == "[False, False, True]"
+    operator = docker("run", "--rm", f"llm-sandbox/operator:{TAG}", "python", "-c", probe)
+    assert operator.stdout.strip() == "[True, True, True]", operator.stderr
+    # sandboxctl in the agent image: the local commands, and a hint for the cluster ones.
+    usage = docker("run", "--rm", AGENT, "sandboxctl", "--help")
+    assert usage.returncode == 0, usage.stderr
+    assert "run" in usage.stdout
+    assert "llm-sandbox-operator[operator]" in usage.stdout
+    cluster = docker("run", "--rm", AGENT, "sandboxctl", "get")
+    assert cluster.returncode == 2
+    assert cluster.stderr.count("\n") == 1
+    assert "no command 'get' here" in cluster.stderr
+    assert "llm-sandbox-operator[operator]" in cluster.stderr

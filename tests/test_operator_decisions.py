@@ -9,8 +9,8 @@ import pytest
 
 from sandbox_agent.result import RESULT_LOG_PREFIX, ExitReason, TaskResult, termination_message
 from sandbox_operator.admission import Candidate, positions, queue_order, to_admit
+from sandbox_operator.agent_report import ResultError, parse_log_result, parse_termination_message
 from sandbox_operator.failures import PodState, assess_pod, start_timed_out
-from sandbox_operator.result import ResultError, parse_log_result, parse_termination_message
 
 
 def cand(name: str, priority: int = 0, created: str = "2026-01-01T00:00:00Z") -> Candidate:

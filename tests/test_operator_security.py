@@ -12,7 +12,7 @@ from k8s.kubelet import DelayStart, NeverStart, TestKubelet
 from llmserver import ScriptedLLMServer, tool_call
 from sandbox_agent.result import ExitReason, Phase, TaskResult
 from sandbox_agent.task import SandboxTask
-from sandbox_operator.pod import build_pod
+from sandbox_operator.pod_builder import build_pod
 from sandbox_operator.policy import shared_policies, task_policy
 from sandbox_operator.settings import OperatorSettings
 from test_operator import (

@@ -16,7 +16,7 @@ from sandbox_operator.ownership import (
     foreign_pod_problem,
     policy_drift,
 )
-from sandbox_operator.pod import build_pod
+from sandbox_operator.pod_builder import build_pod
 from sandbox_operator.policy import shared_policies, task_policy
 from sandbox_operator.settings import OperatorSettings
 from sandbox_operator.taskconfig import build_task_configmap

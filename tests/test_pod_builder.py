@@ -12,7 +12,7 @@ import pytest
 from sandbox_agent.podconfig import PodTaskConfig
 from sandbox_agent.task import Resources, SandboxTask, parse_task
 from sandbox_operator.errors import SpecError
-from sandbox_operator.pod import build_pod, pod_name
+from sandbox_operator.pod_builder import build_pod, pod_name
 from sandbox_operator.settings import OperatorSettings, SettingsError, cost_usd, load_settings
 from sandbox_operator.taskconfig import (
     build_task_configmap,
@@ -307,7 +307,7 @@ def test_the_installer_copies_the_exec_server_into_the_shared_volumes(
     assert full_pod["spec"]["initContainers"] == [install]
     assert install["image"] == SETTINGS.agent_image
     assert install["command"] == [
-        "python", "-m", "sandbox_agent.pod", "install",
+        "python", "-m", "sandbox_agent.pod_entrypoint", "install",
         "--execd-dir", "/opt/llmsandbox", "--run-dir", "/run/execd",
     ]  # fmt: skip
     assert mounts(install) == {
@@ -350,7 +350,7 @@ def test_the_agent_reads_its_config_and_reports_through_the_termination_log(
     agent = container(full_pod, "agent")
     assert agent["image"] == SETTINGS.agent_image
     assert agent["command"] == [
-        "python", "-m", "sandbox_agent.pod", "run",
+        "python", "-m", "sandbox_agent.pod_entrypoint", "run",
         "--task", "/etc/llmsandbox/task.json",
         "--run-dir", "/run/execd",
         "--termination-log", "/dev/termination-log",

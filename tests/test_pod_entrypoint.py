@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from llmserver import ScriptedLLMServer, tool_call
-from sandbox_agent.pod import execd_command
+from sandbox_agent.pod_entrypoint import execd_command
 from sandbox_agent.result import RESULT_LOG_PREFIX, TaskResult, termination_message
 
 
@@ -20,7 +20,7 @@ def pod_python(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sandbox_agent.pod", *args],
+        [sys.executable, "-m", "sandbox_agent.pod_entrypoint", *args],
         env={"PATH": os.environ["PATH"], **(env or {})},
         capture_output=True,
         text=True,

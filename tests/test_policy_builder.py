@@ -12,7 +12,7 @@ from sandbox_agent.errors import TaskSpecError
 from sandbox_agent.task import SandboxTask, parse_task
 from sandbox_operator.addresses import EXCLUDED_IPV4, EXCLUDED_IPV6
 from sandbox_operator.errors import SpecError
-from sandbox_operator.pod import build_pod
+from sandbox_operator.pod_builder import build_pod
 from sandbox_operator.policy import policy_name_for, shared_policies, task_policy
 from sandbox_operator.settings import EgressRule, OperatorSettings, SettingsError, load_settings
 from sandbox_operator.taskconfig import validate_for_cluster

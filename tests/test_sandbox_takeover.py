@@ -35,7 +35,7 @@ from llmserver import ScriptedLLMServer, tool_call
 from sandbox_agent.backends.base import ExecEndpoint
 from sandbox_agent.execclient import ExecClient
 from sandbox_agent.outputs import collect_outputs
-from sandbox_agent.pod import execd_command, install, private_dir
+from sandbox_agent.pod_entrypoint import execd_command, install, private_dir
 from sandbox_agent.result import ExitReason, Phase
 
 ATTACK = Path(__file__).parent / "attacks" / "takeover.py"
@@ -195,7 +195,7 @@ def test_bwrap_started_by_an_unprivileged_user_contains_the_takeover(tmp_path: P
 
 def pod_python(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sandbox_agent.pod", *args],
+        [sys.executable, "-m", "sandbox_agent.pod_entrypoint", *args],
         env={"PATH": os.environ["PATH"], **env},
         capture_output=True,
         text=True,

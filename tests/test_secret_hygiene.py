@@ -1,6 +1,6 @@
 """The agent's API key stays with the agent: never in the sandbox's environment, files or process
 table, never in the trajectory, the result, the output files or any log, locally (`sandboxctl
-run` on the process and bwrap backends) or in a pod (`python -m sandbox_agent.pod run`).
+run` on the process and bwrap backends) or in a pod (`python -m sandbox_agent.pod_entrypoint run`).
 
 The scripted model looks for it from inside the sandbox (env, /proc/self/environ, every
 process's environ, `ps eww`, grep over the workspace, /tmp and /run); whatever it finds would
@@ -27,8 +27,8 @@ from conftest import bwrap_works, task_doc
 from llmserver import ScriptedLLMServer, echo_request_headers, tool_call
 from sandbox_agent.cli import ProgressPrinter
 from sandbox_agent.events import Event
-from sandbox_agent.pod import _log as pod_log
-from sandbox_agent.pod import execd_command
+from sandbox_agent.pod_entrypoint import _log as pod_log
+from sandbox_agent.pod_entrypoint import execd_command
 from sandbox_agent.result import ExitReason
 from sandbox_agent.runner import RunOptions, run_task
 from sandbox_agent.taskfile import load_task_file
@@ -213,7 +213,7 @@ def test_the_pod_agent_never_exposes_the_api_key(
     key = canary()
     base_env = {"PATH": os.environ["PATH"], "PYTHONPATH": PYTHONPATH}
     install = subprocess.run(
-        [sys.executable, "-m", "sandbox_agent.pod", "install",
+        [sys.executable, "-m", "sandbox_agent.pod_entrypoint", "install",
          "--execd-dir", str(dirs["bin"]), "--run-dir", str(dirs["run"])],
         env=base_env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
@@ -237,7 +237,7 @@ def test_the_pod_agent_never_exposes_the_api_key(
         (tmp_path / "task.json").write_text(json.dumps(config))
         term = tmp_path / "termination-log"
         proc = subprocess.run(
-            [sys.executable, "-m", "sandbox_agent.pod", "run", "--task", str(tmp_path / "task.json"),
+            [sys.executable, "-m", "sandbox_agent.pod_entrypoint", "run", "--task", str(tmp_path / "task.json"),
              "--run-dir", str(dirs["run"]), "--termination-log", str(term),
              "--artifacts", str(dirs["artifacts"])],
             env=base_env | {"OPENAI_API_KEY": key}, capture_output=True, text=True,

@@ -1,4 +1,9 @@
-"""`sandboxctl`: run a SandboxTask locally, and (later) talk to the operator on a cluster."""
+"""`sandboxctl`: run a SandboxTask locally; with the operator installed, talk to it on a cluster.
+
+`run` and `validate` are this package's; other commands come from the `sandboxctl.commands`
+entry point group (the operator's cluster commands: `pip install 'llm-sandbox-operator[operator]'`),
+loaded only when a command other than these two is asked for, to keep `sandboxctl run` quick.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from .events import (
     ToolCallFinished,
     ToolCallStarted,
 )
-from .llm import hide_from_environ
+from .procenv import hide_from_environ
 from .result import Phase, TaskResult
 from .runner import RunOptions, RunOutcome, run_task
 from .task import SandboxTask, format_validation_error
@@ -202,9 +207,50 @@ def dispatch(args: argparse.Namespace, commands: dict[str, Command]) -> int:
         return EXIT_INTERRUPTED
 
 
+PLUGIN_GROUP = "sandboxctl.commands"
+CLUSTER_HINT = (
+    "cluster commands (submit, get, wait, logs, crd) come with the operator: "
+    "pip install 'llm-sandbox-operator[operator]'"
+)
+
+
+def add_plugin_commands(sub: Any) -> tuple[dict[str, Command], list[str]]:
+    """The commands of every installed `sandboxctl.commands` plugin, and a line for each plugin
+    that could not be loaded (its extra is not installed)."""
+    from importlib.metadata import entry_points
+
+    commands: dict[str, Command] = {}
+    missing: list[str] = []
+    for point in entry_points(group=PLUGIN_GROUP):
+        try:
+            add = point.load()
+        except ImportError as exc:
+            missing.append(f"{point.name}: {exc.name or exc} is not installed")
+            continue
+        commands.update(add(sub))
+    return commands, missing
+
+
+def _command_word(argv: list[str]) -> str | None:
+    words = [a for a in argv if not a.startswith("-")]
+    return words[0] if words else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser, _ = build_parser()
-    return dispatch(parser.parse_args(argv), LOCAL_COMMANDS)
+    args = sys.argv[1:] if argv is None else argv
+    parser, sub = build_parser()
+    commands = dict(LOCAL_COMMANDS)
+    word = _command_word(args)
+    if word not in LOCAL_COMMANDS:
+        plugins, missing = add_plugin_commands(sub)
+        commands.update(plugins)
+        if missing:
+            hint = f"{CLUSTER_HINT} ({'; '.join(missing)})"
+            parser.epilog = hint
+            if word is not None and word not in commands:
+                print(f"sandboxctl: no command {word!r} here; {hint}", file=sys.stderr)
+                return EXIT_USAGE
+    return dispatch(parser.parse_args(args), commands)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .kube import KubeClient, KubeError
-from .pod import hardened_security_context
+from .pod_builder import hardened_security_context
 from .policy import ISOLATED_POLICY, shared_policies
 from .settings import OperatorSettings, parse_address_port
 from .taskconfig import LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_NAME, LABEL_NETWORK, MANAGED_BY

@@ -37,15 +37,15 @@ from sandbox_agent.result import ExitReason, Phase, TaskResult, phase_for
 from sandbox_agent.task import SandboxTask, format_validation_error
 
 from .admission import Candidate, positions, to_admit
+from .agent_report import ResultError, parse_log_result, parse_termination_message
 from .endpoints import secret_label_problem
 from .errors import SpecError
 from .failures import PodState, PodVerdict, assess_pod, start_timed_out
 from .kube import TASKS, ConflictError, KubeClient, KubeError
 from .metrics import Metrics
 from .ownership import claim_problem, foreign_configmap_problem, foreign_pod_problem, policy_drift
-from .pod import build_pod, pod_name
+from .pod_builder import build_pod, pod_name
 from .policy import shared_policies, task_policy
-from .result import ResultError, parse_log_result, parse_termination_message
 from .settings import OperatorSettings, cost_usd
 from .status import (
     ConditionType,

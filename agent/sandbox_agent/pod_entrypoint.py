@@ -27,10 +27,11 @@ from .backends.base import ExecEndpoint, execd_source
 from .errors import SandboxError
 from .events import Event, LLMRetrying, Notice
 from .execclient import ExecClient
-from .llm import ChatLLM, hide_from_environ
+from .llm import ChatLLM
 from .loop import AgentLoop, AgentSettings
 from .outputs import KEEP_FILE, OUTPUT_DIR, with_outputs
 from .podconfig import PodTaskConfig
+from .procenv import hide_from_environ
 from .result import (
     RESULT_LOG_PREFIX,
     ExitReason,
@@ -206,7 +207,7 @@ def load_config(path: Path) -> PodTaskConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sandbox_agent.pod")
+    parser = argparse.ArgumentParser(prog="python -m sandbox_agent.pod_entrypoint")
     sub = parser.add_subparsers(dest="command", required=True)
     inst = sub.add_parser("install", help="init container: copy the exec server, write the token")
     inst.add_argument("--execd-dir", type=Path, required=True)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sandbox_agent.cli import LOCAL_COMMANDS, Command, build_parser, dispatch
+from sandbox_agent.cli import Command
 from sandbox_agent.display import for_terminal
 from sandbox_agent.errors import TaskSpecError
 from sandbox_agent.task import SandboxTask
@@ -234,8 +234,9 @@ def _crd(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser, sub = build_parser()
+def add_commands(sub: Any) -> dict[str, Command]:
+    """sandboxctl's cluster commands (the `sandboxctl.commands` entry point): their parsers go
+    into `sub`; the returned map runs them."""
     sub.add_parser("crd", help="print the SandboxTask CustomResourceDefinition (YAML)")
 
     def cluster(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -257,20 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     logs.add_argument("name")
     logs.add_argument("-c", "--container", choices=["agent", "sandbox"], default="agent")
     logs.add_argument("--tail", type=int, default=1000)
-
-    commands: dict[str, Command] = {
-        **LOCAL_COMMANDS,
+    return {
         "crd": _crd,
         "submit": _with_client(_submit),
         "get": _with_client(_get),
         "wait": _with_client(_wait),
         "logs": _with_client(_logs),
     }
-    return dispatch(parser.parse_args(argv), commands)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-__all__ = ["API_GROUP", "API_VERSION", "main"]
+__all__ = ["API_GROUP", "API_VERSION", "add_commands"]

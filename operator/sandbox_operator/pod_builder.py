@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sandbox_agent.pod import execd_command
+from sandbox_agent.pod_entrypoint import execd_command
 from sandbox_agent.task import SandboxTask
 
 from .resources import runtime_class, sandbox_resources
@@ -180,7 +180,7 @@ def _install_container(settings: OperatorSettings) -> dict[str, Any]:
         "command": [
             "python",
             "-m",
-            "sandbox_agent.pod",
+            "sandbox_agent.pod_entrypoint",
             "install",
             "--execd-dir",
             EXECD_DIR,
@@ -232,7 +232,7 @@ def _agent_container(task: SandboxTask, settings: OperatorSettings) -> dict[str,
         "command": [
             "python",
             "-m",
-            "sandbox_agent.pod",
+            "sandbox_agent.pod_entrypoint",
             "run",
             "--task",
             f"{TASK_DIR}/{TASK_CONFIG_KEY}",
