@@ -39,11 +39,12 @@ from k8s.emulator import EmulatedApiServer
 from k8s.kubelet import TestKubelet
 from llmserver import ScriptedLLMServer, tool_call
 from sandbox_agent.errors import TaskSpecError
-from sandbox_agent.task import API_GROUP, API_VERSION, KIND, MAX_PROMPT_CHARS, NAME_PATTERN
+from sandbox_agent.task import MAX_PROMPT_CHARS
 from sandbox_agent.taskfile import load_task_file
+from sandbox_agent.wire import API_GROUP, API_VERSION, KIND, NAME_PATTERN
+from sandbox_operator.cluster_checks import validate_for_cluster
 from sandbox_operator.errors import SpecError
 from sandbox_operator.settings import OperatorSettings
-from sandbox_operator.taskconfig import validate_for_cluster
 from test_operator import OPERATOR, TERMINAL, operator_env, pods_of, secret, task, wait_phase
 
 CORPUS = Path(__file__).parent / "corpus" / "bad_tasks"

@@ -17,7 +17,8 @@ from pydantic import BaseModel, Field
 from crdschema import VALIDATOR, open_api, schema_path
 from sandbox_agent.errors import TaskSpecError
 from sandbox_agent.result import ExitReason, OutputFile, Phase, Usage
-from sandbox_agent.task import DEFAULT_SANDBOX_IMAGE, MAX_PROMPT_CHARS, SandboxTaskSpec, parse_task
+from sandbox_agent.task import MAX_PROMPT_CHARS, SandboxTaskSpec, parse_task
+from sandbox_agent.wire import DEFAULT_SANDBOX_IMAGE
 from sandbox_operator.crd import (
     SchemaConversionError,
     crd_manifest,
@@ -32,7 +33,6 @@ from sandbox_operator.status import (
     TaskStatus,
     answer_for_status,
     answer_short,
-    get_condition,
     rfc3339,
     set_condition,
 )
@@ -435,7 +435,7 @@ def test_set_condition_keeps_the_transition_time_while_the_status_holds() -> Non
     later = NOW + timedelta(minutes=5)
     first = set_condition([], ConditionType.ADMITTED, "False", Reason.QUEUED, "3 ahead", NOW)
     same = set_condition(first, ConditionType.ADMITTED, "False", Reason.QUEUED, "1 ahead", later)
-    cond = get_condition(same, ConditionType.ADMITTED)
+    cond = next((c for c in same if c.type == ConditionType.ADMITTED), None)
     assert cond is not None
     assert (cond.message, cond.last_transition_time) == ("1 ahead", rfc3339(NOW))
     assert first[0].message == "3 ahead", "the input list is not modified"

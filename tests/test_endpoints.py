@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from sandbox_agent.task import parse_task
+from sandbox_operator.cluster_checks import validate_for_cluster
 from sandbox_operator.endpoints import (
     BaseURLPattern,
     base_url_problem,
@@ -17,7 +18,6 @@ from sandbox_operator.endpoints import (
 from sandbox_operator.errors import SpecError
 from sandbox_operator.kube import ObjectMetadata
 from sandbox_operator.settings import OperatorSettings, SettingsError, load_settings
-from sandbox_operator.taskconfig import validate_for_cluster
 
 DEFAULT = "http://vllm.inference:8000/v1"
 

@@ -19,7 +19,7 @@ from sandbox_operator.ownership import (
 from sandbox_operator.pod_builder import build_pod
 from sandbox_operator.policy import shared_policies, task_policy
 from sandbox_operator.settings import OperatorSettings
-from sandbox_operator.taskconfig import build_task_configmap
+from sandbox_operator.task_configmap import build_task_configmap
 
 UID = "0b9c1f0e-1111-4d2a-9e8f-1a2b3c4d5e6f"
 SETTINGS = OperatorSettings(

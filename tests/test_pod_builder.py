@@ -11,15 +11,13 @@ import pytest
 
 from sandbox_agent.podconfig import PodTaskConfig
 from sandbox_agent.task import Resources, SandboxTask, parse_task
+from sandbox_operator.agent_config import resolve_model
+from sandbox_operator.cluster_checks import validate_for_cluster
 from sandbox_operator.errors import SpecError
+from sandbox_operator.metadata import task_configmap_name
 from sandbox_operator.pod_builder import build_pod, pod_name
 from sandbox_operator.settings import OperatorSettings, SettingsError, cost_usd, load_settings
-from sandbox_operator.taskconfig import (
-    build_task_configmap,
-    resolve_model,
-    task_configmap_name,
-    validate_for_cluster,
-)
+from sandbox_operator.task_configmap import build_task_configmap
 
 KUBERNETES_VERSIONS = ["1.29", "1.30", "1.31", "1.32", "1.33"]
 UID = "5f0c6a1e-3b7d-4c2a-9e8f-1a2b3c4d5e6f"

@@ -11,11 +11,11 @@ from pydantic import ValidationError
 from sandbox_agent.errors import TaskSpecError
 from sandbox_agent.task import SandboxTask, parse_task
 from sandbox_operator.addresses import EXCLUDED_IPV4, EXCLUDED_IPV6
+from sandbox_operator.cluster_checks import validate_for_cluster
 from sandbox_operator.errors import SpecError
 from sandbox_operator.pod_builder import build_pod
 from sandbox_operator.policy import policy_name_for, shared_policies, task_policy
 from sandbox_operator.settings import EgressRule, OperatorSettings, SettingsError, load_settings
-from sandbox_operator.taskconfig import validate_for_cluster
 
 KUBERNETES_VERSIONS = ["1.29", "1.30", "1.31", "1.32", "1.33"]
 UID = "0b7c2f4e-8d1a-4e3b-a5c6-d7e8f9a0b1c2"

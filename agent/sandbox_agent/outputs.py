@@ -22,9 +22,9 @@ from .errors import ExecServerError, SandboxError
 from .events import EventSink, Notice, ignore
 from .execclient import ExecClient
 from .result import ExitReason, OutputFile, Phase, TaskResult
+from .wire import OUTPUT_DIR
 
 MIB = 1024 * 1024
-OUTPUT_DIR = "output"
 # Written by the agent so that output/ exists from the start; never collected.
 KEEP_FILE = ".keep"
 _MAX_PATH_BYTES = 4096

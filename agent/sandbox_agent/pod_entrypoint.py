@@ -29,7 +29,7 @@ from .events import Event, LLMRetrying, Notice
 from .execclient import ExecClient
 from .llm import ChatLLM
 from .loop import AgentLoop, AgentSettings
-from .outputs import KEEP_FILE, OUTPUT_DIR, with_outputs
+from .outputs import KEEP_FILE, with_outputs
 from .podconfig import PodTaskConfig
 from .procenv import hide_from_environ
 from .result import (
@@ -41,8 +41,8 @@ from .result import (
 )
 from .task import format_validation_error
 from .trajectory import Trajectory
+from .wire import OUTPUT_DIR, WORKSPACE
 
-WORKSPACE = "/workspace"
 # How long the sandbox container may take to start its exec server (image pull is already done).
 EXECD_READY_TIMEOUT = 120.0
 

@@ -6,17 +6,29 @@ from typing import Annotated
 
 from pydantic import Field
 
-from .task import ApiModel, Limits, ToolCallFormat
+from .task import (
+    BASE_URL,
+    MODEL_NAME,
+    ApiModel,
+    Limits,
+    MaxTokensPerCall,
+    RequestTimeoutSeconds,
+    Temperature,
+    ToolCallFormat,
+    TopP,
+)
 
 
 class PodModelConfig(ApiModel):
-    name: Annotated[str, Field(min_length=1)]
-    base_url: Annotated[str, Field(min_length=1)] = Field(alias="baseURL")
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens_per_call: int = 8192
+    """The task's spec.model resolved against the operator's defaults, with the same bounds."""
+
+    name: Annotated[str, MODEL_NAME]
+    base_url: Annotated[str, BASE_URL] = Field(alias="baseURL")
+    temperature: Temperature = None
+    top_p: TopP = None
+    max_tokens_per_call: MaxTokensPerCall = 8192
     tool_call_format: ToolCallFormat = ToolCallFormat.AUTO
-    request_timeout_seconds: float = 600
+    request_timeout_seconds: RequestTimeoutSeconds = 600
 
 
 class PodTaskConfig(ApiModel):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
+from .wire import QUANTITY_PATTERN
+
 _SUFFIXES = {
     "n": Decimal("1e-9"),
     "u": Decimal("1e-6"),
@@ -23,9 +25,8 @@ _SUFFIXES = {
     "Pi": Decimal(2**50),
     "Ei": Decimal(2**60),
 }
-_QUANTITY = re.compile(
-    r"^\+?(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<suffix>[eE][-+]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$"
-)
+# Group 1 is the number, group 3 the suffix (see wire.QUANTITY_PATTERN).
+_QUANTITY = re.compile(QUANTITY_PATTERN)
 
 
 def parse_quantity(text: str) -> Decimal:
@@ -33,9 +34,9 @@ def parse_quantity(text: str) -> Decimal:
     match = _QUANTITY.match(text.strip())
     if match is None:
         raise ValueError(f"{text!r} is not a Kubernetes quantity (e.g. 500m, 2, 512Mi)")
-    suffix = match["suffix"] or ""
+    suffix = match[3] or ""
     try:
-        number = Decimal(match["num"])
+        number = Decimal(match[1])
         if suffix[:1] in ("e", "E"):
             return number * Decimal(10) ** int(suffix[1:])
         return number * _SUFFIXES[suffix]

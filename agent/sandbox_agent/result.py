@@ -18,6 +18,10 @@ class Phase(StrEnum):
     CANCELLED = "Cancelled"
 
 
+# Phases a task never leaves.
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED})
+
+
 class ExitReason(StrEnum):
     """Why a task ended. Only SUBMITTED is a success."""
 

@@ -15,10 +15,11 @@ from .events import EventSink, Notice, ignore
 from .execclient import ExecClient
 from .llm import ChatLLM
 from .loop import AgentLoop, AgentSettings
-from .outputs import KEEP_FILE, OUTPUT_DIR, with_outputs
+from .outputs import KEEP_FILE, with_outputs
 from .quantity import parse_quantity
 from .result import ExitReason, Phase, TaskResult, phase_for
 from .task import NetworkMode, SandboxTask
+from .wire import OUTPUT_DIR
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # A local input file larger than this is almost certainly a mistake in the task file.

@@ -20,19 +20,15 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from .errors import TaskSpecError
+from .wire import (
+    DEFAULT_SANDBOX_IMAGE,
+    NAME_PATTERN,
+    QUANTITY_PATTERN,
+)
 
-API_GROUP = "llmsandbox.io"
-API_VERSION = "v1alpha1"
-KIND = "SandboxTask"
-
-DEFAULT_SANDBOX_IMAGE = "llm-sandbox/sandbox-python:0.1.0"
 MAX_PROMPT_CHARS = 262_144
 MAX_INLINE_INPUT_CHARS = 1_048_576
 
-# Kubernetes quantities, e.g. 500m, 2, 1.5, 512Mi, 4G, 1e3.
-QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
-# DNS-1123 subdomain: what Kubernetes accepts as an object name.
-NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # A relative path below /workspace/input (no leading slash); `..` segments are refused by a validator.
 INPUT_PATH_PATTERN = r"^[^/\x00][^\x00]*$"
 # host:port or cidr:port entries of a custom egress allow list.
@@ -104,19 +100,26 @@ class InputFile(ApiModel):
         return self
 
 
+# The model fields' bounds, shared with what the agent container reads (podconfig.py).
+MODEL_NAME = Field(min_length=1, max_length=256)
+BASE_URL = Field(pattern=r"^https?://[^\s]+$", max_length=2048)
+Temperature = Annotated[float | None, Field(ge=0, le=2)]
+TopP = Annotated[float | None, Field(gt=0, le=1)]
+MaxTokensPerCall = Annotated[int, Field(ge=16, le=1_048_576)]
+RequestTimeoutSeconds = Annotated[float, Field(gt=0, le=3600)]
+
+
 class ModelSpec(ApiModel):
-    name: Annotated[str | None, Field(min_length=1, max_length=256)] = Field(
+    name: Annotated[str | None, MODEL_NAME] = Field(
         default=None, description="Model name; defaults to the operator's or OPENAI_MODEL."
     )
-    base_url: Annotated[str | None, Field(pattern=r"^https?://[^\s]+$", max_length=2048)] = Field(
-        default=None, alias="baseURL"
-    )
+    base_url: Annotated[str | None, BASE_URL] = Field(default=None, alias="baseURL")
     api_key_secret_ref: SecretKeyRef | None = None
-    temperature: Annotated[float | None, Field(ge=0, le=2)] = None
-    top_p: Annotated[float | None, Field(gt=0, le=1)] = None
-    max_tokens_per_call: Annotated[int, Field(ge=16, le=1_048_576)] = 8192
+    temperature: Temperature = None
+    top_p: TopP = None
+    max_tokens_per_call: MaxTokensPerCall = 8192
     tool_call_format: ToolCallFormat = ToolCallFormat.AUTO
-    request_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 600
+    request_timeout_seconds: RequestTimeoutSeconds = 600
 
 
 class Limits(ApiModel):

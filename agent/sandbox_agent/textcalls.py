@@ -22,7 +22,7 @@ class TextToolCall:
     error: str | None = None  # why the call could not be read, for the model to fix
 
 
-def _from_json(body: str) -> TextToolCall | None:
+def _from_json(body: str) -> TextToolCall:
     try:
         obj = json.loads(body)
     except ValueError as exc:

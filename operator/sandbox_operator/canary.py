@@ -22,11 +22,18 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from sandbox_agent.wire import (
+    LABEL_COMPONENT,
+    LABEL_MANAGED_BY,
+    LABEL_NAME,
+    LABEL_NETWORK,
+    MANAGED_BY,
+)
+
 from .kube import KubeClient, KubeError
 from .pod_builder import hardened_security_context
 from .policy import ISOLATED_POLICY, shared_policies
 from .settings import OperatorSettings, parse_address_port
-from .taskconfig import LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_NAME, LABEL_NETWORK, MANAGED_BY
 
 if TYPE_CHECKING:
     from .controller import Operator
@@ -45,6 +52,7 @@ POLL_SECONDS = 1.0
 # Runs in the agent image (any python3 would do): one connection attempt, judged by exit code.
 CANARY_SCRIPT = f"""\
 import socket, sys
+from sandbox_agent.wire import LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_NAME, LABEL_NETWORK, MANAGED_BY
 try:
     socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout={CONNECT_TIMEOUT_SECONDS}).close()
 except OSError as exc:

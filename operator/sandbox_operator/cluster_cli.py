@@ -15,11 +15,13 @@ from typing import Any
 from sandbox_agent.cli import Command
 from sandbox_agent.display import for_terminal
 from sandbox_agent.errors import TaskSpecError
+from sandbox_agent.result import TERMINAL_PHASES
 from sandbox_agent.task import SandboxTask
 from sandbox_agent.taskfile import load_task_file
+from sandbox_agent.wire import API_GROUP, API_VERSION
 
 from .crd import crd_yaml
-from .kube import API_GROUP, API_VERSION, TASKS, KubeClient, KubeError
+from .kube import TASKS, KubeClient, KubeError
 from .status import TaskStatus
 
 EXIT_OK = 0
@@ -28,7 +30,6 @@ EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
 # Larger local files belong in a ConfigMap (spec.inputs[].configMapRef), not inline in the task.
 MAX_INLINED_FILE_BYTES = 256 * 1024
-TERMINAL = {"Succeeded", "Failed", "Cancelled"}
 
 
 def _client(args: argparse.Namespace) -> KubeClient:
@@ -196,7 +197,7 @@ async def _wait(args: argparse.Namespace, client: KubeClient) -> int:
             )
             return EXIT_FAILED
         phase = (body.get("status") or {}).get("phase")
-        if phase in TERMINAL:
+        if phase in TERMINAL_PHASES:
             print(for_terminal(describe(body)))
             return EXIT_OK if phase == "Succeeded" else EXIT_FAILED
         if time.monotonic() >= deadline:

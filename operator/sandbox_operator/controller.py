@@ -33,15 +33,18 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sandbox_agent.result import ExitReason, Phase, TaskResult, phase_for
+from sandbox_agent.result import TERMINAL_PHASES, ExitReason, Phase, TaskResult, phase_for
 from sandbox_agent.task import SandboxTask, format_validation_error
+from sandbox_agent.wire import LABEL_TASK_UID
 
 from .admission import Candidate, positions, to_admit
 from .agent_report import ResultError, parse_log_result, parse_termination_message
+from .cluster_checks import resolve_api_key_secret, validate_for_cluster
 from .endpoints import secret_label_problem
 from .errors import SpecError
 from .failures import PodState, PodVerdict, assess_pod, start_timed_out
 from .kube import TASKS, ConflictError, KubeClient, KubeError
+from .metadata import MANAGED_SELECTOR
 from .metrics import Metrics
 from .ownership import claim_problem, foreign_configmap_problem, foreign_pod_problem, policy_drift
 from .pod_builder import build_pod, pod_name
@@ -56,15 +59,12 @@ from .status import (
     rfc3339,
     set_condition,
 )
-from .taskconfig import build_task_configmap, resolve_api_key_secret, validate_for_cluster
+from .task_configmap import build_task_configmap
 
 log = logging.getLogger("sandbox_operator")
 
-TASK_UID_LABEL = "llmsandbox.io/task-uid"
-ATTEMPT_LABEL = "llmsandbox.io/attempt"
-MANAGED_SELECTOR = {"app.kubernetes.io/managed-by": "llm-sandbox-operator"}
 ACTIVE = {Phase.PENDING, Phase.RUNNING}
-TERMINAL = {Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED}
+TERMINAL = TERMINAL_PHASES
 _TERMINAL_VALUES = {p.value for p in TERMINAL}
 # Reason for the Complete condition per exit reason, where it differs from Failed.
 _COMPLETE_REASONS = {
@@ -676,7 +676,7 @@ class Operator:
     def _pods_of(self, uid: str) -> list[dict[str, Any]]:
         return [
             p for p in self.pods.values()
-            if (p["metadata"].get("labels") or {}).get(TASK_UID_LABEL) == uid
+            if (p["metadata"].get("labels") or {}).get(LABEL_TASK_UID) == uid
         ]  # fmt: skip
 
     def _other_live_pods(self, uid: str, name: str) -> list[str]:
@@ -963,7 +963,7 @@ def _sandbox_memory_limit(pod: dict[str, Any]) -> str | None:
 
 
 def _task_uid(pod: dict[str, Any]) -> str:
-    return str((pod["metadata"].get("labels") or {}).get(TASK_UID_LABEL, ""))
+    return str((pod["metadata"].get("labels") or {}).get(LABEL_TASK_UID, ""))
 
 
 def _first_start(pod: dict[str, Any]) -> str | None:

@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from sandbox_agent.task import API_GROUP, API_VERSION, KIND, SandboxTaskSpec
+from sandbox_agent.task import SandboxTaskSpec
+from sandbox_agent.wire import API_GROUP, API_VERSION, KIND
 
 from .status import TaskStatus
 

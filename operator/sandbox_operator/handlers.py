@@ -9,9 +9,12 @@ from typing import Any
 
 import kopf
 
+from sandbox_agent.wire import API_GROUP, API_VERSION
+
 from .canary import Verdict, run_canary
-from .controller import MANAGED_SELECTOR, Operator
-from .kube import API_GROUP, API_VERSION, TASKS, KubeClient
+from .controller import Operator
+from .kube import TASKS, KubeClient
+from .metadata import MANAGED_SELECTOR
 from .settings import load_settings
 
 log = logging.getLogger("sandbox_operator")

@@ -22,10 +22,9 @@ import kopf
 from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox_agent import __version__
+from sandbox_agent.wire import API_GROUP, API_VERSION, PLURAL
 
-API_GROUP = "llmsandbox.io"
-API_VERSION = "v1alpha1"
-TASKS = "sandboxtasks"
+TASKS = PLURAL
 # Every API call this client may make, as (verb, resource): the RBAC role is derived from it.
 API_CALLS: tuple[tuple[str, str], ...] = (
     ("get", "sandboxtasks"),
@@ -92,8 +91,6 @@ def resource_path(
         "pods": "/api/v1",
         "configmaps": "/api/v1",
         "secrets": "/api/v1",
-        "events": "/api/v1",
-        "namespaces": "/api/v1",
         "networkpolicies": "/apis/networking.k8s.io/v1",
         TASKS: f"/apis/{API_GROUP}/{API_VERSION}",
     }[resource]

@@ -6,27 +6,16 @@ from typing import Any
 
 from sandbox_agent.pod_entrypoint import execd_command
 from sandbox_agent.task import SandboxTask
+from sandbox_agent.wire import INPUT_PATH, LABEL_ATTEMPT, MAX_LABEL_LENGTH, WORKSPACE
 
+from .agent_config import TASK_CONFIG_KEY, inline_input_key, input_target
+from .cluster_checks import resolve_api_key_secret, validate_for_cluster
+from .metadata import bounded_name, task_configmap_name, task_metadata, task_name
 from .resources import runtime_class, sandbox_resources
 from .settings import OperatorSettings
-from .taskconfig import (
-    LABEL_ATTEMPT,
-    MAX_LABEL_LENGTH,
-    TASK_CONFIG_KEY,
-    bounded_name,
-    inline_input_key,
-    input_target,
-    resolve_api_key_secret,
-    task_configmap_name,
-    task_metadata,
-    task_name,
-    validate_for_cluster,
-)
 
 EXECD_DIR = "/opt/llmsandbox"
 RUN_DIR = "/run/execd"
-WORKSPACE = "/workspace"
-INPUT_DIR = "/workspace/input"
 TASK_DIR = "/etc/llmsandbox"
 TERMINATION_LOG = "/dev/termination-log"
 # The model's commands run as nobody; the agent (and the exec server, which drops to it so that
@@ -139,10 +128,10 @@ def _input_volumes(task: SandboxTask) -> tuple[list[dict[str, Any]], list[dict[s
         else:
             volumes.append({"name": f"input-{i}", "configMap": {"name": ref.name}})
             nested_mounts.append(
-                {"name": f"input-{i}", "mountPath": f"{INPUT_DIR}/{target}", "readOnly": True}
+                {"name": f"input-{i}", "mountPath": f"{INPUT_PATH}/{target}", "readOnly": True}
             )
     projected = {"name": "inputs", "projected": {"sources": sources}}
-    mounts = [{"name": "inputs", "mountPath": INPUT_DIR, "readOnly": True}, *nested_mounts]
+    mounts = [{"name": "inputs", "mountPath": INPUT_PATH, "readOnly": True}, *nested_mounts]
     return [projected, *volumes], mounts
 
 

@@ -10,22 +10,19 @@ import ipaddress
 from typing import Any
 
 from sandbox_agent.task import NetworkMode, SandboxTask
-
-from .addresses import excluded_by_family, exclusions_inside
-from .settings import EgressRule, OperatorSettings
-from .taskconfig import (
+from sandbox_agent.wire import (
     LABEL_MANAGED_BY,
     LABEL_NAME,
     LABEL_NETWORK,
     LABEL_TASK_UID,
     MANAGED_BY,
     MAX_NAME_LENGTH,
-    NETWORK_LABEL_VALUES,
-    allow_list,
-    bounded_name,
-    task_metadata,
-    task_name,
 )
+
+from .addresses import excluded_by_family, exclusions_inside
+from .cluster_checks import allow_list
+from .metadata import NETWORK_LABEL_VALUES, bounded_name, task_metadata, task_name
+from .settings import EgressRule, OperatorSettings
 
 ISOLATED_POLICY = "llmsandbox-isolated"
 INTERNET_POLICY = "llmsandbox-internet"

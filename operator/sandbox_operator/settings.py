@@ -19,7 +19,14 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sandbox_agent.quantity import parse_quantity
-from sandbox_agent.task import DEFAULT_SANDBOX_IMAGE, NAME_PATTERN, QUANTITY_PATTERN, Resources
+from sandbox_agent.task import Resources
+from sandbox_agent.wire import (
+    DEFAULT_SANDBOX_IMAGE,
+    LABEL_KEY_PATTERN,
+    LABEL_VALUE_PATTERN,
+    NAME_PATTERN,
+    QUANTITY_PATTERN,
+)
 
 from .endpoints import is_ip_address, parse_endpoint, parse_label, valid_pattern
 
@@ -29,11 +36,8 @@ Port = Annotated[int, Field(ge=1, le=65_535)]
 Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN)]
 LIMITED_RESOURCES = ("cpu", "memory", "ephemeral-storage")
 # Label keys and values as Kubernetes accepts them (prefix/name = value).
-_LABEL_KEY = re.compile(
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-)
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+_LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
+_LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
 
 
 def _valid_label(text: str) -> str:
@@ -208,8 +212,6 @@ class OperatorSettings(BaseSettings):
     # A pod not started this long after its creation (unschedulable, stuck creating) fails the
     # task: Kubernetes' activeDeadlineSeconds only counts once a node has taken the pod. 0: never.
     pod_start_timeout_seconds: Annotated[int, Field(ge=0, le=86_400)] = 900
-    # The kubelet keeps at most 4096 bytes of a container's termination message.
-    termination_message_limit: Annotated[int, Field(ge=256, le=4096)] = 4096
     # At start, run one pod under the isolated policy to learn whether the network plugin
     # enforces NetworkPolicy (canary.py); off by default: it needs a pod and an image pull.
     netpol_canary: bool = False

@@ -129,7 +129,9 @@ class TaskStatus(StatusModel):
     )
     attempt: int | None = Field(default=None, description="1 for the first run, +1 per retry.")
     start_time: str | None = Field(
-        default=None, description="When the first pod was created.", json_schema_extra=_TIMESTAMP
+        default=None,
+        description="When the task's first pod started running.",
+        json_schema_extra=_TIMESTAMP,
     )
     completion_time: str | None = Field(
         default=None,
@@ -137,7 +139,7 @@ class TaskStatus(StatusModel):
         json_schema_extra=_TIMESTAMP,
     )
     queued_seconds: float | None = Field(default=None, description="Creation to admission.")
-    run_seconds: float | None = Field(default=None, description="Pod creation to completion.")
+    run_seconds: float | None = Field(default=None, description="From startTime to completion.")
     exit_reason: ExitReason | None = Field(
         default=None, description="Why the task ended; only submitted is a success."
     )
@@ -173,10 +175,6 @@ def rfc3339(moment: datetime) -> str:
         # A naive time would be read as local time on one machine and UTC on another.
         raise ValueError("rfc3339 needs a timezone-aware datetime")
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def get_condition(conditions: list[Condition], type: str) -> Condition | None:
-    return next((c for c in conditions if c.type == type), None)
 
 
 def set_condition(
@@ -220,7 +218,8 @@ def set_condition(
 
 
 def answer_for_status(answer: str | None, limit: int = ANSWER_LIMIT) -> tuple[str | None, bool]:
-    """The answer as stored in status, and whether it was cut; the full text is in the artifacts."""
+    """The answer as stored in status, and whether it was cut; the whole result, answer and all,
+    is the last line of the agent container's log (`sandboxctl logs`)."""
     if answer is None or len(answer) <= limit:
         return answer, False
     return answer[:limit], True

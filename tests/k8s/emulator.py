@@ -4,8 +4,8 @@ kmock's ``KubernetesEmulator`` serves discovery, the request DSL (``api.handler[
 fault injection) and the request record; this module replaces its object semantics with the ones
 a controller relies on: a global, increasing ``resourceVersion``; watches that resume from a
 resourceVersion (410 Gone when too old) and that filter by namespace, label and field selectors;
-list selectors and pagination; status-subresource rules; merge, JSON and (simplified) strategic
-merge patches; finalizers and graceful pod deletion; owner-reference garbage collection;
+list selectors and pagination; status-subresource rules; merge and JSON patches; finalizers and
+graceful pod deletion; owner-reference garbage collection;
 ``pods/log``, ``pods/binding`` and ``pods/eviction``; CRDs that register their resource.
 
 The server runs in a background thread with its own event loop (:class:`EmulatedApiServer`), so
@@ -54,7 +54,6 @@ ALL_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "up
 WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
-STRATEGIC_PATCH = "application/strategic-merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"
 
 __all__ = [
@@ -73,7 +72,6 @@ __all__ = [
     "merge_patch",
     "parse_field_selector",
     "parse_label_selector",
-    "strategic_merge_patch",
 ]
 
 KubernetesError = kmock.KubernetesError
@@ -369,71 +367,6 @@ def merge_patch(target: Any, patch: Any) -> Any:
             result.pop(key, None)
         else:
             result[key] = merge_patch(result.get(key), value)
-    return result
-
-
-# Merge keys of the list fields that strategic merge patch merges item by item.
-STRATEGIC_MERGE_KEYS: dict[str, str] = {
-    "containers": "name",
-    "initContainers": "name",
-    "ephemeralContainers": "name",
-    "volumes": "name",
-    "volumeMounts": "mountPath",
-    "env": "name",
-    "ports": "containerPort",
-    "conditions": "type",
-    "ownerReferences": "uid",
-    "imagePullSecrets": "name",
-    "containerStatuses": "name",
-    "initContainerStatuses": "name",
-}
-STRATEGIC_SET_LISTS = frozenset({"finalizers"})
-
-
-def strategic_merge_patch(target: Any, patch: Any) -> Any:
-    """A simplified strategic merge patch: the well-known list fields merge by their merge key
-    (``$patch: delete`` removes an item), ``finalizers`` merge as a set, other lists replace."""
-    if not isinstance(patch, Mapping):
-        return copy.deepcopy(patch)
-    if patch.get("$patch") == "replace":
-        return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
-    if patch.get("$patch") == "delete":
-        return None
-    result = copy.deepcopy(dict(target)) if isinstance(target, Mapping) else {}
-    for key, value in patch.items():
-        if key.startswith("$"):
-            continue
-        if value is None:
-            result.pop(key, None)
-        elif key in STRATEGIC_MERGE_KEYS and isinstance(value, list):
-            merge_key = STRATEGIC_MERGE_KEYS[key]
-            base = [copy.deepcopy(i) for i in result.get(key) or []]
-            for item in value:
-                if not isinstance(item, Mapping) or merge_key not in item:
-                    base.append(copy.deepcopy(item))
-                    continue
-                index = next(
-                    (
-                        n
-                        for n, old in enumerate(base)
-                        if isinstance(old, Mapping) and old.get(merge_key) == item[merge_key]
-                    ),
-                    None,
-                )
-                if item.get("$patch") == "delete":
-                    if index is not None:
-                        del base[index]
-                elif index is None:
-                    base.append(copy.deepcopy(dict(item)))
-                else:
-                    base[index] = strategic_merge_patch(base[index], item)
-            result[key] = base
-        elif key in STRATEGIC_SET_LISTS and isinstance(value, list):
-            merged = list(result.get(key) or [])
-            merged += [v for v in value if v not in merged]
-            result[key] = merged
-        else:
-            result[key] = strategic_merge_patch(result.get(key), value)
     return result
 
 
@@ -1006,14 +939,6 @@ class ObjectStore:
                 if not isinstance(patch, Mapping):
                     raise api_error(400, "BadRequest", "a merge patch must be a JSON object")
                 new = merge_patch(old, patch)
-            elif content_type == STRATEGIC_PATCH:
-                if res.group not in ("", "networking.k8s.io", "coordination.k8s.io"):
-                    raise api_error(
-                        415,
-                        "UnsupportedMediaType",
-                        "strategic merge patch is not supported for custom resources",
-                    )
-                new = strategic_merge_patch(old, patch)
             else:
                 raise api_error(
                     415,

@@ -35,6 +35,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import BackendUnavailableError, SandboxError
+from ..wire import WORKSPACE
 from .base import (
     CappedLog,
     ExecEndpoint,
@@ -48,7 +49,6 @@ from .base import (
 from .limits import MIB, Enforcement, SandboxLimits, human_bytes
 from .seccomp import filter_program, machine, supported
 
-WORKSPACE = "/workspace"
 # The commands' uid and gid inside every sandbox; the exec server's is 0 when the host is root.
 SANDBOX_UID = 1000
 EXECD_UID = 0

@@ -21,6 +21,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import BackendUnavailableError, SandboxError
+from ..wire import DEFAULT_SANDBOX_IMAGE, WORKSPACE
 from .base import (
     ExecEndpoint,
     Sandbox,
@@ -33,9 +34,8 @@ from .base import (
 )
 from .limits import Enforcement, human_bytes
 
-DEFAULT_IMAGE = "llm-sandbox/sandbox-python:0.1.0"
+DEFAULT_IMAGE = DEFAULT_SANDBOX_IMAGE
 BASE_IMAGE = "llm-sandbox/base:bookworm"
-WORKSPACE = "/workspace"
 # Commands run as nobody:nogroup, which exists in every Debian-based image and owns nothing.
 SANDBOX_UID = 65534
 SANDBOX_GID = 65534

@@ -1,0 +1,86 @@
+"""What the agent container reads: task.json (the resolved prompt, model and limits) and the inline
+inputs, kept in the task's ConfigMap, and where each input lands below /workspace/input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import PurePosixPath
+
+from sandbox_agent.podconfig import PodModelConfig, PodTaskConfig
+from sandbox_agent.task import InputFile, SandboxTask
+
+from .errors import SpecError
+from .metadata import task_name
+from .settings import OperatorSettings
+
+TASK_CONFIG_KEY = "task.json"
+# The API server refuses a ConfigMap whose keys plus values exceed 1 MiB.
+MAX_CONFIGMAP_BYTES = 1024 * 1024
+
+
+def inline_input_key(index: int) -> str:
+    """The task ConfigMap key that holds the content of spec.inputs[index]."""
+    return f"input-{index}"
+
+
+def input_target(item: InputFile) -> str:
+    """Where an input lands below /workspace/input ('.' is the directory itself).
+
+    A ConfigMap key given a path ending in '/' lands inside it under the key's name, the way
+    `cp key dir/` would; a whole ConfigMap's path is the directory its keys land in.
+    """
+    path = str(PurePosixPath(item.path))
+    ref = item.config_map_ref
+    if ref is not None and ref.key is not None and (item.path.endswith("/") or path == "."):
+        return str(PurePosixPath(path) / ref.key)
+    return path
+
+
+def is_whole_configmap(item: InputFile) -> bool:
+    return item.config_map_ref is not None and item.config_map_ref.key is None
+
+
+def resolve_model(task: SandboxTask, settings: OperatorSettings) -> tuple[str, str]:
+    """The model name and base URL the agent uses: the task's, else the operator's default."""
+    model = task.spec.model.name or settings.default_model
+    if not model:
+        raise SpecError(
+            "spec.model.name",
+            "no model given and the operator has no default (LLMSANDBOX_DEFAULT_MODEL)",
+        )
+    base_url = task.spec.model.base_url or settings.default_base_url
+    if not base_url:
+        raise SpecError(
+            "spec.model.baseURL",
+            "no inference endpoint given and the operator has no default "
+            "(LLMSANDBOX_DEFAULT_BASE_URL)",
+        )
+    return model, base_url
+
+
+def configmap_data(task: SandboxTask, settings: OperatorSettings) -> dict[str, str]:
+    model, base_url = resolve_model(task, settings)
+    spec = task.spec.model
+    config = PodTaskConfig(
+        name=task_name(task),
+        prompt=task.spec.prompt,
+        model=PodModelConfig(
+            name=model,
+            base_url=base_url,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            max_tokens_per_call=spec.max_tokens_per_call,
+            tool_call_format=spec.tool_call_format,
+            request_timeout_seconds=spec.request_timeout_seconds,
+        ),
+        limits=task.spec.limits,
+    )
+    data = {
+        TASK_CONFIG_KEY: json.dumps(
+            config.model_dump(mode="json", by_alias=True), indent=2, ensure_ascii=False
+        )
+    }
+    for i, item in enumerate(task.spec.inputs):
+        if item.content is not None:
+            data[inline_input_key(i)] = item.content
+    return data

@@ -1,0 +1,28 @@
+"""The task's ConfigMap: task.json for the agent and the inline inputs (agent_config.py), under the
+task's names and owner (metadata.py), for a task that passed the cluster checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sandbox_agent.task import SandboxTask
+
+from .agent_config import configmap_data
+from .cluster_checks import validate_for_cluster
+from .metadata import task_configmap_name, task_metadata, task_name
+from .settings import OperatorSettings
+
+
+def build_task_configmap(
+    task: SandboxTask, *, namespace: str, uid: str, settings: OperatorSettings
+) -> dict[str, Any]:
+    """The ConfigMap holding task.json (the resolved agent config) and the inline inputs."""
+    validate_for_cluster(task, settings)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": task_metadata(
+            task, name=task_configmap_name(task_name(task)), namespace=namespace, uid=uid
+        ),
+        "data": configmap_data(task, settings),
+    }
