@@ -27,6 +27,7 @@ from .backends.base import ExecEndpoint, execd_source
 from .errors import SandboxError
 from .events import Event, LLMRetrying, Notice
 from .execclient import ExecClient
+from .execd_cmdline import READY_FILE, SOCKET_FILE, TOKEN_FILE, Ids, RunDirFiles, execd_cmdline
 from .llm import ChatLLM
 from .loop import AgentLoop, AgentSettings
 from .outputs import KEEP_FILE, with_outputs
@@ -48,9 +49,6 @@ EXECD_READY_TIMEOUT = 120.0
 
 
 PRIVATE_DIR = "private"
-TOKEN_FILE = "token"  # noqa: S105 - a file name
-SOCKET_FILE = "execd.sock"
-READY_FILE = "ready.json"
 
 
 def private_dir(run_dir: Path) -> Path:
@@ -62,23 +60,15 @@ def execd_command(
     execd: str,
     run_dir: str,
     workspace: str = WORKSPACE,
-    users: tuple[tuple[int, int], tuple[int, int]] | None = None,
+    users: tuple[Ids, Ids] | None = None,
 ) -> list[str]:
     """The sandbox container's command: the exec server on the private run directory.
 
     `users` is (server, commands): the container then starts as root, the server drops to the
     first (the agent's uid, which owns private/) and runs commands as the second."""
-    private = f"{run_dir}/{PRIVATE_DIR}"
-    command = ["python3", "-I", "-S", execd, "--root", workspace]
-    if users is not None:
-        (server_uid, server_gid), (uid, gid) = users
-        command += ["--drop-to", f"{server_uid}:{server_gid}", "--command-user", f"{uid}:{gid}"]
-    return [
-        *command,
-        "--unix-socket", f"{private}/{SOCKET_FILE}",
-        "--token-file", f"{private}/{TOKEN_FILE}",
-        "--ready-file", f"{private}/{READY_FILE}",
-    ]  # fmt: skip
+    server, commands = users if users is not None else (None, None)
+    files = RunDirFiles(f"{run_dir}/{PRIVATE_DIR}")
+    return execd_cmdline([execd], workspace, files, drop_to=server, command_user=commands)
 
 
 def install(execd_dir: Path, run_dir: Path) -> None:

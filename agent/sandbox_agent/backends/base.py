@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import ClassVar
 
 from ..errors import SandboxError
+from ..execd_cmdline import InheritedFds
 from .limits import Enforcement
 
 # How long a backend may take to bring its exec server up before the start counts as failed.
@@ -104,12 +105,9 @@ class HandOff:
         """Descriptors the child must inherit (Popen pass_fds)."""
         return list(self._child_fds)
 
-    def execd_args(self) -> list[str]:
-        return [
-            "--listen-fd", str(self._listener.fileno()),
-            "--token-fd", str(self._token_r),
-            "--ready-fd", str(self._ready_w),
-        ]  # fmt: skip
+    def descriptors(self) -> InheritedFds:
+        """The child's descriptors as the exec server's command line names them."""
+        return InheritedFds(self._listener.fileno(), self._token_r, self._ready_w)
 
     async def launch(
         self,

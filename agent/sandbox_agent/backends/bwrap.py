@@ -35,6 +35,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import BackendUnavailableError, SandboxError
+from ..execd_cmdline import InheritedFds, execd_cmdline
 from ..wire import WORKSPACE
 from .base import (
     CappedLog,
@@ -353,9 +354,9 @@ class BwrapSandbox(Sandbox):
 
     def command(
         self,
+        hand_off: InheritedFds,
         userns_fd: int | None = None,
         seccomp_fd: int | None = None,
-        execd_args: tuple[str, ...] = (),
     ) -> list[str]:
         """The full bwrap command line; pure, so tests can inspect the isolation it asks for."""
         exe = bwrap_path()
@@ -398,10 +399,9 @@ class BwrapSandbox(Sandbox):
         env = host_env_for_sandbox({"HOME": HOME, "USER": "sandbox"} | self.config.env)
         for key, value in sorted(env.items()):
             args += ["--setenv", key, value]
-        args += ["--", "python3", "-I", "-S", "-c", _LAUNCH, "--root", WORKSPACE, *execd_args]
-        if self.split_users:
-            args += ["--command-user", f"{SANDBOX_UID}:{SANDBOX_UID}"]
-        return args
+        commands = (SANDBOX_UID, SANDBOX_UID) if self.split_users else None
+        execd = execd_cmdline(["-c", _LAUNCH], WORKSPACE, hand_off, command_user=commands)
+        return [*args, "--", *execd]
 
     def _user_args(self, userns_fd: int | None) -> list[str]:
         if self.split_users:
@@ -441,7 +441,7 @@ class BwrapSandbox(Sandbox):
                 seccomp_r, seccomp_w = os.pipe()
                 os.write(seccomp_w, filter_program())
                 os.close(seccomp_w)
-            command = self.command(userns_fd, seccomp_r, tuple(handoff.execd_args()))
+            command = self.command(handoff.descriptors(), userns_fd, seccomp_r)
             self.enforcement = self._enforcement(self.limits.setup())
             self._proc = await handoff.launch(
                 self.limits.wrap([*self._launcher(), *command]),

@@ -21,6 +21,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import BackendUnavailableError, SandboxError
+from ..execd_cmdline import READY_FILE, SOCKET_FILE, TOKEN_FILE, RunDirFiles, execd_cmdline
 from ..wire import DEFAULT_SANDBOX_IMAGE, WORKSPACE
 from .base import (
     ExecEndpoint,
@@ -165,18 +166,10 @@ def docker_run_args(
     env = host_env_for_sandbox({"HOME": "/tmp/home", "USER": "sandbox"} | config.env)
     for key, value in sorted(env.items()):
         args += ["--env", f"{key}={value}"]
-    args += [
-        image,
-        "/bin/sh", "-c", _ENTRYPOINT, "execd-entrypoint",
-        "python3", "-I", "-S", EXECD_PATH,
-        "--root", WORKSPACE,
-        "--drop-to", f"{server_user[0]}:{server_user[1]}",
-        "--command-user", f"{uid}:{gid}",
-        "--unix-socket", f"{RUNDIR}/execd.sock",
-        "--token-file", f"{RUNDIR}/token",
-        "--ready-file", f"{RUNDIR}/ready.json",
-    ]  # fmt: skip
-    return args
+    server = execd_cmdline(
+        [EXECD_PATH], WORKSPACE, RunDirFiles(RUNDIR), drop_to=server_user, command_user=user
+    )
+    return [*args, image, "/bin/sh", "-c", _ENTRYPOINT, "execd-entrypoint", *server]
 
 
 def docker_enforcement(config: SandboxConfig) -> Enforcement:
@@ -279,7 +272,7 @@ class DockerSandbox(Sandbox):
     async def start(self) -> ExecEndpoint:
         cmd = self.command()
         await self._check_image(cmd[0])
-        token_file = self.rundir / "token"
+        token_file = self.rundir / TOKEN_FILE
         token_file.write_text(self.token)
         token_file.chmod(0o600)
         if os.geteuid() == 0:
@@ -300,7 +293,7 @@ class DockerSandbox(Sandbox):
         )
         try:
             await wait_for_ready_file(
-                self.rundir / "ready.json",
+                self.rundir / READY_FILE,
                 self._proc,
                 self.config.start_timeout,
                 f"docker sandbox {self.container_name} (image {self.image})",
@@ -316,7 +309,7 @@ class DockerSandbox(Sandbox):
         # exec server's next log line.
         self._drain = asyncio.create_task(_drain(self._proc.stderr))
         return ExecEndpoint(
-            token=self.token, workspace=WORKSPACE, uds=str(self.rundir / "execd.sock")
+            token=self.token, workspace=WORKSPACE, uds=str(self.rundir / SOCKET_FILE)
         )
 
     async def _check_image(self, exe: str) -> None:
@@ -338,7 +331,7 @@ class DockerSandbox(Sandbox):
         this host directory as disk space beyond its tmpfs limits. Best effort, root only."""
         if os.geteuid() != 0:
             return
-        for path in (self.rundir / "ready.json", self.rundir):
+        for path in (self.rundir / READY_FILE, self.rundir):
             with contextlib.suppress(OSError):
                 os.chown(path, 0, 0)
         with contextlib.suppress(OSError):

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..execd_cmdline import execd_cmdline
 from .base import (
     CappedLog,
     ExecEndpoint,
@@ -51,15 +52,9 @@ class ProcessSandbox(Sandbox):
         )
         self.enforcement = self._enforcement(self.limits.setup())
         handoff = HandOff(self.rundir, self.token)
-        command = [
-            sys.executable,
-            "-I",
-            "-S",
-            str(execd_source()),
-            "--root",
-            str(self.workspace),
-            *handoff.execd_args(),
-        ]
+        command = execd_cmdline(
+            [str(execd_source())], str(self.workspace), handoff.descriptors(), python=sys.executable
+        )
         try:
             self._proc = await handoff.launch(
                 self.limits.wrap(command),
