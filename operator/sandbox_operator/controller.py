@@ -781,7 +781,6 @@ class Operator:
                 PodVerdict(
                     PodState.FAILED,
                     ExitReason.AGENT_CRASHED,
-                    "AgentCrashed",
                     f"cannot read the agent's result: {exc}",
                     retryable=True,
                 ),
@@ -847,7 +846,6 @@ class Operator:
             PodVerdict(
                 PodState.FAILED,
                 ExitReason.POD_LOST,
-                "PodDeleted",
                 f"{why} before the agent reported",
                 retryable=True,
             ),

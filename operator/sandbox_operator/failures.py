@@ -23,7 +23,6 @@ class PodState(StrEnum):
 class PodVerdict:
     state: PodState
     exit_reason: ExitReason | None = None
-    condition_reason: str = ""
     message: str = ""
     retryable: bool = False
     termination_message: str | None = None
@@ -55,7 +54,6 @@ def _waiting_failure(pod: dict[str, Any]) -> PodVerdict | None:
             return PodVerdict(
                 PodState.FAILED,
                 ExitReason.IMAGE_PULL_ERROR,
-                "ImagePullFailed",
                 f"cannot pull image {image!r} for container {name} ({reason}: {detail}); "
                 f"check {which} and the registry's pull secret",
             )
@@ -63,7 +61,6 @@ def _waiting_failure(pod: dict[str, Any]) -> PodVerdict | None:
             return PodVerdict(
                 PodState.FAILED,
                 ExitReason.CONFIG_ERROR,
-                "ConfigMissing",
                 f"container {name} cannot start: {detail}; create it, or fix the reference "
                 "(spec.model.apiKeySecretRef, spec.inputs[].configMapRef)",
             )
@@ -110,7 +107,6 @@ def start_timed_out(pod: dict[str, Any], age_seconds: float, timeout: int) -> Po
     return PodVerdict(
         PodState.FAILED,
         ExitReason.START_TIMEOUT,
-        "StartTimeout",
         f"the pod did not start within {timeout}s ({_not_started_because(pod).strip()}); check "
         "spec.sandbox.resources against the nodes, or raise the operator's "
         "LLMSANDBOX_POD_START_TIMEOUT_SECONDS",
@@ -132,7 +128,6 @@ def assess_pod(pod: dict[str, Any], memory_limit: str | None = None) -> PodVerdi
         return PodVerdict(
             PodState.FAILED,
             ExitReason.EVICTED,
-            "Evicted",
             f"the node evicted the pod: {status.get('message', 'no message')}",
             retryable=True,
         )
@@ -140,7 +135,6 @@ def assess_pod(pod: dict[str, Any], memory_limit: str | None = None) -> PodVerdi
         return PodVerdict(
             PodState.FAILED,
             ExitReason.DEADLINE,
-            "DeadlineExceeded",
             "the pod ran past its activeDeadlineSeconds (limits.activeDeadlineSeconds plus the "
             "operator's grace period) and was stopped",
         )
@@ -151,7 +145,6 @@ def assess_pod(pod: dict[str, Any], memory_limit: str | None = None) -> PodVerdi
         return PodVerdict(
             PodState.FAILED,
             ExitReason.OOM_KILLED,
-            "OOMKilled",
             f"the sandbox container ran out of memory{limit}; raise "
             "spec.sandbox.resources.limits.memory or make the task use less",
             termination_message=agent.get("message") or None,
@@ -160,7 +153,6 @@ def assess_pod(pod: dict[str, Any], memory_limit: str | None = None) -> PodVerdi
         return PodVerdict(
             PodState.FAILED,
             ExitReason.OOM_KILLED,
-            "OOMKilled",
             "the agent container ran out of memory; raise the operator's agentResources",
         )
     if agent.get("message"):
@@ -169,7 +161,6 @@ def assess_pod(pod: dict[str, Any], memory_limit: str | None = None) -> PodVerdi
         return PodVerdict(
             PodState.FAILED,
             ExitReason.AGENT_CRASHED,
-            "AgentCrashed",
             f"the agent container exited with code {agent.get('exitCode')} "
             f"({agent.get('reason', 'no reason')}) without reporting a result; see its log",
             retryable=True,
@@ -177,7 +168,6 @@ def assess_pod(pod: dict[str, Any], memory_limit: str | None = None) -> PodVerdi
     return PodVerdict(
         PodState.FAILED,
         ExitReason.POD_LOST,
-        "PodFailed",
         f"the pod ended ({phase}: {status.get('reason', '')} {status.get('message', '')}) "
         "before the agent reported",
         retryable=True,

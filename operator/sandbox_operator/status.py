@@ -26,13 +26,13 @@ class ConditionType(StrEnum):
     """The conditions a SandboxTask carries; each is set by the operator only."""
 
     ADMITTED = "Admitted"
-    """True once the task holds a run slot under maxRunningTasks; False (Queued) while it waits,
-    False (InvalidSpec, ConfigMissing) when the operator refuses it."""
+    """True (Admitted) once the task holds a run slot under maxRunningTasks; False (Queued)
+    while it waits. A task refused before admission (invalid spec) never gets it."""
     POD_SCHEDULED = "PodScheduled"
-    """True once the task's pod is bound to a node; False (PodCreated) while it waits for one."""
+    """True (Scheduled) once the task's pod runs on a node; absent before."""
     READY = "Ready"
-    """True while the sandbox's exec server answers and the agent runs; False once it stops, or
-    (ExecServerNotReady, ImagePullFailed) when it never started."""
+    """True (Running) while the pod's containers run; False once the pod has ended, with the
+    reason of the task's outcome (e.g. ExecServerNotReady, ImagePullFailed, OOMKilled)."""
     COMPLETE = "Complete"
     """True when the task reached a terminal phase, its reason naming the outcome; False
     (Retrying) while an infrastructure failure is being retried."""
@@ -45,12 +45,10 @@ class Reason(StrEnum):
     """Admission found no free slot; the task waits by priority, then creation time."""
     ADMITTED = "Admitted"
     """Admission gave the task a slot; its pod is about to be created."""
-    POD_CREATED = "PodCreated"
-    """The pod exists but is not yet bound to a node."""
     SCHEDULED = "Scheduled"
     """The pod is bound to a node."""
     RUNNING = "Running"
-    """Both containers run and the exec server answered."""
+    """The task's pod runs (its containers have started)."""
     SUCCEEDED = "Succeeded"
     """The model submitted an answer."""
     FAILED = "Failed"
