@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .budget import TokenBudget
 from .errors import ExecServerError, LLMError, SandboxError
 from .events import EventSink, LLMReplied, Notice, StepStarted, ToolCallFinished, ToolCallStarted
-from .execclient import ExecClient
 from .llm import (
-    ChatLLM,
     Completion,
     ContextLengthError,
     DeadlineError,
@@ -20,16 +20,16 @@ from .llm import (
     ToolCallRequest,
 )
 from .prompt import continue_message, system_prompt, user_message
+from .protocols import CompletionModel, SandboxAPI
 from .result import ExitReason, TaskResult, Usage, phase_for
 from .task import Limits, ToolCallFormat
-from .textcalls import parse_text_tool_calls
-from .tools import TOOLS, Observation, ToolRunner, cap_text
+from .textcalls import TextToolCall, parse_text_tool_calls
+from .tools import TOOLS, Observation, ToolRunner
 from .trajectory import StepRecord, ToolCallRecord, Trajectory
 
-# Below this many completion tokens a call cannot do useful work; the budget is spent.
-_MIN_CALL_TOKENS = 64
 ANSWER_FILE = "output/answer.txt"
 MAX_ANSWER_BYTES = 1024 * 1024
+NOT_RUN = "Not run: the task was already submitted."
 
 
 class ModelOptions(Protocol):
@@ -74,6 +74,64 @@ class _Ending:
     cause: str | None = None
 
 
+def _no_answer(ending: _Ending, answer: str | None, workspace: str) -> _Ending:
+    """A submit that leaves no answer at all is no success."""
+    if ending.reason is not ExitReason.SUBMITTED or answer:
+        return ending
+    return _Ending(
+        ExitReason.NO_ANSWER,
+        f"the model called submit without an answer and {workspace}/{ANSWER_FILE} does not exist",
+    )
+
+
+def _deadline_message(limits: Limits, detail: str = "") -> str:
+    text = f"limits.activeDeadlineSeconds ({limits.active_deadline_seconds}s) passed"
+    return f"{text}: {detail}" if detail else text
+
+
+def _llm_ending(exc: LLMError, limits: Limits) -> _Ending:
+    """What a failed model call means for the task."""
+    if isinstance(exc, DeadlineError):
+        return _Ending(ExitReason.DEADLINE, _deadline_message(limits, str(exc)))
+    if isinstance(exc, EndpointUnreachableError):
+        return _Ending(ExitReason.LLM_ERROR, str(exc), cause="EndpointUnreachable")
+    return _Ending(ExitReason.LLM_ERROR, str(exc))
+
+
+def _text_call(step: int, index: int, parsed: TextToolCall) -> ToolCallRequest:
+    """A call read from the reply's text; one that could not be read carries why, and no name."""
+    call_id = f"text_{step}_{index}"
+    if parsed.error is not None:
+        return ToolCallRequest(id=call_id, name="", arguments=parsed.error)
+    return ToolCallRequest(id=call_id, name=parsed.name, arguments=parsed.arguments)
+
+
+def _step_record(step: int, reply: Completion, started: float, text_mode: bool) -> StepRecord:
+    return StepRecord(
+        step=step,
+        started_at=started,
+        llm_seconds=round(reply.seconds, 3),
+        llm_retries=reply.retries,
+        prompt_tokens=reply.prompt_tokens,
+        completion_tokens=reply.completion_tokens,
+        usage_reported=reply.usage_reported,
+        finish_reason=reply.finish_reason,
+        content=reply.content,
+        text_tool_calls=text_mode,
+    )
+
+
+def _call_record(call: ToolCallRequest, obs: Observation, seconds: float) -> ToolCallRecord:
+    return ToolCallRecord(
+        id=call.id,
+        name=call.name,
+        arguments=call.arguments,
+        observation=obs.text,
+        ok=obs.ok,
+        seconds=round(seconds, 3),
+    )
+
+
 def _summarize(name: str, arguments: str) -> str:
     text = arguments
     if name == "execute_bash":
@@ -88,59 +146,63 @@ class AgentLoop:
 
     def __init__(
         self,
-        llm: ChatLLM,
-        client: ExecClient,
+        llm: CompletionModel,
+        sandbox: SandboxAPI,
         workspace: str,
         settings: AgentSettings,
         on_event: EventSink,
         trajectory: Trajectory,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.llm = llm
-        self.client = client
+        self.sandbox = sandbox
         self.workspace = workspace
         self.settings = settings
         self.limits = settings.limits
         self.on_event = on_event
         self.trajectory = trajectory
+        # What the deadline is measured on: the model's deadline is a time.monotonic() value.
+        self.clock = clock
         self.tools = ToolRunner(
-            client,
+            sandbox,
             workspace,
             command_timeout=self.limits.command_timeout_seconds,
             max_observation_bytes=self.limits.max_observation_bytes,
         )
+        fmt = settings.tool_call_format
+        self.native_tools = TOOLS if fmt in (ToolCallFormat.NATIVE, ToolCallFormat.AUTO) else None
+        self.budget = TokenBudget.of(self.limits)
         self.usage = Usage()
         self.tool_counts: dict[str, int] = {}
         self.steps = 0
+        # The last call's prompt + completion tokens: what the context holds.
+        self.conversation_tokens = 0
+        # max_tokens per call; halved whenever a call does not fit the context window.
+        self.call_cap = settings.max_tokens_per_call
+        self.messages: list[dict[str, Any]] = []
+        self.deadline = 0.0
 
     async def run(self, prompt: str, input_listing: list[str]) -> TaskResult:
-        started = time.monotonic()
-        deadline = started + self.limits.active_deadline_seconds
-        fmt = self.settings.tool_call_format
-        text_tools = TOOLS if fmt is ToolCallFormat.HERMES else None
-        messages: list[dict[str, Any]] = [
-            {
-                "role": "system",
-                "content": system_prompt(
-                    self.workspace, self.limits.command_timeout_seconds, text_tools
-                ),
-            },
+        started = self.clock()
+        self.deadline = started + self.limits.active_deadline_seconds
+        self.messages = self._opening(prompt, input_listing)
+        self.trajectory.messages = self.messages
+        ending = await self._conversation()
+        answer = ending.answer or await self._answer_file()
+        result = self._result(_no_answer(ending, answer, self.workspace), answer, started)
+        self.trajectory.result = result
+        return result
+
+    def _opening(self, prompt: str, input_listing: list[str]) -> list[dict[str, Any]]:
+        text_tools = TOOLS if self.settings.tool_call_format is ToolCallFormat.HERMES else None
+        system = system_prompt(self.workspace, self.limits.command_timeout_seconds, text_tools)
+        return [
+            {"role": "system", "content": system},
             {"role": "user", "content": user_message(prompt, self.workspace, input_listing)},
         ]
-        self.trajectory.messages = messages
-        try:
-            ending = await self._converse(messages, deadline)
-        except SandboxError as exc:
-            ending = _Ending(ExitReason.SANDBOX_ERROR, f"the sandbox failed: {exc}")
-        answer = ending.answer
-        if not answer:
-            answer = await self._answer_file()
-        if ending.reason is ExitReason.SUBMITTED and not answer:
-            ending = _Ending(
-                ExitReason.NO_ANSWER,
-                f"the model called submit without an answer and {self.workspace}/{ANSWER_FILE} "
-                "does not exist",
-            )
-        result = TaskResult(
+
+    def _result(self, ending: _Ending, answer: str | None, started: float) -> TaskResult:
+        return TaskResult(
             phase=phase_for(ending.reason),
             exit_reason=ending.reason,
             message=ending.message,
@@ -149,198 +211,163 @@ class AgentLoop:
             steps=self.steps,
             usage=self.usage,
             tool_calls=self.tool_counts,
-            duration_seconds=round(time.monotonic() - started, 3),
+            duration_seconds=round(self.clock() - started, 3),
         )
-        self.trajectory.result = result
-        return result
 
     async def _answer_file(self) -> str | None:
         try:
-            content = await self.client.read_text(ANSWER_FILE, max_bytes=MAX_ANSWER_BYTES)
+            content = await self.sandbox.read_text(ANSWER_FILE, max_bytes=MAX_ANSWER_BYTES)
         except SandboxError:
             return None
         return content.content.strip() or None
 
-    async def _converse(self, messages: list[dict[str, Any]], deadline: float) -> _Ending:
-        limits = self.limits
-        fmt = self.settings.tool_call_format
-        native_tools = TOOLS if fmt in (ToolCallFormat.NATIVE, ToolCallFormat.AUTO) else None
-        call_max_tokens = self.settings.max_tokens_per_call
-        conversation_tokens = 0
-        while self.steps < limits.max_steps:
-            budget_left = limits.max_tokens - conversation_tokens
-            if limits.max_total_tokens is not None:
-                budget_left = min(budget_left, limits.max_total_tokens - self.usage.total_tokens)
-            max_tokens = min(call_max_tokens, budget_left)
-            if max_tokens < _MIN_CALL_TOKENS:
-                return self._budget_ending()
-            self.on_event(StepStarted(self.steps + 1, limits.max_steps, self.usage.total_tokens))
-            step_started = time.time()
-            retries_before = self.llm.retries
-            try:
-                reply = await self.llm.complete(
-                    messages,
-                    tools=native_tools,
-                    max_tokens=max_tokens,
-                    temperature=self.settings.temperature,
-                    top_p=self.settings.top_p,
-                    deadline=deadline,
-                )
-            except ContextLengthError as exc:
-                call_max_tokens = max_tokens // 2
-                if call_max_tokens < _MIN_CALL_TOKENS:
-                    return _Ending(
-                        ExitReason.TOKEN_BUDGET,
-                        f"the conversation no longer fits the model's context window ({exc})",
-                    )
-                self.on_event(
-                    Notice(f"context window exceeded; max tokens per call now {call_max_tokens}")
-                )
-                continue
-            except DeadlineError as exc:
-                return _Ending(ExitReason.DEADLINE, self._deadline_message(str(exc)))
-            except EndpointUnreachableError as exc:
-                return _Ending(ExitReason.LLM_ERROR, str(exc), cause="EndpointUnreachable")
-            except LLMError as exc:
-                return _Ending(ExitReason.LLM_ERROR, str(exc))
-            finally:
-                # Retries count whether the call then succeeded or gave up (the llmRetries metric).
-                self.usage.llm_retries += self.llm.retries - retries_before
-            self.steps += 1
-            self.usage.add(reply.prompt_tokens, reply.completion_tokens)
-            conversation_tokens = reply.prompt_tokens + reply.completion_tokens
-            self.on_event(
-                LLMReplied(
-                    self.steps,
-                    reply.prompt_tokens,
-                    reply.completion_tokens,
-                    reply.seconds,
-                    reply.content,
-                )
-            )
-            ending = await self._act(messages, reply, step_started, deadline)
-            if ending is not None:
-                return ending
-            if conversation_tokens >= limits.max_tokens or (
-                limits.max_total_tokens is not None
-                and self.usage.total_tokens >= limits.max_total_tokens
-            ):
-                return self._budget_ending()
-            if time.monotonic() >= deadline:
-                return _Ending(ExitReason.DEADLINE, self._deadline_message())
+    async def _conversation(self) -> _Ending:
+        """Steps until one ends the task, or the steps run out; a failing sandbox ends it too."""
+        try:
+            while self.steps < self.limits.max_steps:
+                ending = await self._step()
+                if ending is not None:
+                    return ending
+        except SandboxError as exc:
+            return _Ending(ExitReason.SANDBOX_ERROR, f"the sandbox failed: {exc}")
         return _Ending(
             ExitReason.MAX_STEPS,
-            f"the model used all {limits.max_steps} steps (limits.maxSteps) without submitting",
+            f"the model used all {self.limits.max_steps} steps (limits.maxSteps) without submitting",
         )
 
-    def _budget_ending(self) -> _Ending:
-        limits = self.limits
-        if (
-            limits.max_total_tokens is not None
-            and self.usage.total_tokens >= limits.max_total_tokens - _MIN_CALL_TOKENS
-        ):
+    async def _step(self) -> _Ending | None:
+        """Ask the model once and act on its reply; an _Ending stops the loop."""
+        spent = self.usage.total_tokens
+        max_tokens = self.budget.next_call(self.call_cap, self.conversation_tokens, spent)
+        if max_tokens is None:
+            return self._budget_ending()
+        self.on_event(StepStarted(self.steps + 1, self.limits.max_steps, spent))
+        step_started = time.time()
+        reply = await self._ask(max_tokens)
+        if not isinstance(reply, Completion):
+            return reply  # the ending the failure means, or None: ask again with less
+        self._count(reply)
+        ending = await self._act(reply, step_started)
+        return ending if ending is not None else self._limit_reached()
+
+    async def _ask(self, max_tokens: int) -> Completion | _Ending | None:
+        """The model's reply; else the ending its failure means, or None after a shrink."""
+        retries_before = self.llm.retries
+        try:
+            return await self.llm.complete(
+                self.messages,
+                tools=self.native_tools,
+                max_tokens=max_tokens,
+                temperature=self.settings.temperature,
+                top_p=self.settings.top_p,
+                deadline=self.deadline,
+            )
+        except ContextLengthError as exc:
+            return self._shrink(max_tokens, exc)
+        except LLMError as exc:
+            return _llm_ending(exc, self.limits)
+        finally:
+            # Retries count whether the call then succeeded or gave up (the llmRetries metric).
+            self.usage.llm_retries += self.llm.retries - retries_before
+
+    def _shrink(self, max_tokens: int, exc: ContextLengthError) -> _Ending | None:
+        shrunk = self.budget.shrunk(max_tokens)
+        if shrunk is None:
             return _Ending(
                 ExitReason.TOKEN_BUDGET,
-                f"{self.usage.total_tokens} tokens spent of limits.maxTotalTokens "
-                f"({limits.max_total_tokens})",
+                f"the conversation no longer fits the model's context window ({exc})",
             )
-        return _Ending(
-            ExitReason.TOKEN_BUDGET,
-            f"the conversation reached limits.maxTokens ({limits.max_tokens} tokens)",
+        self.call_cap = shrunk
+        self.on_event(Notice(f"context window exceeded; max tokens per call now {shrunk}"))
+        return None
+
+    def _count(self, reply: Completion) -> None:
+        self.steps += 1
+        self.usage.add(reply.prompt_tokens, reply.completion_tokens)
+        self.conversation_tokens = reply.prompt_tokens + reply.completion_tokens
+        self.on_event(
+            LLMReplied(
+                self.steps,
+                reply.prompt_tokens,
+                reply.completion_tokens,
+                reply.seconds,
+                reply.content,
+            )
         )
 
-    def _deadline_message(self, detail: str = "") -> str:
-        text = f"limits.activeDeadlineSeconds ({self.limits.active_deadline_seconds}s) passed"
-        return f"{text}: {detail}" if detail else text
+    def _limit_reached(self) -> _Ending | None:
+        """After a step: a spent budget or a passed deadline ends the task."""
+        if self.budget.spent(self.conversation_tokens, self.usage.total_tokens):
+            return self._budget_ending()
+        if self.clock() >= self.deadline:
+            return _Ending(ExitReason.DEADLINE, _deadline_message(self.limits))
+        return None
 
-    async def _act(
-        self,
-        messages: list[dict[str, Any]],
-        reply: Completion,
-        step_started: float,
-        deadline: float,
-    ) -> _Ending | None:
+    def _budget_ending(self) -> _Ending:
+        return _Ending(ExitReason.TOKEN_BUDGET, self.budget.spent_message(self.usage.total_tokens))
+
+    async def _act(self, reply: Completion, step_started: float) -> _Ending | None:
         """Record the reply, run its tool calls, append their results; an _Ending stops the loop."""
-        fmt = self.settings.tool_call_format
-        calls = reply.tool_calls
-        text_mode = False
-        if not calls and fmt is not ToolCallFormat.NATIVE and reply.content:
-            parsed = parse_text_tool_calls(reply.content)
-            calls = [
-                ToolCallRequest(id=f"text_{self.steps}_{i}", name=p.name, arguments=p.arguments)
-                if p.error is None
-                else ToolCallRequest(id=f"text_{self.steps}_{i}", name="", arguments=p.error)
-                for i, p in enumerate(parsed)
-            ]
-            text_mode = bool(calls)
-        messages.append(reply.raw_message)
-        record = StepRecord(
-            step=self.steps,
-            started_at=step_started,
-            llm_seconds=round(reply.seconds, 3),
-            llm_retries=reply.retries,
-            prompt_tokens=reply.prompt_tokens,
-            completion_tokens=reply.completion_tokens,
-            usage_reported=reply.usage_reported,
-            finish_reason=reply.finish_reason,
-            content=reply.content,
-            text_tool_calls=text_mode,
-        )
+        calls, text_mode = self._tool_calls(reply)
+        self.messages.append(reply.raw_message)
+        record = _step_record(self.steps, reply, step_started, text_mode)
         self.trajectory.steps.append(record)
         if not calls:
-            messages.append({"role": "user", "content": continue_message(self.workspace)})
+            self.messages.append({"role": "user", "content": continue_message(self.workspace)})
             return None
-        responses: list[str] = []
+        return await self._run_calls(calls, record, text_mode)
+
+    def _tool_calls(self, reply: Completion) -> tuple[list[ToolCallRequest], bool]:
+        """The reply's tool calls, and whether they were read from its text."""
+        fmt = self.settings.tool_call_format
+        if reply.tool_calls or fmt is ToolCallFormat.NATIVE or not reply.content:
+            return reply.tool_calls, False
+        parsed = parse_text_tool_calls(reply.content)
+        calls = [_text_call(self.steps, i, p) for i, p in enumerate(parsed)]
+        return calls, bool(calls)
+
+    async def _run_calls(
+        self, calls: list[ToolCallRequest], record: StepRecord, text_mode: bool
+    ) -> _Ending | None:
+        """Each call's observation back to the model; calls after a submit are not run."""
         ending: _Ending | None = None
+        responses: list[str] = []
         for call in calls:
-            tool_started = time.monotonic()
-            if ending is not None:
-                obs = Observation("Not run: the task was already submitted.", ok=False)
-            elif text_mode and not call.name:
-                obs = Observation(f"Error: {call.arguments}", ok=False)
-            else:
-                obs = await self._run_tool(call, deadline)
-            seconds = time.monotonic() - tool_started
-            record.tool_calls.append(
-                ToolCallRecord(
-                    id=call.id,
-                    name=call.name,
-                    arguments=call.arguments,
-                    observation=obs.text,
-                    ok=obs.ok,
-                    seconds=round(seconds, 3),
-                )
-            )
+            obs = await self._observe(call, record, text_mode, submitted=ending is not None)
             if text_mode:
                 responses.append(f"<tool_response>\n{obs.text}\n</tool_response>")
             else:
-                messages.append({"role": "tool", "tool_call_id": call.id, "content": obs.text})
-            if obs.submitted and ending is None:
+                self.messages.append({"role": "tool", "tool_call_id": call.id, "content": obs.text})
+            if obs.submitted:
                 ending = _Ending(ExitReason.SUBMITTED, answer=(obs.answer or "").strip() or None)
         if text_mode:
-            messages.append({"role": "user", "content": "\n".join(responses)})
+            self.messages.append({"role": "user", "content": "\n".join(responses)})
         return ending
 
-    async def _run_tool(self, call: ToolCallRequest, deadline: float) -> Observation:
+    async def _observe(
+        self, call: ToolCallRequest, record: StepRecord, text_mode: bool, submitted: bool
+    ) -> Observation:
+        """Run one call (or say why not) and record it with its time."""
+        started = self.clock()
+        if submitted:
+            obs = Observation(NOT_RUN, ok=False)
+        elif text_mode and not call.name:
+            obs = Observation(f"Error: {call.arguments}", ok=False)
+        else:
+            obs = await self._run_tool(call)
+        record.tool_calls.append(_call_record(call, obs, self.clock() - started))
+        return obs
+
+    async def _run_tool(self, call: ToolCallRequest) -> Observation:
         name = call.name or "(missing name)"
         self.tool_counts[name] = self.tool_counts.get(name, 0) + 1
         summary = _summarize(call.name, call.arguments)
         self.on_event(ToolCallStarted(self.steps, name, summary))
-        started = time.monotonic()
-        time_left = deadline - started
+        started = self.clock()
         try:
-            obs = await self.tools.run(call.name, call.arguments, time_left)
+            obs = await self.tools.run(call.name, call.arguments, self.deadline - started)
         except ExecServerError as exc:
             raise SandboxError(f"exec server error during {name}: {exc}") from exc
-        self.on_event(
-            ToolCallFinished(
-                self.steps, name, obs.ok, time.monotonic() - started, obs.summary or summary
-            )
-        )
-        return Observation(
-            cap_text(obs.text, self.limits.max_observation_bytes),
-            obs.ok,
-            obs.submitted,
-            obs.answer,
-            obs.summary,
-        )
+        seconds = self.clock() - started
+        self.on_event(ToolCallFinished(self.steps, name, obs.ok, seconds, obs.summary or summary))
+        return obs

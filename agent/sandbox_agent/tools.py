@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 import time
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ExecServerError
-from .execclient import ExecClient
+from .protocols import SandboxAPI
 
 TOOL_NAMES = ("execute_bash", "str_replace_editor", "submit")
 # The editor refuses to load more than this into the conversation in one view.
@@ -156,7 +157,7 @@ class ToolRunner:
 
     def __init__(
         self,
-        client: ExecClient,
+        client: SandboxAPI,
         workspace: str,
         command_timeout: float,
         max_observation_bytes: int,
@@ -170,7 +171,12 @@ class ToolRunner:
         return path if path.startswith("/") else posixpath.join(self.workspace, path)
 
     async def run(self, name: str, raw_arguments: str, time_left: float) -> Observation:
-        """Run one call. SandboxError (the sandbox itself failing) propagates; all else is text."""
+        """Run one call; its text is what the model sees, cut to max_observation_bytes here and
+        nowhere else. SandboxError (the sandbox itself failing) propagates; all else is text."""
+        obs = await self._run(name, raw_arguments, time_left)
+        return dataclasses.replace(obs, text=cap_text(obs.text, self.max_observation_bytes))
+
+    async def _run(self, name: str, raw_arguments: str, time_left: float) -> Observation:
         try:
             args = parse_arguments(raw_arguments)
             if name == "execute_bash":
@@ -213,11 +219,11 @@ class ToolRunner:
             parts.append("[stderr]\n" + res.stderr.rstrip("\n"))
         if not res.stdout and not res.stderr:
             parts.append("(no output)")
-        text = cap_text("\n".join(parts), self.max_observation_bytes)
         summary = f"exit {res.exit_code} in {time.monotonic() - started:.1f}s"
         if res.timed_out:
             summary = f"timed out after {timeout:.0f}s"
-        return Observation(text, ok=res.exit_code == 0 and not res.timed_out, summary=summary)
+        ok = res.exit_code == 0 and not res.timed_out
+        return Observation("\n".join(parts), ok=ok, summary=summary)
 
     async def _editor(self, args: dict[str, Any]) -> Observation:
         command = _str_arg(args, "command")
@@ -258,15 +264,14 @@ class ToolRunner:
                         f"\n[file is {content.size} bytes; showing the start. "
                         "Use view_range or grep to see the rest]"
                     )
-                return Observation(cap_text(body, self.max_observation_bytes), ok=True)
+                return Observation(body, ok=True)
             if not isinstance(view_range, list) or len(view_range) != 2:
                 raise ToolInputError("view_range must be [start_line, end_line]")
             start, end = (_int_arg(v, "view_range") for v in view_range)
             if start < 1 or (end != -1 and end < start):
                 raise ToolInputError("view_range needs 1 <= start <= end, or end = -1")
             content = await self.client.read_text(path, start_line=start, end_line=end)
-            body = _numbered(_lines(content.content), start)
-            return Observation(cap_text(body, self.max_observation_bytes), ok=True)
+            return Observation(_numbered(_lines(content.content), start), ok=True)
         except ExecServerError as exc:
             if exc.code != "is_directory":
                 raise
@@ -278,7 +283,7 @@ class ToolRunner:
         ]
         more = "\n[listing truncated]" if listing.truncated else ""
         body = f"{listing.path}/ (two levels, hidden files left out)\n" + "\n".join(lines) + more
-        return Observation(cap_text(body, self.max_observation_bytes), ok=True)
+        return Observation(body, ok=True)
 
     async def _str_replace(self, path: str, args: dict[str, Any]) -> Observation:
         old = _str_arg(args, "old_str")

@@ -1,0 +1,422 @@
+"""The agent loop in memory: a scripted model, a sandbox in a dict and a clock that moves only when
+told to. Every way a task ends, and what the model is shown, in milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from inmemory import (
+    WORKSPACE,
+    FakeClock,
+    InMemorySandbox,
+    ScriptedModel,
+    Turn,
+    reply,
+    shell,
+    tool_call,
+)
+from sandbox_agent.errors import ExecServerError, LLMError, SandboxError
+from sandbox_agent.events import Event, Notice
+from sandbox_agent.execclient import ExecResult
+from sandbox_agent.llm import (
+    Completion,
+    ContextLengthError,
+    DeadlineError,
+    EndpointUnreachableError,
+)
+from sandbox_agent.loop import NOT_RUN, AgentLoop, AgentSettings
+from sandbox_agent.result import ExitReason, Phase, TaskResult
+from sandbox_agent.task import Limits, ToolCallFormat
+from sandbox_agent.trajectory import Trajectory
+
+
+@dataclass
+class Run:
+    result: TaskResult
+    model: ScriptedModel
+    sandbox: InMemorySandbox
+    trajectory: Trajectory
+    events: list[Event]
+
+    def asked_max_tokens(self) -> list[int]:
+        return [r.max_tokens for r in self.model.requests]
+
+
+def run_loop(
+    model: ScriptedModel,
+    sandbox: InMemorySandbox | None = None,
+    *,
+    fmt: ToolCallFormat = ToolCallFormat.NATIVE,
+    max_tokens_per_call: int = 8192,
+    **limits: Any,
+) -> Run:
+    """One loop over the doubles, on the model's clock; `limits` as a task file spells them."""
+    sandbox = sandbox or InMemorySandbox()
+    settings = AgentSettings(
+        model="scripted",
+        tool_call_format=fmt,
+        max_tokens_per_call=max_tokens_per_call,
+        temperature=None,
+        top_p=None,
+        limits=Limits.model_validate({"maxSteps": 10, **limits}),
+    )
+    events: list[Event] = []
+    trajectory = Trajectory()
+    loop = AgentLoop(
+        model, sandbox, WORKSPACE, settings, events.append, trajectory, clock=model.clock
+    )
+    result = asyncio.run(loop.run("Solve it.", []))
+    return Run(result, model, sandbox, trajectory, events)
+
+
+BASH = tool_call("execute_bash", {"command": "true"})
+
+
+@dataclass(frozen=True)
+class Ending:
+    """A script, the limits it runs under, and how the task must end."""
+
+    script: list[Turn | Completion | LLMError]
+    limits: dict[str, Any]
+    reason: ExitReason
+    message: str
+    steps: int
+    default: Turn | Completion | LLMError | None = None
+    files: dict[str, str] | None = None
+    commands: dict[str, ExecResult | Exception] | None = None
+    cause: str | None = None
+
+
+ENDINGS = {
+    "submit": Ending(
+        [tool_call("submit", {"answer": " 42 "})], {}, ExitReason.SUBMITTED, "", steps=1
+    ),
+    "submit-falls-back-to-the-answer-file": Ending(
+        [tool_call("submit", {})],
+        {},
+        ExitReason.SUBMITTED,
+        "",
+        steps=1,
+        files={"output/answer.txt": "7\n"},
+    ),
+    "submit-without-any-answer": Ending(
+        [tool_call("submit", {})],
+        {},
+        ExitReason.NO_ANSWER,
+        "the model called submit without an answer and /workspace/output/answer.txt does not exist",
+        steps=1,
+    ),
+    "max-steps": Ending(
+        [],
+        {"maxSteps": 3},
+        ExitReason.MAX_STEPS,
+        "the model used all 3 steps (limits.maxSteps) without submitting",
+        steps=3,
+        default=BASH,
+    ),
+    "conversation-budget": Ending(
+        [],
+        {"maxTokens": 1000},
+        ExitReason.TOKEN_BUDGET,
+        "the conversation reached limits.maxTokens (1000 tokens)",
+        steps=1,
+        default=tool_call("execute_bash", {"command": "true"}, usage=(700, 400)),
+    ),
+    # 400 spent, then 800 (the second call may ask for the 600 left), then 1200.
+    "spend-cap": Ending(
+        [],
+        {"maxTotalTokens": 1000},
+        ExitReason.TOKEN_BUDGET,
+        "1200 tokens spent of limits.maxTotalTokens (1000)",
+        steps=3,
+        default=tool_call("execute_bash", {"command": "true"}, usage=(300, 100)),
+    ),
+    # 1024, 512, 256, 128, 64: half of that is too little for a call.
+    "context-window-never-fits": Ending(
+        [],
+        {},
+        ExitReason.TOKEN_BUDGET,
+        "the conversation no longer fits the model's context window (too long)",
+        steps=0,
+        default=ContextLengthError("too long"),
+    ),
+    "deadline-while-waiting-for-the-model": Ending(
+        [DeadlineError("the task deadline passed while waiting for the model")],
+        {"activeDeadlineSeconds": 30},
+        ExitReason.DEADLINE,
+        "limits.activeDeadlineSeconds (30s) passed: "
+        "the task deadline passed while waiting for the model",
+        steps=0,
+    ),
+    "deadline-passed-during-a-step": Ending(
+        [Turn(BASH, seconds=31)],
+        {"activeDeadlineSeconds": 30},
+        ExitReason.DEADLINE,
+        "limits.activeDeadlineSeconds (30s) passed",
+        steps=1,
+    ),
+    "llm-error": Ending(
+        [LLMError("HTTP 400 from the endpoint: bad request")],
+        {},
+        ExitReason.LLM_ERROR,
+        "HTTP 400 from the endpoint: bad request",
+        steps=0,
+    ),
+    "endpoint-unreachable": Ending(
+        [EndpointUnreachableError("giving up after 3 attempts: cannot reach it")],
+        {},
+        ExitReason.LLM_ERROR,
+        "giving up after 3 attempts: cannot reach it",
+        steps=0,
+        cause="EndpointUnreachable",
+    ),
+    "exec-server-error": Ending(
+        [BASH],
+        {},
+        ExitReason.SANDBOX_ERROR,
+        "the sandbox failed: exec server error during execute_bash: internal: boom",
+        steps=1,
+        commands={"true": ExecServerError("internal", "boom", 500)},
+    ),
+    "sandbox-gone": Ending(
+        [BASH],
+        {},
+        ExitReason.SANDBOX_ERROR,
+        "the sandbox failed: exec server unreachable for /exec",
+        steps=1,
+        commands={"true": SandboxError("exec server unreachable for /exec")},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ENDINGS.values(), ids=ENDINGS.keys())
+def test_how_a_task_ends(case: Ending) -> None:
+    model = ScriptedModel(*case.script, default=case.default)
+    sandbox = InMemorySandbox(files=dict(case.files or {}), commands=dict(case.commands or {}))
+    run = run_loop(model, sandbox, max_tokens_per_call=1024, **case.limits)
+    result = run.result
+    assert (result.exit_reason, result.message, result.steps) == (
+        case.reason,
+        case.message,
+        case.steps,
+    )
+    assert result.cause == case.cause
+    assert result.phase is (
+        Phase.SUCCEEDED if case.reason is ExitReason.SUBMITTED else Phase.FAILED
+    )
+    assert run.trajectory.result == result
+
+
+def test_the_answer_is_the_submitted_one_stripped_else_the_answer_files() -> None:
+    submitted = run_loop(ScriptedModel(tool_call("submit", {"answer": " 42 "})))
+    from_file = run_loop(
+        ScriptedModel(tool_call("submit", {})), InMemorySandbox(files={"output/answer.txt": "7\n"})
+    )
+    assert (submitted.result.answer, from_file.result.answer) == ("42", "7")
+
+
+def test_each_call_asks_for_no_more_tokens_than_either_budget_has_left() -> None:
+    model = ScriptedModel(
+        tool_call("execute_bash", {"command": "true"}, usage=(500, 100)),
+        tool_call("submit", {"answer": "ok"}, usage=(650, 10)),
+    )
+    run = run_loop(model, max_tokens_per_call=4096, maxTokens=2000)
+    assert run.asked_max_tokens() == [2000, 1400]
+    spend = run_loop(
+        ScriptedModel(default=tool_call("execute_bash", {"command": "true"}, usage=(300, 100))),
+        max_tokens_per_call=4096,
+        maxTotalTokens=1000,
+    )
+    assert spend.asked_max_tokens() == [1000, 600, 200]
+
+
+def test_a_context_length_error_halves_max_tokens_and_asks_again() -> None:
+    model = ScriptedModel(ContextLengthError("too long"), tool_call("submit", {"answer": "fits"}))
+    run = run_loop(model, max_tokens_per_call=4096)
+    assert run.result.answer == "fits"
+    assert run.asked_max_tokens() == [4096, 2048]
+    assert Notice("context window exceeded; max tokens per call now 2048") in run.events
+    # The failed call is not a step.
+    assert run.result.steps == 1
+
+
+def test_repeated_context_length_errors_halve_until_no_useful_call_fits() -> None:
+    run = run_loop(ScriptedModel(default=ContextLengthError("too long")), max_tokens_per_call=1024)
+    assert run.asked_max_tokens() == [1024, 512, 256, 128, 64]
+
+
+def test_retries_count_whether_the_call_then_succeeded_or_gave_up() -> None:
+    model = ScriptedModel(
+        Turn(BASH, retries=2), Turn(LLMError("giving up after 4 attempts"), retries=3)
+    )
+    run = run_loop(model)
+    assert run.result.usage.llm_retries == 5
+    assert run.result.usage.llm_calls == 1
+
+
+def test_the_model_gets_the_deadline_and_tools_get_what_is_left_of_it() -> None:
+    model = ScriptedModel(
+        Turn(tool_call("execute_bash", {"command": "sleep 1"}), seconds=10),
+        tool_call("submit", {"answer": "ok"}),
+        clock=FakeClock(500.0),
+    )
+    run = run_loop(model, activeDeadlineSeconds=60, commandTimeoutSeconds=120)
+    assert [r.deadline for r in run.model.requests] == [560.0, 560.0]
+    # The model took 10 of the 60 seconds: the command gets the 50 left, not its 120.
+    assert run.sandbox.timeouts == [50.0]
+    assert run.result.exit_reason is ExitReason.SUBMITTED
+
+
+def test_a_reply_without_a_tool_call_gets_a_continue_message() -> None:
+    model = ScriptedModel(reply("I think the answer is 5."), tool_call("submit", {"answer": "5"}))
+    run = run_loop(model)
+    nudge = run.model.requests[1].messages[-1]
+    assert nudge["role"] == "user"
+    assert "no tool call" in nudge["content"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "native_tools", "text_tools_in_prompt"),
+    [
+        (ToolCallFormat.HERMES, False, True),
+        (ToolCallFormat.AUTO, True, False),
+    ],
+)
+def test_text_tool_calls_are_run_and_answered_in_text(
+    fmt: ToolCallFormat, native_tools: bool, text_tools_in_prompt: bool
+) -> None:
+    sandbox = InMemorySandbox(commands={"echo $((6 * 7))": shell("42\n")})
+    model = ScriptedModel(
+        reply(
+            'Let me compute.\n<tool_call>{"name": "execute_bash", '
+            '"arguments": {"command": "echo $((6 * 7))"}}</tool_call>'
+        ),
+        reply('<tool_call>{"name": "submit", "arguments": {"answer": "42"}}</tool_call>'),
+    )
+    run = run_loop(model, sandbox, fmt=fmt)
+    assert run.result.answer == "42"
+    first = run.model.requests[0]
+    assert (first.tools is not None) is native_tools
+    assert ("<tools>" in first.messages[0]["content"]) is text_tools_in_prompt
+    response = run.model.requests[1].messages[-1]
+    assert response == {
+        "role": "user",
+        "content": "<tool_response>\n[exit code 0]\n42\n</tool_response>",
+    }
+    assert run.trajectory.steps[0].text_tool_calls
+
+
+def test_native_mode_takes_no_tool_call_from_the_text() -> None:
+    model = ScriptedModel(
+        reply('<tool_call>{"name": "submit", "arguments": {"answer": "1"}}</tool_call>'),
+        tool_call("submit", {"answer": "2"}),
+    )
+    run = run_loop(model, fmt=ToolCallFormat.NATIVE)
+    assert run.result.answer == "2"
+    assert "no tool call" in run.model.last_seen(1)
+
+
+@pytest.mark.parametrize(
+    ("script", "seen"),
+    [
+        pytest.param(
+            tool_call("launch_rockets", {}),
+            "Error: unknown tool 'launch_rockets'; the tools are "
+            "execute_bash, str_replace_editor, submit",
+            id="unknown-tool",
+        ),
+        pytest.param(
+            tool_call("execute_bash", '{"command": "echo'),
+            "Error: the arguments are not valid JSON",
+            id="arguments-not-json",
+        ),
+        pytest.param(
+            tool_call("execute_bash", {}),
+            "Error: missing required argument 'command'",
+            id="missing-argument",
+        ),
+        pytest.param(
+            reply("<tool_call>{not json}</tool_call>"),
+            "<tool_response>\nError: the tool call is not valid JSON",
+            id="unreadable-text-call",
+        ),
+    ],
+)
+def test_a_bad_tool_call_is_an_error_the_model_sees_and_the_task_goes_on(
+    script: Any, seen: str
+) -> None:
+    run = run_loop(
+        ScriptedModel(script, tool_call("submit", {"answer": "ok"})), fmt=ToolCallFormat.AUTO
+    )
+    assert run.model.last_seen(1).startswith(seen)
+    assert run.result.exit_reason is ExitReason.SUBMITTED
+
+
+def test_calls_after_submit_in_the_same_reply_are_not_run() -> None:
+    model = ScriptedModel(
+        reply(calls=[("submit", {"answer": "first"}), ("execute_bash", {"command": "touch x"})])
+    )
+    run = run_loop(model)
+    assert run.result.answer == "first"
+    assert run.sandbox.ran == []
+    recorded = run.trajectory.steps[0].tool_calls
+    assert [(c.name, c.observation, c.ok) for c in recorded] == [
+        ("submit", "Submitted.", True),
+        ("execute_bash", NOT_RUN, False),
+    ]
+    assert run.result.tool_calls == {"submit": 1}
+
+
+def test_an_observation_over_the_cap_is_cut_once_and_says_how_much_was_left_out() -> None:
+    out = "".join(f"line {i}\n" for i in range(2000)) + "END"
+    sandbox = InMemorySandbox(commands={"cat big": shell(out)})
+    model = ScriptedModel(tool_call("execute_bash", {"command": "cat big"}))
+    run = run_loop(model, sandbox, maxObservationBytes=1024)
+    seen = run.model.last_seen(1)
+    full = f"[exit code 0]\n{out}"
+    match = re.search(r"\n\[\.\.\. (\d+) bytes omitted \.\.\.\]\n", seen)
+    assert match is not None
+    head, tail = seen[: match.start()], seen[match.end() :]
+    assert full.startswith(head)
+    assert full.endswith(tail)
+    assert int(match.group(1)) == len(full.encode()) - len(head.encode()) - len(tail.encode())
+    assert len(head.encode()) == len(tail.encode()) == 512
+    assert seen.endswith("END")
+    assert run.trajectory.steps[0].tool_calls[0].observation == seen
+
+
+def test_the_editor_creates_replaces_and_views_files_in_the_sandbox() -> None:
+    edit = "str_replace_editor"
+    model = ScriptedModel(
+        tool_call(edit, {"command": "create", "path": "f.txt", "file_text": "one\ntwo\nthree"}),
+        tool_call(
+            edit, {"command": "str_replace", "path": "f.txt", "old_str": "two", "new_str": "2"}
+        ),
+        tool_call(edit, {"command": "view", "path": "/workspace/f.txt", "view_range": [2, 3]}),
+    )
+    run = run_loop(model)
+    assert run.sandbox.files["f.txt"] == "one\n2\nthree"
+    assert run.model.last_seen(1) == "Wrote 13 bytes to /workspace/f.txt."
+    assert run.model.last_seen(3) == "     2\t2\n     3\tthree"
+
+
+def test_the_trajectory_holds_every_message_and_step() -> None:
+    model = ScriptedModel(
+        tool_call("execute_bash", {"command": "ls"}, usage=(120, 30)),
+        tool_call("submit", {"answer": "done"}),
+    )
+    run = run_loop(model, InMemorySandbox(commands={"ls": shell("input\n")}))
+    steps = run.trajectory.steps
+    assert [(s.step, s.prompt_tokens, s.completion_tokens) for s in steps] == [
+        (1, 120, 30),
+        (2, 100, 20),
+    ]
+    assert steps[0].tool_calls[0].observation == "[exit code 0]\ninput"
+    roles = [m["role"] for m in run.trajectory.messages]
+    assert roles == ["system", "user", "assistant", "tool", "assistant", "tool"]
+    assert run.result.usage.total_tokens == 270
