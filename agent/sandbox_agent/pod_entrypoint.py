@@ -1,8 +1,9 @@
 """The agent container's entry point: `install` (init container) and `run` (the agent itself).
 
 `install` copies the exec server into a shared volume for the sandbox container and writes the
-shared token; `run` waits for the exec server, runs the loop, and reports the result through the
-termination message (and, when that is too small, the last log line).
+shared token; `run` waits for the exec server, runs the agent against it (agent_run.py), and
+reports the result through the termination message (and, when that is too small, the last log
+line).
 
 The token, the exec server's socket and its ready file live in `private/` under the run
 directory: made by `install` as the agent's uid, mode 0700. The exec server drops to that same
@@ -23,29 +24,22 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from .agent_run import AgentTask, LLMEndpoint, RunRecord, failed, run_agent
 from .backends.base import ExecEndpoint, execd_source
 from .errors import SandboxError
 from .events import Event, LLMRetrying, Notice
 from .execclient import ExecClient
 from .execd_cmdline import READY_FILE, SOCKET_FILE, TOKEN_FILE, Ids, RunDirFiles, execd_cmdline
-from .llm import ChatLLM
-from .loop import AgentLoop, AgentSettings
-from .outputs import KEEP_FILE, with_outputs
 from .podconfig import PodTaskConfig
 from .procenv import hide_from_environ
-from .result import (
-    RESULT_LOG_PREFIX,
-    ExitReason,
-    TaskResult,
-    phase_for,
-    termination_message,
-)
+from .result import RESULT_LOG_PREFIX, ExitReason, TaskResult, termination_message
 from .task import format_validation_error
-from .trajectory import Trajectory
-from .wire import OUTPUT_DIR, WORKSPACE
+from .wire import INPUT_DIR, WORKSPACE
 
 # How long the sandbox container may take to start its exec server (image pull is already done).
 EXECD_READY_TIMEOUT = 120.0
+# Input files listed for the prompt (which names the first 50 and counts the rest).
+MAX_LISTED_INPUTS = 1000
 
 
 PRIVATE_DIR = "private"
@@ -115,67 +109,48 @@ async def _wait_for_execd(run_dir: Path, timeout: float) -> ExecEndpoint:
     )
 
 
+def agent_task(config: PodTaskConfig) -> AgentTask:
+    """The task as the agent runs it; the API key comes from the environment, then leaves it."""
+    api_key = os.environ.get("OPENAI_API_KEY") or "EMPTY"
+    # Out of /proc/PID/environ, for anything that shares this process's PID namespace.
+    hide_from_environ("OPENAI_API_KEY")
+    endpoint = LLMEndpoint(config.model.base_url, api_key, config.model.name)
+    return AgentTask(config.name, config.prompt, endpoint, config.model, config.limits)
+
+
+async def list_inputs(client: ExecClient) -> list[str]:
+    """The files the kubelet mounted under input/. Shown to the model only (the names are the
+    sandbox's own files), so a listing that fails names none rather than ending the run."""
+    try:
+        listing = await client.list_dir(INPUT_DIR, recursive=True, max_entries=MAX_LISTED_INPUTS)
+    except SandboxError:
+        return []
+    return [e.path for e in listing.entries if e.type == "file"]
+
+
+async def _shutdown(endpoint: ExecEndpoint) -> None:
+    # The sandbox container's main process is the exec server: stopping it ends the pod.
+    async with ExecClient(endpoint) as client:
+        await client.shutdown()
+
+
 async def run(
     config: PodTaskConfig,
     run_dir: Path,
     artifacts: Path | None,
     execd_timeout: float = EXECD_READY_TIMEOUT,
 ) -> TaskResult:
-    api_key = os.environ.get("OPENAI_API_KEY") or "EMPTY"
-    # Out of /proc/PID/environ, for anything that shares this process's PID namespace.
-    hide_from_environ("OPENAI_API_KEY")
-    trajectory = Trajectory(
-        task_name=config.name,
-        model=config.model.name,
-        base_url=config.model.base_url,
-        tool_call_format=str(config.model.tool_call_format),
-    )
-    started = time.monotonic()
+    task = agent_task(config)
+    record = RunRecord(task, artifacts)
     try:
         endpoint = await _wait_for_execd(run_dir, execd_timeout)
     except SandboxError as exc:
-        return TaskResult(
-            phase=phase_for(ExitReason.SANDBOX_ERROR),
-            exit_reason=ExitReason.SANDBOX_ERROR,
-            message=str(exc),
-            cause="ExecServerNotReady",
-        )
-    llm = ChatLLM(
-        config.model.base_url,
-        api_key,
-        config.model.name,
-        request_timeout=config.model.request_timeout_seconds,
-        max_retries=config.limits.max_llm_retries,
-        on_event=_log,
-    )
-    async with ExecClient(endpoint) as client:
-        try:
-            await client.write_bytes(f"{OUTPUT_DIR}/{KEEP_FILE}", b"")
-            listing = await client.list_dir("input", recursive=True, max_entries=1000)
-            # Shown to the model only; the names are the sandbox's own files.
-            inputs = [e.path for e in listing.entries if e.type == "file"]
-        except SandboxError:
-            inputs = []
-        loop = AgentLoop(
-            llm,
-            client,
-            WORKSPACE,
-            AgentSettings.of(config.model.name, config.model, config.limits),
-            _log,
-            trajectory,
-        )
-        try:
-            result = await loop.run(config.prompt, inputs)
-            output_dir = artifacts / OUTPUT_DIR if artifacts is not None else None
-            result = await with_outputs(result, client, output_dir, _log)
-        finally:
-            await llm.aclose()
-            # The sandbox container's main process is the exec server: stopping it ends the pod.
-            await client.shutdown()
-    result.duration_seconds = round(time.monotonic() - started, 3)
-    if artifacts is not None:
-        trajectory.result = result
-        trajectory.write(artifacts / "trajectory.json")
+        return failed(ExitReason.SANDBOX_ERROR, str(exc), cause="ExecServerNotReady")
+    try:
+        result = await run_agent(task, endpoint, list_inputs, record, _log)
+    finally:
+        await _shutdown(endpoint)
+    record.save(result)
     return result
 
 

@@ -1,4 +1,6 @@
-"""Run one SandboxTask on this machine: start a local sandbox, upload inputs, run the loop, collect outputs."""
+"""Run one SandboxTask on this machine: resolve the endpoint, start a local sandbox, upload the
+inputs and run the agent against it (agent_run.py); result.json and trajectory.json land in the
+run directory whatever the ending."""
 
 from __future__ import annotations
 
@@ -9,28 +11,28 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .backends import SandboxConfig, choose_backend
+from .agent_run import (
+    DEFAULT_RETRY_BACKOFF_SECONDS,
+    TRAJECTORY_FILE,
+    AgentTask,
+    LLMEndpoint,
+    RunRecord,
+    failed,
+    run_agent,
+)
+from .backends import Sandbox, SandboxConfig, choose_backend
 from .errors import SandboxError, TaskSpecError
 from .events import EventSink, Notice, ignore
 from .execclient import ExecClient
-from .llm import ChatLLM
-from .loop import AgentLoop, AgentSettings
-from .outputs import KEEP_FILE, with_outputs
 from .quantity import parse_quantity
-from .result import ExitReason, Phase, TaskResult, phase_for
+from .result import ExitReason, Phase, TaskResult
 from .task import NetworkMode, SandboxTask
-from .wire import OUTPUT_DIR
+from .wire import INPUT_DIR, OUTPUT_DIR
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+RESULT_FILE = "result.json"
 # A local input file larger than this is almost certainly a mistake in the task file.
 MAX_INPUT_FILE_BYTES = 512 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    base_url: str
-    api_key: str
-    model: str
 
 
 @dataclass
@@ -42,8 +44,7 @@ class RunOptions:
     out_dir: Path | None = None
     # spec.sandbox.network mode internet locally means this machine's own network; only with this.
     allow_host_network: bool = False
-    # First retry waits about this long, doubling up to a minute (Retry-After wins when sent).
-    retry_backoff_seconds: float = 1.0
+    retry_backoff_seconds: float = DEFAULT_RETRY_BACKOFF_SECONDS
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
 
 
@@ -52,18 +53,18 @@ class RunOutcome:
     result: TaskResult
     run_dir: Path
     backend: str
-    endpoint: Endpoint
+    endpoint: LLMEndpoint
 
     @property
     def trajectory_path(self) -> Path:
-        return self.run_dir / "trajectory.json"
+        return self.run_dir / TRAJECTORY_FILE
 
     @property
     def output_dir(self) -> Path:
-        return self.run_dir / "output"
+        return self.run_dir / OUTPUT_DIR
 
 
-def resolve_endpoint(task: SandboxTask, opts: RunOptions) -> Endpoint:
+def resolve_endpoint(task: SandboxTask, opts: RunOptions) -> LLMEndpoint:
     """Flags win, then OPENAI_* variables, then the task file."""
     spec = task.spec.model
     env = opts.env
@@ -75,9 +76,13 @@ def resolve_endpoint(task: SandboxTask, opts: RunOptions) -> Endpoint:
     base_url = opts.base_url or env.get("OPENAI_BASE_URL") or spec.base_url or DEFAULT_BASE_URL
     # Servers without auth (a local vLLM) accept any key, but the client insists on one.
     api_key = opts.api_key or env.get("OPENAI_API_KEY") or "EMPTY"
-    return Endpoint(base_url=base_url.rstrip("/"), api_key=api_key, model=model)
+    return LLMEndpoint(base_url=base_url.rstrip("/"), api_key=api_key, model=model)
 
 
+ALLOW_LIST_NOTE = (
+    "spec.sandbox.network allowList is enforced by a NetworkPolicy on a cluster; "
+    "locally the sandbox gets no network"
+)
 HOST_NETWORK_REFUSED = (
     "spec.sandbox.network.mode: internet is, on this machine, the host's own network (bubblewrap) "
     "or Docker's bridge: model-written code could reach this machine's loopback services, your "
@@ -151,14 +156,14 @@ def default_run_dir(task: SandboxTask, task_file: Path | None) -> Path:
 
 
 async def upload_inputs(client: ExecClient, files: list[tuple[str, bytes]]) -> list[str]:
-    await client.write_bytes(f"{OUTPUT_DIR}/{KEEP_FILE}", b"")
     for rel, data in files:
-        await client.write_bytes(f"input/{rel}", data)
+        await client.write_bytes(f"{INPUT_DIR}/{rel}", data)
     return [rel for rel, _ in files]
 
 
-def _failed(reason: ExitReason, message: str) -> TaskResult:
-    return TaskResult(phase=phase_for(reason), exit_reason=reason, message=message)
+def agent_task(task: SandboxTask, endpoint: LLMEndpoint) -> AgentTask:
+    spec = task.spec
+    return AgentTask(task.metadata.name or "", spec.prompt, endpoint, spec.model, spec.limits)
 
 
 async def run_task(
@@ -169,87 +174,56 @@ async def run_task(
     task_file: Path | None = None,
 ) -> RunOutcome:
     """Run the task to an end; every ending, including Ctrl-C, leaves result.json and trajectory.json."""
-    from .trajectory import Trajectory
-
     endpoint = resolve_endpoint(task, opts)
     check_network(task, opts)
     files = collect_inputs(task, task_dir)
     backend_cls = choose_backend(opts.backend)
     run_dir = opts.out_dir or default_run_dir(task, task_file)
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec = task.spec
-    if spec.sandbox.network.mode is NetworkMode.ALLOW_LIST:
-        on_event(
-            Notice(
-                "spec.sandbox.network allowList is enforced by a NetworkPolicy on a cluster; "
-                "locally the sandbox gets no network"
-            )
-        )
-    trajectory = Trajectory(
-        task_name=task.metadata.name or "",
-        model=endpoint.model,
-        base_url=endpoint.base_url,
-        tool_call_format=str(spec.model.tool_call_format),
-    )
-    result: TaskResult | None = None
+    if task.spec.sandbox.network.mode is NetworkMode.ALLOW_LIST:
+        on_event(Notice(ALLOW_LIST_NOTE))
+    agent = agent_task(task, endpoint)
+    record = RunRecord(agent, run_dir)
     sandbox = backend_cls(sandbox_config(task))
-    llm = ChatLLM(
-        endpoint.base_url,
-        endpoint.api_key,
-        endpoint.model,
-        request_timeout=spec.model.request_timeout_seconds,
-        max_retries=spec.limits.max_llm_retries,
-        on_event=on_event,
-        backoff_base=opts.retry_backoff_seconds,
-    )
-    started = time.monotonic()
+    result: TaskResult | None = None
     try:
-        try:
-            exec_endpoint = await sandbox.start()
-        except SandboxError as exc:
-            result = _failed(ExitReason.SANDBOX_ERROR, f"{backend_cls.name} sandbox: {exc}")
-            return RunOutcome(result, run_dir, backend_cls.name, endpoint)
-        # Say what really holds the task's limits, and loudly what does not (no cgroup here, ...).
-        enforcement = sandbox.enforcement
-        if enforcement.enforced or enforcement.unenforced:
-            on_event(Notice(f"{backend_cls.name} sandbox {enforcement.describe()}"))
-        async with ExecClient(exec_endpoint) as client:
-            try:
-                listing = await upload_inputs(client, files)
-            except SandboxError as exc:
-                result = _failed(ExitReason.SANDBOX_ERROR, f"uploading inputs failed: {exc}")
-                return RunOutcome(result, run_dir, backend_cls.name, endpoint)
-            loop = AgentLoop(
-                llm,
-                client,
-                exec_endpoint.workspace,
-                AgentSettings.of(endpoint.model, spec.model, spec.limits),
-                on_event,
-                trajectory,
-            )
-            result = await loop.run(spec.prompt, listing)
-            result = await with_outputs(result, client, run_dir / OUTPUT_DIR, on_event)
+        result = await _run_in(sandbox, agent, record, files, opts, on_event)
         return RunOutcome(result, run_dir, backend_cls.name, endpoint)
     except asyncio.CancelledError:
-        result = _failed(ExitReason.CANCELLED, "interrupted before the task finished")
+        result = failed(ExitReason.CANCELLED, "interrupted before the task finished")
         raise
     finally:
-        await asyncio.shield(_cleanup(sandbox, llm))
+        await asyncio.shield(sandbox.stop())
+        record.save(result)
         if result is not None:
-            result.duration_seconds = round(time.monotonic() - started, 3)
-            trajectory.result = result
-            (run_dir / "result.json").write_text(result.to_json() + "\n")
-        trajectory.write(run_dir / "trajectory.json")
+            (run_dir / RESULT_FILE).write_text(result.to_json() + "\n")
 
 
-async def _cleanup(sandbox: object, llm: ChatLLM) -> None:
-    from .backends import Sandbox
-
-    assert isinstance(sandbox, Sandbox)
+async def _run_in(
+    sandbox: Sandbox,
+    agent: AgentTask,
+    record: RunRecord,
+    files: list[tuple[str, bytes]],
+    opts: RunOptions,
+    on_event: EventSink,
+) -> TaskResult:
+    """The sandbox started, the agent run against it; a start that fails is the result."""
     try:
-        await sandbox.stop()
-    finally:
-        await llm.aclose()
+        exec_endpoint = await sandbox.start()
+    except SandboxError as exc:
+        return failed(ExitReason.SANDBOX_ERROR, f"{sandbox.name} sandbox: {exc}")
+    # Say what really holds the task's limits, and loudly what does not (no cgroup here, ...).
+    enforcement = sandbox.enforcement
+    if enforcement.enforced or enforcement.unenforced:
+        on_event(Notice(f"{sandbox.name} sandbox {enforcement.describe()}"))
+    return await run_agent(
+        agent,
+        exec_endpoint,
+        lambda client: upload_inputs(client, files),
+        record,
+        on_event,
+        retry_backoff_seconds=opts.retry_backoff_seconds,
+    )
 
 
-__all__ = ["Endpoint", "Phase", "RunOptions", "RunOutcome", "run_task"]
+__all__ = ["LLMEndpoint", "Phase", "RunOptions", "RunOutcome", "run_task"]
