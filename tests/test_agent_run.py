@@ -1,8 +1,10 @@
-"""Every ending of `sandboxctl run` leaves result.json and trajectory.json in its run directory:
-an interrupted run and a sandbox that never starts as much as a finished task."""
+"""One agent run (agent_run.py): every ending of `sandboxctl run` leaves result.json and
+trajectory.json in its run directory, an interrupted run and a sandbox that never starts as much
+as a finished task; and what a workspace that refuses output/ or the inputs does to a run."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,7 +17,15 @@ from typing import Any
 import yaml
 
 from conftest import task_doc
+from fakeexecd import Handler, Reply, fake_execd, listing
 from llmserver import ScriptedLLMServer, slow, tool_call
+from sandbox_agent.agent_run import AgentTask, LLMEndpoint, RunRecord, run_agent
+from sandbox_agent.errors import SandboxError
+from sandbox_agent.events import Event, Notice
+from sandbox_agent.execclient import ExecClient
+from sandbox_agent.podconfig import PodModelConfig
+from sandbox_agent.result import ExitReason, TaskResult
+from sandbox_agent.task import Limits
 
 
 def start_sandboxctl(tmp_path: Path, doc: dict[str, Any], server: ScriptedLLMServer) -> Any:
@@ -71,3 +81,67 @@ def test_a_sandbox_that_cannot_start_leaves_a_sandbox_error_and_an_empty_traject
     assert "before the exec server was ready" in result["message"]
     assert (trajectory["messages"], trajectory["steps"]) == ([], [])
     assert llm_server.chat_requests == []
+
+
+def agent_for(server: ScriptedLLMServer) -> AgentTask:
+    model = PodModelConfig.model_validate({"name": "scripted-model", "baseURL": server.base_url})
+    endpoint = LLMEndpoint(server.base_url, "k", "scripted-model")
+    return AgentTask("t", "Solve it.", endpoint, model, Limits(max_steps=3, max_llm_retries=0))
+
+
+REFUSED = Reply({"error": {"code": "permission_denied", "message": "no"}}, status=403)
+EMPTY_OUTPUT = listing()
+
+
+def test_a_workspace_that_refuses_output_is_noted_and_the_run_goes_on(
+    tmp_path: Path, llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.script(tool_call("submit", {"answer": "42"}))
+    routes: dict[str, Handler] = {
+        "/files/write": lambda _: REFUSED,
+        "/files/list": lambda _: EMPTY_OUTPUT,
+    }
+    events: list[Event] = []
+
+    async def inputs(_: ExecClient) -> list[str]:
+        return ["doc.txt"]
+
+    async def run() -> TaskResult:
+        task = agent_for(llm_server)
+        async with fake_execd(tmp_path, routes) as server:
+            return await run_agent(
+                task, server.endpoint, inputs, RunRecord(task, None), events.append
+            )
+
+    result = asyncio.run(run())
+    assert (result.exit_reason, result.answer) == (ExitReason.SUBMITTED, "42")
+    assert Notice("output/ could not be made in the workspace: permission_denied: no") in events
+    prompt = (llm_server.chat_requests[0].json or {})["messages"][1]["content"]
+    assert "/workspace/input/doc.txt" in prompt
+
+
+def test_inputs_that_cannot_be_placed_end_the_run_before_the_model_is_asked(
+    tmp_path: Path, llm_server: ScriptedLLMServer
+) -> None:
+    written = Reply({"path": "/workspace/output/.keep", "size": 0})
+    routes: dict[str, Handler] = {"/files/write": lambda _: written}
+
+    async def inputs(_: ExecClient) -> list[str]:
+        raise SandboxError("uploading inputs failed: disk full")
+
+    async def run() -> TaskResult:
+        task = agent_for(llm_server)
+        record = RunRecord(task, tmp_path / "run")
+        async with fake_execd(tmp_path, routes) as server:
+            result = await run_agent(task, server.endpoint, inputs, record)
+        record.save(result)
+        return result
+
+    result = asyncio.run(run())
+    assert (result.exit_reason, result.message) == (
+        ExitReason.SANDBOX_ERROR,
+        "uploading inputs failed: disk full",
+    )
+    assert llm_server.chat_requests == []
+    saved = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    assert saved["result"]["message"] == "uploading inputs failed: disk full"

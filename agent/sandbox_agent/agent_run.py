@@ -15,7 +15,7 @@ from typing import Protocol
 
 from .backends.base import ExecEndpoint
 from .errors import SandboxError
-from .events import EventSink, ignore
+from .events import EventSink, Notice, ignore
 from .execclient import ExecClient
 from .llm import ChatLLM
 from .loop import AgentLoop, AgentSettings, ModelOptions
@@ -60,7 +60,7 @@ class AgentTask:
 
 
 # Places the task's inputs under input/ and returns their paths there, to name to the model;
-# a SandboxError ends the run.
+# a SandboxError ends the run, with its message as the result's.
 InputStep = Callable[[ExecClient], Awaitable[list[str]]]
 
 
@@ -109,10 +109,11 @@ async def run_agent(
     """Run the task's loop against the exec server at `endpoint` and collect its outputs into
     the record's directory. The caller saves the record once the sandbox is done with."""
     async with ExecClient(endpoint) as client:
+        await _make_output_dir(client, on_event)
         try:
-            listing = await _prepare(client, inputs)
+            listing = await inputs(client)
         except SandboxError as exc:
-            return failed(ExitReason.SANDBOX_ERROR, f"preparing the workspace failed: {exc}")
+            return failed(ExitReason.SANDBOX_ERROR, str(exc))
         llm = _chat_llm(task, on_event, retry_backoff_seconds)
         try:
             loop = AgentLoop(
@@ -124,10 +125,13 @@ async def run_agent(
         return await with_outputs(result, client, record.output_dir, on_event)
 
 
-async def _prepare(client: ExecClient, inputs: InputStep) -> list[str]:
-    # output/ exists from the start, so the model finds where its files go.
-    await client.write_bytes(f"{OUTPUT_DIR}/{KEEP_FILE}", b"")
-    return await inputs(client)
+async def _make_output_dir(client: ExecClient, on_event: EventSink) -> None:
+    """output/ from the start, so the model finds where its files go. Only a convenience: when
+    the workspace refuses it the model finds out itself, and the inputs decide whether to go on."""
+    try:
+        await client.write_bytes(f"{OUTPUT_DIR}/{KEEP_FILE}", b"")
+    except SandboxError as exc:
+        on_event(Notice(f"{OUTPUT_DIR}/ could not be made in the workspace: {exc}"))
 
 
 def _chat_llm(task: AgentTask, on_event: EventSink, retry_backoff_seconds: float) -> ChatLLM:

@@ -156,8 +156,11 @@ def default_run_dir(task: SandboxTask, task_file: Path | None) -> Path:
 
 
 async def upload_inputs(client: ExecClient, files: list[tuple[str, bytes]]) -> list[str]:
-    for rel, data in files:
-        await client.write_bytes(f"{INPUT_DIR}/{rel}", data)
+    try:
+        for rel, data in files:
+            await client.write_bytes(f"{INPUT_DIR}/{rel}", data)
+    except SandboxError as exc:
+        raise SandboxError(f"uploading inputs failed: {exc}") from exc
     return [rel for rel, _ in files]
 
 
