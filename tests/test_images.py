@@ -88,10 +88,11 @@ def images() -> None:
 
 @pytest.fixture
 def pod_dirs(tmp_path: Path) -> dict[str, Path]:
-    dirs = {name: tmp_path / name for name in ("bin", "run", "task", "term")}
+    dirs = {name: tmp_path / name for name in ("bin", "run", "task", "term", "workspace", "tmp")}
     for d in dirs.values():
         d.mkdir()
-        d.chmod(0o777)  # what fsGroup does for the pod's emptyDirs
+        d.chmod(0o777)  # what the kubelet does for the pod's emptyDirs
+    dirs["tmp"].chmod(0o1777)
     return dirs
 
 
@@ -146,8 +147,9 @@ def test_the_images_run_a_task_as_a_pod_would(
     # The pod's shared network namespace: the host's here, so the agent reaches the LLM server.
     started = docker(
         "run", "-d", "--name", sandbox, "--network", "host", *security_flags(pod, sandbox_c),
-        "-v", f"{bin_mount}:ro", "-v", run_mount, "--tmpfs", "/workspace:exec,mode=0777",
-        "--tmpfs", "/tmp:exec,mode=1777", "-e", "HOME=/tmp/home", SANDBOX, *sandbox_c["command"],
+        # The pod's emptyDirs: host directories the kubelet makes world-writable.
+        "-v", f"{bin_mount}:ro", "-v", run_mount, "-v", f"{pod_dirs['workspace']}:/workspace",
+        "-v", f"{pod_dirs['tmp']}:/tmp", "-e", "HOME=/tmp/home", SANDBOX, *sandbox_c["command"],
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     try:
@@ -163,6 +165,9 @@ def test_the_images_run_a_task_as_a_pod_would(
         result = json.loads((pod_dirs["term"] / "message").read_text())
         assert result["phase"] == "Succeeded", result
         assert result["answer"] == "{641: 1, 6700417: 1}"
+        # The command wrote output/answer.txt, and the agent collected it.
+        assert result["outputs"] == [{"path": "answer.txt", "bytes": 21}]
+        assert "could not be made" not in agent.stderr
         observation = (llm_server.chat_requests[1].json or {})["messages"][-1]["content"]
         assert "641" in observation
         # Commands are nobody and cannot signal the exec server (it dropped to the agent's uid).
