@@ -21,6 +21,7 @@ from sandbox_agent.backends.bwrap import bwrap_path
 from sandbox_agent.backends.docker import docker_reachable
 from sandbox_agent.runner import RunOptions, RunOutcome, run_task
 from sandbox_agent.taskfile import load_task_file
+from sandbox_operator.settings import SettingsError, load_settings
 
 __all__ = ["arun_operator", "k8s", "kubelet", "llm_server", "run_operator"]
 
@@ -133,6 +134,15 @@ def backend(request: pytest.FixtureRequest) -> str:
     name: str = request.param
     assert choose_backend(name).name == name
     return name
+
+
+def settings_refusal(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> list[str]:
+    """The lines of the SettingsError the operator's settings raise with `env` set."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    return str(info.value).splitlines()
 
 
 def task_doc(prompt: str = "Solve it.", **spec: Any) -> dict[str, Any]:

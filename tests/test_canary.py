@@ -10,6 +10,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from conftest import settings_refusal
 from k8s.emulator import EmulatedApiServer
 from k8s.kubelet import TestKubelet
 from llmserver import ScriptedLLMServer
@@ -24,7 +25,7 @@ from sandbox_operator.canary import (
     target_problem,
 )
 from sandbox_operator.policy import shared_policies
-from sandbox_operator.settings import EgressRule, OperatorSettings, SettingsError, load_settings
+from sandbox_operator.settings import EgressRule, OperatorSettings
 from test_operator import OPERATOR, operator_env
 from test_operator_metrics import free_port, scrape, value
 
@@ -152,11 +153,8 @@ def test_the_canary_script_reports_connected_and_blocked_by_exit_code() -> None:
 def test_bad_canary_settings_name_the_variable(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], line: str
 ) -> None:
-    for key, val in env.items():
-        monkeypatch.setenv(key, val)
-    with pytest.raises(SettingsError) as info:
-        load_settings()
-    assert any(text.startswith(line) for text in str(info.value).splitlines()), str(info.value)
+    lines = settings_refusal(monkeypatch, env)
+    assert any(text.startswith(line) for text in lines), lines
 
 
 def test_the_canary_namespace_defaults_to_the_first_watched_one() -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from conftest import settings_refusal
 from sandbox_agent.task import parse_task
 from sandbox_operator.cluster_checks import validate_for_cluster
 from sandbox_operator.endpoints import (
@@ -17,7 +18,7 @@ from sandbox_operator.endpoints import (
 )
 from sandbox_operator.errors import SpecError
 from sandbox_operator.kube import ObjectMetadata
-from sandbox_operator.settings import OperatorSettings, SettingsError, load_settings
+from sandbox_operator.settings import OperatorSettings
 
 DEFAULT = "http://vllm.inference:8000/v1"
 
@@ -197,10 +198,8 @@ def test_a_secret_is_an_api_key_only_with_the_operators_label(
 def test_bad_endpoint_settings_name_the_variable(
     monkeypatch: pytest.MonkeyPatch, variable: str, value: str, line: str
 ) -> None:
-    monkeypatch.setenv(variable, value)
-    with pytest.raises(SettingsError) as info:
-        load_settings()
-    assert any(text.startswith(line) for text in str(info.value).splitlines()), str(info.value)
+    lines = settings_refusal(monkeypatch, {variable: value})
+    assert any(text.startswith(line) for text in lines), lines
 
 
 def test_by_default_only_the_default_endpoint_and_labelled_secrets_are_allowed() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from conftest import settings_refusal
 from sandbox_agent.podconfig import PodTaskConfig
 from sandbox_agent.task import Resources, SandboxTask, parse_task
 from sandbox_operator.agent_config import resolve_model
@@ -812,8 +813,5 @@ def test_a_required_runtime_class_applies_to_every_pod_and_cannot_be_changed() -
 def test_bad_resource_settings_name_the_variable(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], line: str
 ) -> None:
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    with pytest.raises(SettingsError) as info:
-        load_settings()
-    assert any(text.startswith(line) for text in str(info.value).splitlines()), str(info.value)
+    lines = settings_refusal(monkeypatch, env)
+    assert any(text.startswith(line) for text in lines), lines

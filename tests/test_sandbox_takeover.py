@@ -57,11 +57,7 @@ def observation(llm_server: ScriptedLLMServer, index: int) -> str:
 
 def pwned_files(root: Path, allowed: Path) -> list[Path]:
     """Files named PWNED anywhere under `root` except beneath `allowed` (the output directory)."""
-    return [
-        p
-        for p in root.rglob("*PWNED*")
-        if not p.is_relative_to(allowed) and not p.is_relative_to(root / "inputs")
-    ]
+    return [p for p in root.rglob("*PWNED*") if not p.is_relative_to(allowed)]
 
 
 def assert_contained(report: dict[str, Any], split: bool) -> None:

@@ -1482,7 +1482,8 @@ class Identity:
             self._drop(*self.drop_to)
         self.libc.prctl(PR_SET_DUMPABLE, 0)
         if self.command_user is not None:
-            missing = [c for c in KEPT_CAPS if not effective_caps() & (1 << c)]
+            caps = effective_caps()
+            missing = [c for c in KEPT_CAPS if not caps & (1 << c)]
             if missing:
                 raise PrivilegeError(
                     "--command-user needs CAP_KILL, CAP_SETGID and CAP_SETUID (start the server "

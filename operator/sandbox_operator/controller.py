@@ -64,8 +64,6 @@ from .task_configmap import build_task_configmap
 log = logging.getLogger("sandbox_operator")
 
 ACTIVE = {Phase.PENDING, Phase.RUNNING}
-TERMINAL = TERMINAL_PHASES
-_TERMINAL_VALUES = {p.value for p in TERMINAL}
 # Reason for the Complete condition per exit reason, where it differs from Failed.
 _COMPLETE_REASONS = {
     ExitReason.SUBMITTED: Reason.SUCCEEDED,
@@ -222,12 +220,12 @@ class Operator:
             if event_type == "DELETED":
                 self._refused_pods.discard(meta["uid"])
             return
-        if event_type == "DELETED" or self._phase(uid) in TERMINAL:
+        if event_type == "DELETED" or self._phase(uid) in TERMINAL_PHASES:
             self.pods.pop(meta["uid"], None)
         else:
             self.pods[meta["uid"]] = pod
         async with self._lock(uid):
-            if event_type != "DELETED" and self._phase(uid) in TERMINAL:
+            if event_type != "DELETED" and self._phase(uid) in TERMINAL_PHASES:
                 await self._reap_pod_of_finished_task(pod)
             else:
                 await self._follow_pod(uid, pod, deleted=event_type == "DELETED")
@@ -251,7 +249,7 @@ class Operator:
         if body is None:
             return
         status = _status_of(body)
-        if status.phase in TERMINAL:
+        if status.phase in TERMINAL_PHASES:
             return
         if status.phase is None:
             task = await self._validate(body)
@@ -295,7 +293,7 @@ class Operator:
             self._active.add(uid)
         elif phase == Phase.QUEUED.value:
             self._queued.add(uid)
-        elif phase in _TERMINAL_VALUES:
+        elif phase in TERMINAL_PHASES:
             # A finished task's pods are never looked at again.
             for pod_uid in [k for k, p in self.pods.items() if _task_uid(p) == uid]:
                 del self.pods[pod_uid]

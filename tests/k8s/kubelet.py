@@ -1205,8 +1205,7 @@ class _PodWorker:
         )
         workdir = os.path.realpath(spec.get("workingDir") or "/")
         targets = [m[0] for m in mounts] + [message_target, workdir]
-        user = self._run_as(container)
-        switched = bool(user) and any(a.startswith("--reuid=") for a in user)
+        user, switched = self._run_as(container)
         open_up = _interpreter_ancestors() if switched else frozenset()
         cmd = [self.kubelet.bwrap, *_root_args(targets, open_up)]
         # /tmp as an image has it (1777): containers may run as any user.
@@ -1233,22 +1232,23 @@ class _PodWorker:
         cmd += ["--", *user, *argv]
         return cmd
 
-    def _run_as(self, container: _Container) -> list[str]:
+    def _run_as(self, container: _Container) -> tuple[list[str], bool]:
         """setpriv arguments for the container's runAsUser/runAsGroup with the pod's fsGroup and
-        supplementalGroups, as the kubelet applies them; only as root, and not for uid 0."""
+        supplementalGroups, as the kubelet applies them (only as root, and not for uid 0), and
+        whether they switch to another user."""
         pod_context = self.pod.get("spec", {}).get("securityContext") or {}
         context = container.spec.get("securityContext") or {}
         if os.geteuid() != 0:
-            return []
+            return [], False
         nnp = ["--no-new-privs"] if context.get("allowPrivilegeEscalation") is False else []
         uid = context.get("runAsUser", pod_context.get("runAsUser"))
         if not uid:
-            return ["setpriv", *nnp, "--"] if nnp else []
+            return (["setpriv", *nnp, "--"] if nnp else []), False
         gid = context.get("runAsGroup", pod_context.get("runAsGroup", uid))
         groups = [pod_context[k] for k in ("fsGroup",) if k in pod_context]
         groups += pod_context.get("supplementalGroups") or []
         group_arg = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
-        return ["setpriv", f"--reuid={uid}", f"--regid={gid}", *group_arg, *nnp, "--"]
+        return ["setpriv", f"--reuid={uid}", f"--regid={gid}", *group_arg, *nnp, "--"], True
 
     def _open_log(self, container: _Container) -> Any:
         container.message_path.write_bytes(b"")

@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import ClassVar
 
 from ..errors import SandboxError
-from ..execd_cmdline import InheritedFds
+from ..execd_cmdline import SOCKET_FILE, InheritedFds
 from .limits import Enforcement
 
 # How long a backend may take to bring its exec server up before the start counts as failed.
@@ -88,7 +88,7 @@ class HandOff:
     """
 
     def __init__(self, rundir: Path, token: str) -> None:
-        self.socket_path = rundir / "execd.sock"
+        self.socket_path = rundir / SOCKET_FILE
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self.socket_path))
         self._listener.listen(128)

@@ -192,8 +192,10 @@ def _tmpfs(path: str, size: int | None, perms: str) -> list[str]:
     return [*args, "--tmpfs", path]
 
 
-def system_binds(network: bool) -> list[str]:
-    """The allow-listed view of the host: system directories and a few /etc entries, read-only."""
+@functools.cache
+def system_binds(network: bool) -> tuple[str, ...]:
+    """The allow-listed view of the host: system directories and a few /etc entries, read-only.
+    Worked out once per process (it globs and stats /etc), not at every sandbox start."""
     args: list[str] = []
     for path in SYSTEM_DIRS:
         if os.path.islink(path):
@@ -218,7 +220,7 @@ def system_binds(network: bool) -> list[str]:
     stubs = _stub_etc()
     for name in stub_etc_files():
         args += ["--ro-bind", str(stubs / name), f"/etc/{name}"]
-    return args
+    return tuple(args)
 
 
 def visible_roots() -> list[str]:
