@@ -463,6 +463,20 @@ def test_status_subresource_json_patch_conflicts_and_finalizers(k8s: EmulatedApi
     assert json_patch({"a": [1]}, [{"op": "add", "path": "/a/-", "value": 2}]) == {"a": [1, 2]}
 
 
+def test_a_status_patch_naming_another_uid_is_refused(k8s: EmulatedApiServer) -> None:
+    # A kubelet sends its pod's uid with each status patch: a pod that replaced it under the
+    # same name must not get the old pod's status.
+    first = k8s.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {}})
+    k8s.delete("pods", "p", grace_seconds=0)
+    k8s.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {}})
+    stale = {"metadata": {"uid": first["metadata"]["uid"]}, "status": {"phase": "Running"}}
+    with pytest.raises(KubernetesError) as error:
+        k8s.patch("pods", "p", stale, subresource="status")
+    assert error.value.status == 409
+    assert "Precondition failed: UID in precondition" in str(error.value)
+    assert (k8s.get("pods", "p") or {})["status"]["phase"] == "Pending"
+
+
 async def test_watch_resumes_from_resource_version_and_filters_by_label(
     k8s: EmulatedApiServer,
 ) -> None:

@@ -718,6 +718,16 @@ class ObjectStore:
     def _finish_update(self, res: ResourceDef, old: JSON, new: JSON, sub: str | None) -> JSON:
         """Apply status-subresource rules, keep immutable metadata, bump generation, store."""
         requested_rv = new.get("metadata", {}).get("resourceVersion")
+        requested_uid = new.get("metadata", {}).get("uid")
+        if requested_uid not in (None, old["metadata"].get("uid")):
+            # A write naming another uid is meant for an object that was replaced under its
+            # name (the kubelet sends its pod's uid with every status patch for this).
+            raise api_error(
+                409,
+                "Conflict",
+                f"Precondition failed: UID in precondition: {requested_uid}, "
+                f"UID in object meta: {old['metadata'].get('uid')}",
+            )
         if res.has_status and sub == "status":
             merged = copy.deepcopy(old)
             if "status" in new:

@@ -758,12 +758,19 @@ class _PodWorker:
                 patch: JSON = {k: None for k in self._sent_keys if k not in status}
                 patch.update(status)
                 self._sent_keys = set(status)
-                result = await self._request(
-                    "PATCH",
-                    self._url + "/status",
-                    {"status": patch},
-                    headers={"Content-Type": "application/merge-patch+json"},
-                )
+                # The uid makes the patch fail on a pod that replaced ours under its name, as a
+                # real kubelet's status manager does.
+                try:
+                    result = await self._request(
+                        "PATCH",
+                        self._url + "/status",
+                        {"metadata": {"uid": self.uid}, "status": patch},
+                        headers={"Content-Type": "application/merge-patch+json"},
+                    )
+                except aiohttp.ClientResponseError as exc:
+                    if exc.status != 409:
+                        raise
+                    result = None
                 if result is None:
                     raise _PodGoneError
         finally:
