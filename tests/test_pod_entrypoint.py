@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from llmserver import ScriptedLLMServer, tool_call
-from sandbox_agent.pod_entrypoint import execd_command
+from sandbox_agent.execd_cmdline import execd_command
 from sandbox_agent.result import RESULT_LOG_PREFIX, TaskResult, termination_message
 
 

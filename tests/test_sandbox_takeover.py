@@ -34,8 +34,9 @@ from fakeexecd import Handler, Reply, fake_execd_thread, file_reply, listing
 from llmserver import ScriptedLLMServer, tool_call
 from sandbox_agent.backends.base import ExecEndpoint
 from sandbox_agent.execclient import ExecClient
+from sandbox_agent.execd_cmdline import execd_command
 from sandbox_agent.outputs import collect_outputs
-from sandbox_agent.pod_entrypoint import execd_command, install, private_dir
+from sandbox_agent.pod_entrypoint import install, private_dir
 from sandbox_agent.result import ExitReason, Phase
 
 ATTACK = Path(__file__).parent / "attacks" / "takeover.py"

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .wire import WORKSPACE
+
 # uid, gid
 Ids = tuple[int, int]
 
@@ -70,3 +72,22 @@ def execd_cmdline(
 
 def _ids(ids: Ids) -> str:
     return f"{ids[0]}:{ids[1]}"
+
+
+PRIVATE_DIR = "private"
+"""The pod's run volume holds the exec server's token, socket and ready file in this folder."""
+
+
+def execd_command(
+    execd: str,
+    run_dir: str,
+    workspace: str = WORKSPACE,
+    users: tuple[Ids, Ids] | None = None,
+) -> list[str]:
+    """A pod's sandbox container command: the exec server on the private run directory.
+
+    `users` is (server, commands): the container then starts as root, the server drops to the
+    first (the agent's uid, which owns private/) and runs commands as the second."""
+    server, commands = users if users is not None else (None, None)
+    files = RunDirFiles(f"{run_dir}/{PRIVATE_DIR}")
+    return execd_cmdline([execd], workspace, files, drop_to=server, command_user=commands)

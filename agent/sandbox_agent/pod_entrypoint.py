@@ -29,7 +29,7 @@ from .backends.base import ExecEndpoint, execd_source
 from .errors import SandboxError
 from .events import Event, LLMRetrying, Notice
 from .execclient import ExecClient
-from .execd_cmdline import READY_FILE, SOCKET_FILE, TOKEN_FILE, Ids, RunDirFiles, execd_cmdline
+from .execd_cmdline import PRIVATE_DIR, READY_FILE, SOCKET_FILE, TOKEN_FILE
 from .podconfig import PodTaskConfig
 from .procenv import hide_from_environ
 from .result import RESULT_LOG_PREFIX, ExitReason, TaskResult, termination_message
@@ -42,27 +42,9 @@ EXECD_READY_TIMEOUT = 120.0
 MAX_LISTED_INPUTS = 1000
 
 
-PRIVATE_DIR = "private"
-
-
 def private_dir(run_dir: Path) -> Path:
     """Where the exec server's token, socket and ready file are, below the shared run volume."""
     return run_dir / PRIVATE_DIR
-
-
-def execd_command(
-    execd: str,
-    run_dir: str,
-    workspace: str = WORKSPACE,
-    users: tuple[Ids, Ids] | None = None,
-) -> list[str]:
-    """The sandbox container's command: the exec server on the private run directory.
-
-    `users` is (server, commands): the container then starts as root, the server drops to the
-    first (the agent's uid, which owns private/) and runs commands as the second."""
-    server, commands = users if users is not None else (None, None)
-    files = RunDirFiles(f"{run_dir}/{PRIVATE_DIR}")
-    return execd_cmdline([execd], workspace, files, drop_to=server, command_user=commands)
 
 
 def install(execd_dir: Path, run_dir: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sandbox_agent.pod_entrypoint import execd_command
+from sandbox_agent.execd_cmdline import execd_command
 from sandbox_agent.task import SandboxTask
 from sandbox_agent.wire import INPUT_PATH, LABEL_ATTEMPT, MAX_LABEL_LENGTH, WORKSPACE
 
@@ -252,10 +252,18 @@ def _agent_container(task: SandboxTask, settings: OperatorSettings) -> dict[str,
 
 
 def build_pod(
-    task: SandboxTask, *, namespace: str, uid: str, attempt: int, settings: OperatorSettings
+    task: SandboxTask,
+    *,
+    namespace: str,
+    uid: str,
+    attempt: int,
+    settings: OperatorSettings,
+    checked: bool = False,
 ) -> dict[str, Any]:
-    """The pod manifest for one attempt; SpecError when the task cannot run on this cluster."""
-    validate_for_cluster(task, settings)
+    """The pod manifest for one attempt; SpecError when the task cannot run on this cluster
+    (`checked`: the caller has just run `validate_for_cluster` with these settings)."""
+    if not checked:
+        validate_for_cluster(task, settings)
     name = task_name(task)
     metadata = task_metadata(task, name=pod_name(name, attempt), namespace=namespace, uid=uid)
     metadata["labels"][LABEL_ATTEMPT] = str(attempt)
