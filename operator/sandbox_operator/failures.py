@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from sandbox_agent.result import ExitReason
+
+from .status import Reason
 
 _PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 _CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError"}
@@ -24,16 +27,18 @@ class PodVerdict:
     state: PodState
     exit_reason: ExitReason | None = None
     message: str = ""
+    reason: Reason | None = None
+    """For a failure: the reason its Complete (and Ready) condition carries."""
     retryable: bool = False
     termination_message: str | None = None
     started_at: str | None = None
 
 
-def _statuses(pod: dict[str, Any], key: str) -> list[dict[str, Any]]:
+def _statuses(pod: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
     return list((pod.get("status") or {}).get(key) or [])
 
 
-def _images(pod: dict[str, Any]) -> dict[str, str]:
+def _images(pod: Mapping[str, Any]) -> dict[str, str]:
     spec = pod.get("spec") or {}
     return {
         c["name"]: c.get("image", "")
@@ -41,7 +46,7 @@ def _images(pod: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _waiting_failure(pod: dict[str, Any]) -> PodVerdict | None:
+def _waiting_failure(pod: Mapping[str, Any]) -> PodVerdict | None:
     images = _images(pod)
     for cs in _statuses(pod, "initContainerStatuses") + _statuses(pod, "containerStatuses"):
         waiting = (cs.get("state") or {}).get("waiting") or {}
@@ -56,6 +61,7 @@ def _waiting_failure(pod: dict[str, Any]) -> PodVerdict | None:
                 ExitReason.IMAGE_PULL_ERROR,
                 f"cannot pull image {image!r} for container {name} ({reason}: {detail}); "
                 f"check {which} and the registry's pull secret",
+                reason=Reason.IMAGE_PULL_FAILED,
             )
         if reason in _CONFIG_REASONS:
             return PodVerdict(
@@ -63,11 +69,12 @@ def _waiting_failure(pod: dict[str, Any]) -> PodVerdict | None:
                 ExitReason.CONFIG_ERROR,
                 f"container {name} cannot start: {detail}; create it, or fix the reference "
                 "(spec.model.apiKeySecretRef, spec.inputs[].configMapRef)",
+                reason=Reason.CONFIG_MISSING,
             )
     return None
 
 
-def _terminated(pod: dict[str, Any], name: str) -> dict[str, Any] | None:
+def _terminated(pod: Mapping[str, Any], name: str) -> dict[str, Any] | None:
     for cs in _statuses(pod, "containerStatuses"):
         if cs.get("name") == name:
             term = (cs.get("state") or {}).get("terminated")
@@ -75,7 +82,7 @@ def _terminated(pod: dict[str, Any], name: str) -> dict[str, Any] | None:
     return None
 
 
-def _started_at(pod: dict[str, Any]) -> str | None:
+def _started_at(pod: Mapping[str, Any]) -> str | None:
     for cs in _statuses(pod, "containerStatuses"):
         running = (cs.get("state") or {}).get("running")
         if running and running.get("startedAt"):
@@ -83,7 +90,7 @@ def _started_at(pod: dict[str, Any]) -> str | None:
     return (pod.get("status") or {}).get("startTime")
 
 
-def _not_started_because(pod: dict[str, Any]) -> str:
+def _not_started_because(pod: Mapping[str, Any]) -> str:
     """What the scheduler or the kubelet last said about a pod that has not started."""
     for cond in (pod.get("status") or {}).get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
@@ -96,7 +103,7 @@ def _not_started_because(pod: dict[str, Any]) -> str:
     return "no reason given by the cluster"
 
 
-def start_timed_out(pod: dict[str, Any], age_seconds: float, timeout: int) -> PodVerdict | None:
+def start_timed_out(pod: Mapping[str, Any], age_seconds: float, timeout: int) -> PodVerdict | None:
     """Pure: a failure verdict when a pod is still Pending `timeout` seconds after its creation.
 
     Kubernetes counts activeDeadlineSeconds only from the moment a node takes the pod, so an
@@ -110,10 +117,11 @@ def start_timed_out(pod: dict[str, Any], age_seconds: float, timeout: int) -> Po
         f"the pod did not start within {timeout}s ({_not_started_because(pod).strip()}); check "
         "spec.sandbox.resources against the nodes, or raise the operator's "
         "LLMSANDBOX_POD_START_TIMEOUT_SECONDS",
+        reason=Reason.START_TIMEOUT,
     )
 
 
-def assess_pod(pod: dict[str, Any], memory_limit: str | None = None) -> PodVerdict:
+def assess_pod(pod: Mapping[str, Any], memory_limit: str | None = None) -> PodVerdict:
     """Pure: the verdict for one task pod, from its status alone."""
     status = pod.get("status") or {}
     phase = status.get("phase", "Pending")
@@ -130,6 +138,7 @@ def assess_pod(pod: dict[str, Any], memory_limit: str | None = None) -> PodVerdi
             ExitReason.EVICTED,
             f"the node evicted the pod: {status.get('message', 'no message')}",
             retryable=True,
+            reason=Reason.EVICTED,
         )
     if status.get("reason") == "DeadlineExceeded":
         return PodVerdict(
@@ -137,6 +146,7 @@ def assess_pod(pod: dict[str, Any], memory_limit: str | None = None) -> PodVerdi
             ExitReason.DEADLINE,
             "the pod ran past its activeDeadlineSeconds (limits.activeDeadlineSeconds plus the "
             "operator's grace period) and was stopped",
+            reason=Reason.DEADLINE_EXCEEDED,
         )
     sandbox = _terminated(pod, "sandbox") or {}
     agent = _terminated(pod, "agent") or {}
@@ -148,12 +158,14 @@ def assess_pod(pod: dict[str, Any], memory_limit: str | None = None) -> PodVerdi
             f"the sandbox container ran out of memory{limit}; raise "
             "spec.sandbox.resources.limits.memory or make the task use less",
             termination_message=agent.get("message") or None,
+            reason=Reason.OOM_KILLED,
         )
     if agent.get("reason") == "OOMKilled":
         return PodVerdict(
             PodState.FAILED,
             ExitReason.OOM_KILLED,
             "the agent container ran out of memory; raise the operator's agentResources",
+            reason=Reason.OOM_KILLED,
         )
     if agent.get("message"):
         return PodVerdict(PodState.FINISHED, termination_message=str(agent["message"]))
@@ -164,6 +176,7 @@ def assess_pod(pod: dict[str, Any], memory_limit: str | None = None) -> PodVerdi
             f"the agent container exited with code {agent.get('exitCode')} "
             f"({agent.get('reason', 'no reason')}) without reporting a result; see its log",
             retryable=True,
+            reason=Reason.FAILED,
         )
     return PodVerdict(
         PodState.FAILED,
@@ -171,4 +184,5 @@ def assess_pod(pod: dict[str, Any], memory_limit: str | None = None) -> PodVerdi
         f"the pod ended ({phase}: {status.get('reason', '')} {status.get('message', '')}) "
         "before the agent reported",
         retryable=True,
+        reason=Reason.POD_DELETED,
     )

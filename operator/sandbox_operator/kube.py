@@ -214,17 +214,19 @@ class KubeClient:
         data = json.dumps(body) if body is not None else None
         headers = {"Content-Type": content_type, "Accept": accept}
         async with self._session.request(method, url, data=data, headers=headers) as resp:
-            raw = await resp.text()
+            # Bytes, decoded by json itself: no charset detection per response.
+            raw = await resp.read()
             if resp.status >= 400:
+                text_body = raw.decode("utf-8", "replace")
                 try:
                     status = json.loads(raw)
-                    reason, message = status.get("reason", ""), status.get("message", raw)
+                    reason, message = status.get("reason", ""), status.get("message", text_body)
                 except ValueError:
-                    reason, message = resp.reason or "", raw[:500]
+                    reason, message = resp.reason or "", text_body[:500]
                 cls = ConflictError if resp.status == 409 else KubeError
                 raise cls(resp.status, str(reason), str(message))
             if text:
-                return raw
+                return raw.decode("utf-8", "replace")
             return json.loads(raw) if raw else {}
 
     async def get(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:

@@ -14,10 +14,17 @@ from .settings import OperatorSettings
 
 
 def build_task_configmap(
-    task: SandboxTask, *, namespace: str, uid: str, settings: OperatorSettings
+    task: SandboxTask,
+    *,
+    namespace: str,
+    uid: str,
+    settings: OperatorSettings,
+    checked: bool = False,
 ) -> dict[str, Any]:
-    """The ConfigMap holding task.json (the resolved agent config) and the inline inputs."""
-    validate_for_cluster(task, settings)
+    """The ConfigMap holding task.json (the resolved agent config) and the inline inputs
+    (`checked`: the caller has just run `validate_for_cluster` with these settings)."""
+    if not checked:
+        validate_for_cluster(task, settings)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

@@ -1,4 +1,4 @@
-"""The operator's pure decisions: admission order, pod verdicts, reading the agent's result."""
+"""The pure readings the decisions build on: admission order, pod verdicts, the agent's report."""
 
 from __future__ import annotations
 

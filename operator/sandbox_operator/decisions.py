@@ -1,0 +1,637 @@
+"""The operator's decisions as pure functions: what is known of a task in, the next actions out.
+
+Each function takes a `TaskRecord` (spec and status, parsed), the pods the caller found for it,
+the clock and the settings, and returns a list of actions: data that says what to write,
+create or delete, and which metric to count once a write lands. Nothing here calls the API
+or reads the clock; `controller.Operator` gathers the facts and carries the actions out in
+order (see its docstring for the crash-safety rules the order keeps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from pydantic import ValidationError
+
+from sandbox_agent.result import TERMINAL_PHASES, ExitReason, Phase, TaskResult, phase_for
+
+from .agent_report import ResultError, parse_log_result, parse_termination_message
+from .cluster_checks import validate_for_cluster
+from .errors import SpecError
+from .failures import PodState, PodVerdict, assess_pod, start_timed_out
+from .ownership import foreign_pod_problem
+from .pod_builder import build_pod, pod_name
+from .records import PodBody, TaskRecord, pod_may_run, pod_phase
+from .settings import OperatorSettings, cost_usd
+from .status import (
+    ConditionType,
+    Reason,
+    TaskStatus,
+    answer_for_status,
+    answer_short,
+    rfc3339,
+    set_condition,
+)
+
+ACTIVE = frozenset({Phase.PENDING, Phase.RUNNING})
+
+# The Complete condition's reason by exit reason, for a result that names no cause; the rest
+# (max_steps, token_budget, agent_crashed, ...) are Failed. A pod's failure verdict carries its
+# own reason, the same as this table's (tests/test_decisions.py holds them to it).
+_COMPLETE_REASONS = {
+    ExitReason.SUBMITTED: Reason.SUCCEEDED,
+    ExitReason.INVALID_SPEC: Reason.INVALID_SPEC,
+    ExitReason.IMAGE_PULL_ERROR: Reason.IMAGE_PULL_FAILED,
+    ExitReason.CONFIG_ERROR: Reason.CONFIG_MISSING,
+    ExitReason.OOM_KILLED: Reason.OOM_KILLED,
+    ExitReason.EVICTED: Reason.EVICTED,
+    ExitReason.DEADLINE: Reason.DEADLINE_EXCEEDED,
+    ExitReason.POD_LOST: Reason.POD_DELETED,
+    ExitReason.START_TIMEOUT: Reason.START_TIMEOUT,
+    ExitReason.CANCELLED: Reason.CANCELLED,
+}
+# Causes named by the agent or the operator that become the Complete condition's reason as is.
+_CAUSE_REASONS = {
+    r.value: r
+    for r in (
+        Reason.ENDPOINT_UNREACHABLE,
+        Reason.EXEC_SERVER_NOT_READY,
+        Reason.FOREIGN_OBJECT,
+        Reason.SECRET_NOT_ALLOWED,
+    )
+}
+
+
+# -- what is counted once a write lands -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Admitted:
+    queued_seconds: float
+
+
+@dataclass(frozen=True)
+class Started:
+    startup_seconds: float
+
+
+@dataclass(frozen=True)
+class Retried:
+    exit_reason: ExitReason
+
+
+@dataclass(frozen=True)
+class Completed:
+    result: TaskResult
+    model: str
+    cost_usd: float | None
+    run_seconds: float | None
+
+
+Tally = Admitted | Started | Retried | Completed
+
+
+# -- actions ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WriteStatus:
+    """Merge-patch the status; `clear` names fields to remove. The tallies are counted only
+    when the write lands, by this process. A write that finds the task gone ends the plan."""
+
+    status: TaskStatus
+    clear: tuple[str, ...] = ()
+    tallies: tuple[Tally, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeletePod:
+    name: str
+
+
+@dataclass(frozen=True)
+class StartAttempt:
+    """Check what the attempt's pod will reference (its input ConfigMaps, its API-key Secret),
+    write `status` (None when it is already written: a restart resuming the attempt), then,
+    once no earlier pod of the task may still run, create its policy, ConfigMap and pod."""
+
+    attempt: int
+    status: TaskStatus | None
+    tallies: tuple[Tally, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReadReportFromLog:
+    """The agent's result did not fit its termination message: read it from the pod's log,
+    then decide with `report_from_log`."""
+
+    pod: PodBody
+
+
+@dataclass(frozen=True)
+class Enqueue:
+    """A new valid task: admit it if a slot is free and nobody waits ahead, else queue it
+    (`admit_now` or `queued_status`, with the admission state only the operator holds)."""
+
+
+@dataclass(frozen=True)
+class Reconcile:
+    """Look up the task's current pod again (the API, when the watch has not shown it), then
+    decide with `reconcile`."""
+
+
+Action = WriteStatus | DeletePod | StartAttempt | ReadReportFromLog | Enqueue | Reconcile
+
+
+# -- the decisions ----------------------------------------------------------------------------
+
+
+def reconcile(
+    rec: TaskRecord, current_pod: PodBody | None, now: datetime, settings: OperatorSettings
+) -> list[Action]:
+    """The task changed (or the operator restarted): what its status and its current
+    attempt's pod (`current_pod`, looked up by the caller, None when there is none) call for."""
+    status = rec.status
+    if status.phase in TERMINAL_PHASES:
+        return []
+    if status.phase is None:
+        problem = spec_problem(rec, settings)
+        if problem is not None:
+            return [finish_without_run(rec, ExitReason.INVALID_SPEC, problem, now, settings)]
+        return [Enqueue()]
+    if status.phase not in ACTIVE:
+        return []  # queued: admission's business
+    if current_pod is not None:
+        return follow_pod(
+            rec, current_pod, deleted=False, pods=[current_pod], now=now, settings=settings
+        )
+    if status.phase is Phase.PENDING and status.pod_uid is None:
+        # Admitted, but the operator stopped before the pod was created.
+        return [StartAttempt(status.attempt or 1, None)]
+    return pod_lost(rec, "the pod is gone", now, settings)
+
+
+def spec_problem(rec: TaskRecord, settings: OperatorSettings) -> str | None:
+    """Why the task cannot run here: its spec does not parse, or fails the cluster's checks."""
+    if rec.task is None:
+        return rec.spec_error or "the spec is missing"
+    try:
+        validate_for_cluster(rec.task, settings)
+    except SpecError as exc:
+        return str(exc)
+    return None
+
+
+def follow_pod(
+    rec: TaskRecord,
+    pod: PodBody,
+    *,
+    deleted: bool,
+    pods: list[PodBody],
+    now: datetime,
+    settings: OperatorSettings,
+) -> list[Action]:
+    """A pod of the task (claimed by it) changed or was deleted; `pods` are all the task's
+    pods the operator knows of."""
+    status = rec.status
+    if status.phase not in ACTIVE:
+        return []  # the task already ended
+    meta = pod["metadata"]
+    if meta["name"] != status.pod_name:
+        return _old_attempts_pod(rec, pod, deleted=deleted, pods=pods)
+    actions: list[Action] = []
+    if status.pod_uid is None:
+        # Created but not recorded (the operator stopped in between): verify it first.
+        if deleted:
+            return []
+        write, adopted = adopt_pod(rec, pod, None, now, settings)
+        if not adopted:
+            return [write]
+        actions = [write]
+        rec = rec.with_status(write.status)
+    elif meta["uid"] != status.pod_uid:
+        return []  # not the pod the operator created, whatever its name and labels
+    return actions + _current_pod(rec, pod, deleted=deleted, now=now, settings=settings)
+
+
+def _old_attempts_pod(
+    rec: TaskRecord, pod: PodBody, *, deleted: bool, pods: list[PodBody]
+) -> list[Action]:
+    """An earlier attempt's pod. Once it can no longer run, the current attempt's pod, held back
+    while it shut down (StartAttempt), may be created."""
+    status = rec.status
+    if (
+        status.phase is Phase.PENDING
+        and (deleted or not pod_may_run(pod))
+        and not any(p["metadata"]["name"] == status.pod_name for p in pods)
+    ):
+        return [Reconcile()]
+    return []
+
+
+def _current_pod(
+    rec: TaskRecord, pod: PodBody, *, deleted: bool, now: datetime, settings: OperatorSettings
+) -> list[Action]:
+    """The recorded pod of the current attempt changed or went."""
+    if deleted:
+        return pod_lost(rec, "the pod was deleted", now, settings)
+    verdict = assess_pod(pod, _sandbox_memory_limit(pod))
+    if pod["metadata"].get("deletionTimestamp") and verdict.state is not PodState.FINISHED:
+        # Being deleted: whatever the kubelet reports while killing it, the pod is lost.
+        return pod_lost(rec, "the pod was deleted", now, settings)
+    if verdict.state is PodState.RUNNING and rec.status.phase is Phase.PENDING:
+        return [running(rec, verdict, now)]
+    if verdict.state is PodState.FINISHED:
+        return report(rec, pod, verdict, now, settings)
+    if verdict.state is PodState.FAILED:
+        return failure(rec, verdict, now, settings, pod)
+    return []
+
+
+def running(rec: TaskRecord, verdict: PodVerdict, now: datetime) -> WriteStatus:
+    status = rec.status.model_copy(deep=True)
+    status.phase = Phase.RUNNING
+    status.start_time = status.start_time or verdict.started_at or rfc3339(now)
+    status.conditions = set_condition(
+        status.conditions,
+        ConditionType.READY,
+        "True",
+        Reason.RUNNING,
+        f"pod {status.pod_name} is running",
+        now,
+    )
+    status.conditions = set_condition(
+        status.conditions, ConditionType.POD_SCHEDULED, "True", Reason.SCHEDULED, "", now
+    )
+    status.message = None
+    tallies: tuple[Tally, ...] = ()
+    created = _parse_time(rec.created)
+    if created is not None:
+        startup = (now - created).total_seconds() - (status.queued_seconds or 0.0)
+        tallies = (Started(max(0.0, startup)),)
+    return WriteStatus(status, clear=("message",), tallies=tallies)
+
+
+def report(
+    rec: TaskRecord, pod: PodBody, verdict: PodVerdict, now: datetime, settings: OperatorSettings
+) -> list[Action]:
+    """The agent ended and left its report in the termination message."""
+    assert verdict.termination_message is not None
+    try:
+        result, in_log = parse_termination_message(verdict.termination_message)
+    except ResultError as exc:
+        return unreadable_report(rec, pod, str(exc), now, settings)
+    if in_log:
+        return [ReadReportFromLog(pod)]
+    return [finish(rec, result, now, settings, pod=pod)]
+
+
+def report_from_log(
+    rec: TaskRecord, pod: PodBody, log: str, now: datetime, settings: OperatorSettings
+) -> list[Action]:
+    try:
+        result = parse_log_result(log)
+    except ResultError as exc:
+        return unreadable_report(rec, pod, str(exc), now, settings)
+    return [finish(rec, result, now, settings, pod=pod)]
+
+
+def unreadable_report(
+    rec: TaskRecord, pod: PodBody, why: str, now: datetime, settings: OperatorSettings
+) -> list[Action]:
+    verdict = PodVerdict(
+        PodState.FAILED,
+        ExitReason.AGENT_CRASHED,
+        f"cannot read the agent's result: {why}",
+        reason=Reason.FAILED,
+        retryable=True,
+    )
+    return failure(rec, verdict, now, settings, pod)
+
+
+def pod_lost(rec: TaskRecord, why: str, now: datetime, settings: OperatorSettings) -> list[Action]:
+    verdict = PodVerdict(
+        PodState.FAILED,
+        ExitReason.POD_LOST,
+        f"{why} before the agent reported",
+        reason=Reason.POD_DELETED,
+        retryable=True,
+    )
+    return failure(rec, verdict, now, settings, None)
+
+
+def failure(
+    rec: TaskRecord,
+    verdict: PodVerdict,
+    now: datetime,
+    settings: OperatorSettings,
+    pod: PodBody | None,
+) -> list[Action]:
+    """A named failure of the current attempt (`pod` None: the pod is gone): retry it when it
+    is retryable and attempts are left, else end the task. A pod still pending or running is
+    deleted: stuck pulling or misconfigured, it would hold its slot (and its node) forever."""
+    assert verdict.exit_reason is not None
+    status = rec.status
+    attempt = status.attempt or 1
+    stuck = pod is not None and pod_phase(pod) in ("Pending", "Running")
+    delete: list[Action] = [DeletePod(pod["metadata"]["name"])] if pod is not None and stuck else []
+    if verdict.retryable and attempt <= rec.retries:
+        # The delete comes first: the next attempt's pod waits until this one is gone. A crash
+        # after it leaves the task active with its pod gone or going: the restart sees a lost pod.
+        note = f"attempt {attempt} failed ({verdict.message}); starting attempt {attempt + 1}"
+        return [
+            *delete,
+            StartAttempt(
+                attempt + 1,
+                attempt_status(rec, attempt + 1, now, retry_note=note),
+                tallies=(Retried(verdict.exit_reason),),
+            ),
+        ]
+    result = TaskResult(
+        phase=phase_for(verdict.exit_reason),
+        exit_reason=verdict.exit_reason,
+        message=verdict.message,
+    )
+    if verdict.termination_message:
+        # The agent may still have reported steps and usage before the pod failed.
+        try:
+            reported, _ = parse_termination_message(verdict.termination_message)
+            result = reported.model_copy(
+                update={
+                    "phase": result.phase,
+                    "exit_reason": result.exit_reason,
+                    "message": result.message,
+                    "cause": None,
+                }
+            )
+        except ResultError:
+            pass
+    # The terminal write comes before the delete: deleting first, a crash in between would leave
+    # the task Pending without its pod, and the restart would run the attempt again. A crash
+    # after the write leaves the pod to `reap`.
+    ended = finish(rec, result, now, settings, pod=pod, pod_ended=True, reason=verdict.reason)
+    return [ended, *delete]
+
+
+def finish_without_run(
+    rec: TaskRecord,
+    exit_reason: ExitReason,
+    message: str,
+    now: datetime,
+    settings: OperatorSettings,
+    cause: Reason | None = None,
+) -> WriteStatus:
+    """End the task without (another) pod: refused spec, missing references, foreign objects."""
+    result = TaskResult(
+        phase=phase_for(exit_reason),
+        exit_reason=exit_reason,
+        message=message,
+        cause=cause.value if cause else None,
+    )
+    return finish(rec, result, now, settings)
+
+
+def finish(
+    rec: TaskRecord,
+    result: TaskResult,
+    now: datetime,
+    settings: OperatorSettings,
+    *,
+    pod: PodBody | None = None,
+    pod_ended: bool | None = None,
+    reason: Reason | None = None,
+) -> WriteStatus:
+    """The terminal status for `result`, counted as completed once written. `pod_ended`
+    (default: a pod is given) adds Ready=False; `reason` overrides the one the result implies."""
+    status = rec.status.model_copy(deep=True)
+    model = model_name(rec, settings)
+    cost = cost_usd(settings, model, result.usage.prompt_tokens, result.usage.completion_tokens)
+    answer, cut = answer_for_status(result.answer)
+    status.phase = result.phase
+    status.exit_reason = result.exit_reason
+    status.answer = answer
+    status.answer_truncated = cut or result.answer_truncated or None
+    status.answer_short = answer_short(answer)
+    status.steps = result.steps
+    status.usage = result.usage.model_copy(update={"cost_usd": cost})
+    status.tool_calls = result.tool_calls
+    status.outputs = result.outputs
+    status.message = result.message or None
+    status.completion_time = rfc3339(now)
+    status.queue_position = None
+    if status.start_time is None and pod is not None:
+        # A quick pod can finish before the watch ever showed it Running.
+        status.start_time = _first_start(pod)
+    run = _seconds_between(status.start_time, now)
+    status.run_seconds = run
+    why = reason or complete_reason(result)
+    status.conditions = set_condition(
+        status.conditions,
+        ConditionType.COMPLETE,
+        "True",
+        why,
+        result.message or "the model submitted an answer",
+        now,
+    )
+    if pod_ended if pod_ended is not None else pod is not None:
+        status.conditions = set_condition(
+            status.conditions, ConditionType.READY, "False", why, "the pod has ended", now
+        )
+    return WriteStatus(
+        status,
+        clear=("queuePosition",),
+        tallies=(Completed(result, model, cost, run),),
+    )
+
+
+def complete_reason(result: TaskResult) -> Reason:
+    """The Complete condition's reason for a result: the cause it names, else its exit reason's."""
+    if result.cause in _CAUSE_REASONS:
+        return _CAUSE_REASONS[str(result.cause)]
+    return _COMPLETE_REASONS.get(result.exit_reason, Reason.FAILED)
+
+
+def model_name(rec: TaskRecord, settings: OperatorSettings) -> str:
+    name = rec.task.spec.model.name if rec.task is not None else None
+    return str(name or settings.default_model or "unknown")
+
+
+def queued_status(place: int, settings: OperatorSettings, now: datetime) -> WriteStatus:
+    status = TaskStatus(phase=Phase.QUEUED, queue_position=place)
+    status.conditions = set_condition(
+        [],
+        ConditionType.ADMITTED,
+        "False",
+        Reason.QUEUED,
+        f"waiting for one of {settings.max_running_tasks} run slots (position {place})",
+        now,
+    )
+    return WriteStatus(status)
+
+
+def admit_now(rec: TaskRecord, now: datetime) -> StartAttempt:
+    """The task got a run slot: its first attempt, the wait since creation counted."""
+    created = _parse_time(rec.created)
+    queued = round((now - created).total_seconds(), 3) if created else None
+    return StartAttempt(
+        1,
+        attempt_status(rec, 1, now, queued_seconds=queued),
+        tallies=(Admitted(max(0.0, queued)),) if queued is not None else (),
+    )
+
+
+def attempt_status(
+    rec: TaskRecord,
+    attempt: int,
+    now: datetime,
+    *,
+    queued_seconds: float | None = None,
+    retry_note: str = "",
+) -> TaskStatus:
+    """The status that holds the slot for an attempt, written before its pod is created. Its
+    podUID is left out: only the pod created next, for this attempt, may report."""
+    old = rec.status
+    status = TaskStatus(
+        phase=Phase.PENDING,
+        pod_name=pod_name(rec.name, attempt),
+        attempt=attempt,
+        queued_seconds=queued_seconds if queued_seconds is not None else old.queued_seconds,
+        start_time=old.start_time,
+        observed_generation=rec.generation,
+    )
+    conditions = set_condition(
+        old.conditions, ConditionType.ADMITTED, "True", Reason.ADMITTED, "run slot granted", now
+    )
+    if retry_note:
+        conditions = set_condition(
+            conditions, ConditionType.COMPLETE, "False", Reason.RETRYING, retry_note, now
+        )
+        status.message = retry_note
+    status.conditions = conditions
+    return status
+
+
+ATTEMPT_CLEARS = ("queuePosition", "podUID")
+"""Fields an attempt's status write removes (the queue place, the previous attempt's pod)."""
+
+
+def record_pod(rec: TaskRecord, pod: PodBody) -> WriteStatus:
+    """The attempt's pod exists: from now on only it may report for the task."""
+    status = rec.status.model_copy()
+    status.pod_uid = str(pod["metadata"]["uid"])
+    return WriteStatus(status)
+
+
+def adopt_pod(
+    rec: TaskRecord,
+    found: PodBody,
+    desired: PodBody | None,
+    now: datetime,
+    settings: OperatorSettings,
+) -> tuple[WriteStatus, bool]:
+    """A pod found under the attempt's pod name: record it if it is the pod the operator would
+    create (`desired`, built here when None), else fail the task naming what differs. The
+    write, and whether it adopts the pod."""
+    if desired is None:
+        if rec.task is None:
+            why = rec.spec_error or "the spec is missing"
+            return finish_without_run(rec, ExitReason.INVALID_SPEC, why, now, settings), False
+        try:
+            desired = build_pod(
+                rec.task,
+                namespace=rec.namespace,
+                uid=rec.uid,
+                attempt=rec.status.attempt or 1,
+                settings=settings,
+            )
+        except (SpecError, ValidationError) as exc:
+            return finish_without_run(rec, ExitReason.INVALID_SPEC, str(exc), now, settings), False
+    problem = foreign_pod_problem(found, desired, rec.uid)
+    if problem is not None:
+        return foreign(rec, problem, now, settings), False
+    return record_pod(rec, found), True
+
+
+def foreign(
+    rec: TaskRecord, problem: str, now: datetime, settings: OperatorSettings
+) -> WriteStatus:
+    """An object in the way that the operator did not make for this task: never adopted."""
+    return finish_without_run(
+        rec,
+        ExitReason.CONFIG_ERROR,
+        f"{problem}; delete it, then create the task again",
+        now,
+        settings,
+        cause=Reason.FOREIGN_OBJECT,
+    )
+
+
+def start_timeout(
+    rec: TaskRecord, pod: PodBody, now: datetime, settings: OperatorSettings
+) -> list[Action]:
+    """For the periodic check: fail a Pending task whose recorded pod has stayed Pending past
+    the start timeout (see `failures.start_timed_out`)."""
+    timeout = settings.pod_start_timeout_seconds
+    meta = pod["metadata"]
+    if (
+        timeout <= 0
+        or rec.status.phase is not Phase.PENDING
+        or not rec.status.pod_uid
+        or meta.get("uid") != rec.status.pod_uid
+        or meta.get("deletionTimestamp")
+    ):
+        return []
+    created = _parse_time(meta.get("creationTimestamp"))
+    if created is None:
+        return []
+    verdict = start_timed_out(pod, (now - created).total_seconds(), timeout)
+    return failure(rec, verdict, now, settings, pod) if verdict is not None else []
+
+
+def reap(pod: PodBody) -> list[Action]:
+    """A pod under a terminal task that may still run: delete it.
+
+    `failure` writes the terminal status before it deletes a stuck pod; an operator killed in
+    between leaves the pod behind, and the restarted operator, which never touches a terminal
+    task again, finds it through the watch (every pod is listed on start)."""
+    if pod_phase(pod) in ("Pending", "Running", "Unknown") and not pod["metadata"].get(
+        "deletionTimestamp"
+    ):
+        return [DeletePod(pod["metadata"]["name"])]
+    return []
+
+
+# -- small pure helpers -----------------------------------------------------------------------
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _seconds_between(start: str | None, end: datetime) -> float | None:
+    begun = _parse_time(start)
+    return round((end - begun).total_seconds(), 3) if begun else None
+
+
+def _sandbox_memory_limit(pod: PodBody) -> str | None:
+    """The sandbox container's memory limit as the pod has it (the task's, or the default)."""
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        if container.get("name") == "sandbox":
+            limit = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+            return str(limit) if limit else None
+    return None
+
+
+def _first_start(pod: PodBody) -> str | None:
+    starts = [
+        str(term["startedAt"])
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []
+        if (term := (cs.get("state") or {}).get("terminated")) and term.get("startedAt")
+    ]
+    return min(starts) if starts else None

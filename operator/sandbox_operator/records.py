@@ -1,0 +1,187 @@
+"""What the operator knows of a task, parsed once when it is stored: `TaskRecord`.
+
+A task body comes from a watch event or a status write's reply; `TaskRecord.parse` turns it
+into typed objects at once (the spec into `SandboxTask`, the status into `TaskStatus`), so no
+decision reads a raw dict. A spec already parsed (the same metadata.generation) is not parsed
+again: the status changes five times in a task's life, its spec (almost) never. A terminal task
+keeps no spec at all: thousands of finished tasks cost little memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from pydantic import ValidationError
+
+from sandbox_agent.result import TERMINAL_PHASES, Phase
+from sandbox_agent.task import SandboxTask, format_validation_error
+from sandbox_agent.wire import LABEL_TASK_UID
+
+from .admission import Candidate
+from .status import TaskStatus
+
+PodBody = Mapping[str, Any]
+"""A pod as the API sent it. Never mutated: watch events hand the operator kopf's own copy."""
+
+# How far a status has come; the operator's writes only ever move it forward (see `progress`).
+_RANK = {None: 0, Phase.QUEUED: 1, Phase.PENDING: 2, Phase.RUNNING: 4}
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    uid: str
+    namespace: str
+    name: str
+    created: str
+    """metadata.creationTimestamp (RFC3339, sorts as text), "" when absent."""
+    generation: int | None
+    raw_spec: Mapping[str, Any] | None
+    task: SandboxTask | None
+    """The spec as the API model reads it; None when it does not parse (see `spec_error`),
+    and for a terminal task (nothing decides over its spec again)."""
+    spec_error: str | None
+    status: TaskStatus
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any], previous: TaskRecord | None = None) -> TaskRecord:
+        meta = body["metadata"]
+        spec = body.get("spec")
+        status = _parse_status(body.get("status"))
+        generation = meta.get("generation")
+        generation = generation if isinstance(generation, int) else None
+        task: SandboxTask | None = None
+        error: str | None = None
+        if status.phase in TERMINAL_PHASES:
+            # Final: no decision reads the spec again, so it is neither parsed nor kept.
+            spec = None
+        elif (
+            previous is not None
+            and previous.uid == meta["uid"]
+            and _same_spec(previous, generation, spec)
+        ):
+            task, error = previous.task, previous.spec_error
+        else:
+            task, error = _parse_task(body)
+        return cls(
+            uid=meta["uid"],
+            namespace=meta.get("namespace", "default"),
+            name=meta["name"],
+            created=str(meta.get("creationTimestamp") or ""),
+            generation=generation,
+            # The API server counts spec changes in metadata.generation; without one (a body
+            # built by hand), the spec itself is kept to compare.
+            raw_spec=spec if generation is None else None,
+            task=task,
+            spec_error=error,
+            status=status,
+        )
+
+    def with_status(self, status: TaskStatus) -> TaskRecord:
+        return TaskRecord(
+            uid=self.uid,
+            namespace=self.namespace,
+            name=self.name,
+            created=self.created,
+            generation=self.generation,
+            raw_spec=self.raw_spec,
+            task=self.task,
+            spec_error=self.spec_error,
+            status=status,
+        )
+
+    @property
+    def phase(self) -> Phase | None:
+        return self.status.phase
+
+    @property
+    def priority(self) -> int:
+        return self.task.spec.priority if self.task is not None else 0
+
+    @property
+    def retries(self) -> int:
+        return self.task.spec.retries if self.task is not None else 0
+
+    @cached_property
+    def candidate(self) -> Candidate:
+        """Its place in the admission queue (computed once per record)."""
+        return Candidate(
+            uid=self.uid,
+            namespace=self.namespace,
+            name=self.name,
+            priority=self.priority,
+            created=self.created,
+        )
+
+
+def _same_spec(previous: TaskRecord, generation: int | None, spec: Any) -> bool:
+    if previous.task is None and previous.spec_error is None:
+        return False  # never parsed (it was terminal)
+    if generation is not None:
+        return previous.generation == generation
+    return previous.raw_spec is not None and previous.raw_spec == spec
+
+
+def _parse_task(body: Mapping[str, Any]) -> tuple[SandboxTask | None, str | None]:
+    meta = body["metadata"]
+    try:
+        task = SandboxTask.model_validate(
+            {
+                "apiVersion": body.get("apiVersion"),
+                "kind": body.get("kind"),
+                "metadata": {"name": meta["name"], "namespace": meta.get("namespace")},
+                "spec": body.get("spec"),
+            },
+            by_alias=True,
+            by_name=False,
+        )
+    except ValidationError as exc:
+        return None, format_validation_error(exc).replace("\n", "; ")
+    return task, None
+
+
+def _parse_status(raw: Any) -> TaskStatus:
+    try:
+        return TaskStatus.model_validate(raw or {})
+    except ValidationError:
+        # A status we cannot read (hand-edited, or older) is treated as empty: the task restarts.
+        return TaskStatus()
+
+
+def progress(status: TaskStatus) -> tuple[int, int, int, int]:
+    """How far a task has come, as an order: terminal last, then attempt, phase, pod recorded.
+
+    resourceVersion is opaque (Kubernetes promises no order on it), so an event older than the
+    cached body is told by its status instead: every status write the operator makes moves this
+    forward or keeps it (a queue position), never back."""
+    terminal = status.phase in TERMINAL_PHASES
+    rank = 5 if terminal else _RANK.get(status.phase, 0)
+    return (int(terminal), status.attempt or 0, rank, int(status.pod_uid is not None))
+
+
+def is_stale(incoming: TaskRecord, known: TaskRecord) -> bool:
+    """Whether a watch event carries an older state of the task than the one already known
+    (the reply to the operator's own write can arrive before the events preceding it)."""
+    if (
+        incoming.generation is not None
+        and known.generation is not None
+        and incoming.generation < known.generation
+    ):
+        return True
+    return progress(incoming.status) < progress(known.status)
+
+
+def pod_task_uid(pod: PodBody) -> str:
+    """The task uid a pod's label names (a claim, proved by `ownership.claim_problem`)."""
+    return str((pod["metadata"].get("labels") or {}).get(LABEL_TASK_UID, ""))
+
+
+def pod_phase(pod: PodBody) -> str:
+    return str((pod.get("status") or {}).get("phase", "Pending"))
+
+
+def pod_may_run(pod: PodBody) -> bool:
+    """Not yet Succeeded or Failed: its containers may still run (also while being deleted)."""
+    return pod_phase(pod) not in ("Succeeded", "Failed")

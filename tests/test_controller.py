@@ -1,0 +1,189 @@
+"""The controller's own rules, against an in-memory API: run slots without an admission lock,
+old watch events ignored, and the API-key Secret's verdict remembered only briefly and only
+when it allows. (test_operator*.py run the same controller against the emulated API server.)"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from k8s.workload import SUCCESS, short_task
+from sandbox_operator import controller
+from sandbox_operator.controller import Operator
+from sandbox_operator.kube import KubeError, ObjectMetadata
+from sandbox_operator.settings import OperatorSettings
+
+LABELLED = {"llmsandbox.io/api-key": "true"}
+
+
+class MemoryKube:
+    """The few calls the controller makes, on dicts; the replies are copies, as off the wire.
+    `pause` makes every status patch wait one loop turn, so concurrent events interleave."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.secret_labels: dict[str, dict[str, str]] = {"llm-key": dict(LABELLED)}
+        self.secret_reads = 0
+        self.uids = 0
+
+    async def list(self, resource: str, namespace: Any, labels: Any = None) -> list[Any]:
+        return [copy.deepcopy(o) for (r, _), o in self.objects.items() if r == resource]
+
+    async def get(self, resource: str, namespace: str, name: str) -> Any:
+        found = self.objects.get((resource, name))
+        return copy.deepcopy(found) if found is not None else None
+
+    async def get_metadata(self, resource: str, namespace: str, name: str) -> Any:
+        self.secret_reads += 1
+        labels = self.secret_labels.get(name)
+        if labels is None:
+            return None
+        return ObjectMetadata.model_validate({"name": name, "labels": labels})
+
+    async def create(self, resource: str, namespace: str, body: dict[str, Any]) -> Any:
+        self.uids += 1
+        made = copy.deepcopy(body)
+        made["metadata"].update(uid=f"{resource}-{self.uids}", creationTimestamp=_NOW)
+        self.objects[resource, body["metadata"]["name"]] = made
+        return copy.deepcopy(made)
+
+    async def patch_status(
+        self, resource: str, namespace: str, name: str, status: dict[str, Any]
+    ) -> Any:
+        await asyncio.sleep(0)
+        if (resource, name) not in self.objects:
+            raise KubeError(404, "NotFound", f"{name} not found")
+        obj = self.objects[resource, name]
+        merged = {**(obj.get("status") or {}), **status}
+        obj["status"] = {k: v for k, v in merged.items() if v is not None}
+        return copy.deepcopy(obj)
+
+    async def delete(self, resource: str, namespace: str, name: str) -> bool:
+        return self.objects.pop((resource, name), None) is not None
+
+    async def replace(self, resource: str, namespace: str, name: str, body: Any) -> Any:
+        self.objects[resource, name] = copy.deepcopy(body)
+        return body
+
+    def add_task(self, name: str, **spec: Any) -> dict[str, Any]:
+        body = short_task(name, **spec)
+        body["metadata"].update(uid=f"uid-{name}", generation=1, creationTimestamp=_NOW)
+        self.objects["sandboxtasks", name] = body
+        return copy.deepcopy(body)
+
+    def task(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self.objects["sandboxtasks", name])
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.objects["sandboxtasks", name].get("status") or {})
+
+
+_NOW = "2026-03-01T12:00:00Z"
+
+
+def operator(kube: MemoryKube, **settings: Any) -> Operator:
+    config = OperatorSettings(
+        default_base_url="http://127.0.0.1:9/v1",
+        default_model="m",
+        default_api_key_secret="llm-key",
+        metrics_port=0,
+        **settings,
+    )
+    return Operator(config, kube)  # type: ignore[arg-type]
+
+
+async def finish(op: Operator, kube: MemoryKube, name: str) -> None:
+    """The task's pod ends with the agent's report."""
+    pod = copy.deepcopy(kube.objects["pods", kube.status(name)["podName"]])
+    done = {"exitCode": 0, "reason": "Completed", "startedAt": _NOW}
+    pod["status"] = {
+        "phase": "Succeeded",
+        "containerStatuses": [
+            {"name": "sandbox", "state": {"terminated": done}},
+            {"name": "agent", "state": {"terminated": {**done, "message": json.dumps(SUCCESS)}}},
+        ],
+    }
+    await op.on_pod("MODIFIED", pod)
+
+
+async def test_tasks_arriving_together_never_take_more_slots_than_there_are() -> None:
+    kube = MemoryKube()
+    op = operator(kube, max_running_tasks=2)
+    bodies = [kube.add_task(f"t{i}") for i in range(5)]
+    # The events are handled concurrently, each status write yielding to the others.
+    await asyncio.gather(*(op.on_task("ADDED", body) for body in bodies))
+    phases = sorted(str(kube.status(f"t{i}").get("phase")) for i in range(5))
+    assert phases == ["Pending", "Pending", "Queued", "Queued", "Queued"]
+    assert len([k for k in kube.objects if k[0] == "pods"]) == 2
+    assert [kube.status(f"t{i}").get("queuePosition") for i in (2, 3, 4)] == [1, 2, 3]
+    # A slot freed admits the head of the queue, and only it.
+    await finish(op, kube, "t0")
+    assert kube.status("t0")["phase"] == "Succeeded"
+    assert kube.status("t2")["phase"] == "Pending"
+    assert [kube.status(f"t{i}")["phase"] for i in (3, 4)] == ["Queued", "Queued"]
+
+
+async def test_an_old_event_arriving_after_the_operators_own_write_changes_nothing() -> None:
+    kube = MemoryKube()
+    op = operator(kube)
+    created = kube.add_task("t")
+    await op.on_task("ADDED", created)
+    assert kube.status("t")["phase"] == "Pending"
+    calls_before = kube.uids
+    # The watch delivers the ADDED body (no status) again, after the operator's writes landed.
+    await op.on_task("MODIFIED", created)
+    assert kube.uids == calls_before  # no second ConfigMap or pod
+    assert kube.status("t")["attempt"] == 1
+
+
+async def test_a_burst_with_one_key_reads_the_secret_once() -> None:
+    kube = MemoryKube()
+    op = operator(kube)
+    for i in range(4):
+        await op.on_task("ADDED", kube.add_task(f"t{i}"))
+    assert kube.secret_reads == 1
+    assert {kube.status(f"t{i}")["phase"] for i in range(4)} == {"Pending"}
+
+
+async def test_a_label_removed_holds_back_new_pods_once_the_verdict_expires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(controller, "SECRET_VERDICT_SECONDS", 0.0)
+    kube = MemoryKube()
+    op = operator(kube)
+    await op.on_task("ADDED", kube.add_task("before"))
+    kube.secret_labels["llm-key"] = {}
+    await op.on_task("ADDED", kube.add_task("after"))
+    assert kube.status("before")["phase"] == "Pending"
+    after = kube.status("after")
+    assert (after["phase"], after["exitReason"]) == ("Failed", "config_error")
+    assert "lacks label llmsandbox.io/api-key=true" in after["message"]
+
+
+async def test_a_missing_secret_is_not_remembered() -> None:
+    kube = MemoryKube()
+    del kube.secret_labels["llm-key"]
+    op = operator(kube)
+    await op.on_task("ADDED", kube.add_task("early"))
+    assert kube.status("early")["exitReason"] == "config_error"
+    kube.secret_labels["llm-key"] = dict(LABELLED)
+    await op.on_task("ADDED", kube.add_task("later"))
+    assert kube.status("later")["phase"] == "Pending"
+
+
+async def test_a_task_deleted_while_queued_frees_nothing_and_is_forgotten() -> None:
+    kube = MemoryKube()
+    op = operator(kube, max_running_tasks=1)
+    await op.on_task("ADDED", kube.add_task("runs"))
+    await op.on_task("ADDED", kube.add_task("waits"))
+    assert kube.status("waits")["phase"] == "Queued"
+    body = kube.task("waits")
+    del kube.objects["sandboxtasks", "waits"]
+    await op.on_task("DELETED", body)
+    assert "uid-waits" not in op.tasks
+    await finish(op, kube, "runs")
+    assert kube.status("runs")["phase"] == "Succeeded"
