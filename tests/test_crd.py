@@ -73,7 +73,7 @@ _NEVER = (
 _NOT_IN_JUNCTORS = ("type", "description", "default", "additionalProperties", "nullable")
 
 
-def structural_problems(
+def structural_problems(  # noqa: C901 - one case per structural-schema rule
     node: dict[str, Any], path: str = "(root)", *, root: bool = True
 ) -> list[str]:
     problems: list[str] = []

@@ -121,7 +121,7 @@ class Scraper:
 # -- the test --------------------------------------------------------------------------------
 
 
-def test_operator_killed_at_random_points_and_restarted_finishes_every_task_exactly_once(
+def test_operator_killed_at_random_points_and_restarted_finishes_every_task_exactly_once(  # noqa: C901, PLR0915 - one scenario with its checks
     k8s: EmulatedApiServer, tmp_path: Path
 ) -> None:
     rng = random.Random(SEED)

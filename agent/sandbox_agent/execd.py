@@ -1618,7 +1618,7 @@ class Options:
         self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
 
 
-def parse_args(argv: Optional[List[str]]) -> Options:
+def parse_args(argv: Optional[List[str]]) -> Options:  # noqa: C901, PLR0915 - one branch per option, stdlib only (no argparse: its errors print usage)
     """`--name value` or `--name=value` for each option of USAGE; exits 2 on anything else."""
 
     def usage_error(message: str) -> NoReturn:
@@ -1827,7 +1827,7 @@ def run_as_init() -> Optional[int]:
             return os.WEXITSTATUS(status)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:  # noqa: C901, PLR0915 - the start-up order (privileges, fds, socket) is clearest as one sequence
     args = parse_args(argv)
     identity = Identity(args.drop_to, args.command_user)
     # First of all: nothing the commands can do may reach into this process.

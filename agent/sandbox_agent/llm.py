@@ -162,7 +162,7 @@ class ChatLLM:
                 raise
             raise type(exc)(clean) from None
 
-    async def _complete(
+    async def _complete(  # noqa: C901 - one retry loop over the error kinds the API returns
         self,
         messages: list[dict[str, Any]],
         *,

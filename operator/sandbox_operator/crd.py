@@ -93,7 +93,7 @@ class _Converter:
         self.defaults = defaults
         self.enums = enums
 
-    def convert(self, node: dict[str, Any], path: str) -> dict[str, Any]:
+    def convert(self, node: dict[str, Any], path: str) -> dict[str, Any]:  # noqa: C901 - one case per JSON-schema keyword
         node = self._flatten(node, path)
         unknown = set(node) - _HANDLED_KEYS - _DROPPED_KEYS
         if any(not k.startswith("x-kubernetes-") for k in unknown):
