@@ -1,6 +1,7 @@
 """Operator load: N SandboxTasks through the real operator, against the emulated API server.
 
-    python bench/operator_load.py [--tasks 300] [--max-running 50] [--profile operator.prof]
+    python bench/operator_load.py [--tasks 300] [--max-running 50] [--rounds 1]
+                                  [--profile operator.prof]
 
 The operator runs as a subprocess (`python -m sandbox_operator`, KUBECONFIG -> the emulator); the
 test kubelet completes every pod at once (`instant_complete`: no processes, the agent container
@@ -18,7 +19,9 @@ ends with a valid result JSON as its termination message). From one run it print
   ratio "operator CPU per task / no-op kopf CPU per task";
 - the wall time to drain all N tasks, as context only: the emulator (same process as this
   script, one GIL, linear scans) dominates it;
-- a check that every task reached Succeeded exactly once, with one pod.
+- a check that every task reached Succeeded exactly once, with one pod;
+- with `--rounds K`, the whole run K times and the CPU ratio of each round as a table with its
+  median: on a noisy machine one round's ratio moves by 0.1 or more.
 
 Exits 1 when a task did not finish Succeeded exactly once or the writes target failed, 2 when
 an operator did not start. Both operators bind their liveness endpoint on a free port.
@@ -34,6 +37,7 @@ import logging
 import os
 import pstats
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -497,6 +501,22 @@ def run_both(
     return op, noop
 
 
+def print_rounds(pairs: list[tuple[RunResult, RunResult]], n: int) -> None:
+    print("\nper round: operator and no-op kopf CPU per task (drain), and their ratio")
+    print("  round  operator   no-op kopf  ratio")
+    ratios = []
+    for i, (op, noop) in enumerate(pairs, start=1):
+        ratio = op.drain_cpu / noop.drain_cpu if noop.drain_cpu > 0 else float("nan")
+        ratios.append(ratio)
+        print(
+            f"  {i:>5}  {1000 * op.drain_cpu / n:6.2f} ms  {1000 * noop.drain_cpu / n:6.2f} ms"
+            f"  {ratio:5.2f}x"
+        )
+    print(
+        f"median operator CPU per task / no-op kopf CPU per task: {statistics.median(ratios):.2f}x"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=300, help="how many tasks (default 300)")
@@ -505,6 +525,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--timeout", type=float, default=None, help="seconds to drain (default 60 + 0.5 per task)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the operator and the no-op baseline this many times and print the median "
+        "CPU ratio (default 1; the first round's full report is printed)",
     )
     parser.add_argument(
         "--profile",
@@ -516,13 +543,20 @@ def main(argv: list[str] | None = None) -> int:
     n: int = args.tasks
     timeout = args.timeout or 60 + 0.5 * n
     logging.getLogger("aiohttp").setLevel(logging.ERROR)
-    print(f"== operator load: {n} tasks, maxRunningTasks {args.max_running}, one run ==")
+    rounds = max(1, args.rounds)
+    print(
+        f"== operator load: {n} tasks, maxRunningTasks {args.max_running}, "
+        f"{'one run' if rounds == 1 else f'{rounds} rounds'} =="
+    )
     try:
         op, noop = run_both(n, args.max_running, timeout, args.profile)
+        more = [run_both(n, args.max_running, timeout, None) for _ in range(rounds - 1)]
     except StartError as exc:
         print(f"an operator did not start: {exc}", file=sys.stderr)
         return 2
     problems = verify(op, n)
+    for extra, _ in more:
+        problems += verify(extra, n)
     if op.returncode not in (0, None):
         problems.append(f"the operator exited with {op.returncode}:\n{op.log_tail}")
 
@@ -555,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         f"RSS growth over the drain: operator {growth[0]:.0f} KiB per task, "
         f"no-op kopf {growth[1]:.0f} KiB per task"
     )
+    if more:
+        print_rounds([(op, noop), *more], n)
     if args.profile:
         print_profile(args.profile)
 

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from k8s.workload import SUCCESS, short_task
-from sandbox_operator import controller
+from sandbox_operator import controller, decisions
 from sandbox_operator.controller import Operator
 from sandbox_operator.kube import KubeError, ObjectMetadata
+from sandbox_operator.pod_builder import build_pod
 from sandbox_operator.settings import OperatorSettings
 
 LABELLED = {"llmsandbox.io/api-key": "true"}
@@ -29,6 +30,9 @@ class MemoryKube:
         self.secret_labels: dict[str, dict[str, str]] = {"llm-key": dict(LABELLED)}
         self.secret_reads = 0
         self.uids = 0
+        self.versions = 0
+        self.calls = 0
+        self.fail_next_patch: KubeError | None = None
 
     async def list(self, resource: str, namespace: Any, labels: Any = None) -> list[Any]:
         return [copy.deepcopy(o) for (r, _), o in self.objects.items() if r == resource]
@@ -44,10 +48,16 @@ class MemoryKube:
             return None
         return ObjectMetadata.model_validate({"name": name, "labels": labels})
 
+    def _version(self, obj: dict[str, Any]) -> None:
+        self.versions += 1
+        obj["metadata"]["resourceVersion"] = str(self.versions)
+
     async def create(self, resource: str, namespace: str, body: dict[str, Any]) -> Any:
         self.uids += 1
+        self.calls += 1
         made = copy.deepcopy(body)
         made["metadata"].update(uid=f"{resource}-{self.uids}", creationTimestamp=_NOW)
+        self._version(made)
         self.objects[resource, body["metadata"]["name"]] = made
         return copy.deepcopy(made)
 
@@ -55,11 +65,16 @@ class MemoryKube:
         self, resource: str, namespace: str, name: str, status: dict[str, Any]
     ) -> Any:
         await asyncio.sleep(0)
+        self.calls += 1
+        if self.fail_next_patch is not None:
+            error, self.fail_next_patch = self.fail_next_patch, None
+            raise error
         if (resource, name) not in self.objects:
             raise KubeError(404, "NotFound", f"{name} not found")
         obj = self.objects[resource, name]
         merged = {**(obj.get("status") or {}), **status}
         obj["status"] = {k: v for k, v in merged.items() if v is not None}
+        self._version(obj)
         return copy.deepcopy(obj)
 
     async def delete(self, resource: str, namespace: str, name: str) -> bool:
@@ -72,6 +87,7 @@ class MemoryKube:
     def add_task(self, name: str, **spec: Any) -> dict[str, Any]:
         body = short_task(name, **spec)
         body["metadata"].update(uid=f"uid-{name}", generation=1, creationTimestamp=_NOW)
+        self._version(body)
         self.objects["sandboxtasks", name] = body
         return copy.deepcopy(body)
 
@@ -138,6 +154,72 @@ async def test_an_old_event_arriving_after_the_operators_own_write_changes_nothi
     await op.on_task("MODIFIED", created)
     assert kube.uids == calls_before  # no second ConfigMap or pod
     assert kube.status("t")["attempt"] == 1
+
+
+async def test_the_echo_of_the_operators_last_write_is_not_decided_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decided: list[str] = []
+    reconcile = decisions.reconcile
+
+    def counting(rec: Any, *args: Any) -> Any:
+        decided.append(rec.resource_version)
+        return reconcile(rec, *args)
+
+    monkeypatch.setattr(decisions, "reconcile", counting)
+    kube = MemoryKube()
+    op = operator(kube)
+    await op.on_task("ADDED", kube.add_task("t"))
+    assert kube.status("t").get("podUID")
+    assert len(decided) == 1
+    await op.on_task("MODIFIED", kube.task("t"))  # the watch brings the last write back
+    assert len(decided) == 1
+    edited = kube.task("t")
+    edited["metadata"]["resourceVersion"] = "another"  # e.g. a label added by someone
+    await op.on_task("MODIFIED", edited)
+    assert decided[-1] == "another"
+
+
+async def test_a_pod_event_first_never_makes_the_tasks_listed_version_look_decided() -> None:
+    # On start the operator lists tasks and pods; a pod event handled before the task's own
+    # ADDED event (the same version as the list) must not let that event be skipped.
+    kube = MemoryKube()
+    body = kube.add_task("t")
+    op = operator(kube)
+    await op.prime([])
+    rec = op.tasks["uid-t"]
+    assert rec.task is not None
+    old = build_pod(rec.task, namespace="default", uid="uid-t", attempt=1, settings=op.settings)
+    old["metadata"].update(uid="old-pod", creationTimestamp=_NOW)
+    old["status"] = {"phase": "Succeeded"}
+    await op.on_pod("ADDED", old)
+    await op.on_task("ADDED", body)
+    assert kube.status("t")["phase"] == "Pending"
+
+
+async def test_a_step_that_failed_is_retried_by_the_echo_of_the_write_before_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kube = MemoryKube()
+    op = operator(kube)
+    body = kube.add_task("t")
+    # The Pending write lands, the pod is created, then recording its uid fails (API hiccup).
+    original = kube.patch_status
+
+    async def fail_second(*args: Any) -> Any:
+        if kube.status("t").get("phase") == "Pending":
+            kube.fail_next_patch = KubeError(500, "InternalError", "etcd timeout")
+        return await original(*args)
+
+    monkeypatch.setattr(kube, "patch_status", fail_second)
+    with pytest.raises(KubeError):
+        await op.on_task("ADDED", body)
+    monkeypatch.setattr(kube, "patch_status", original)
+    pending = kube.task("t")
+    assert "podUID" not in pending["status"]
+    await op.on_task("MODIFIED", pending)  # the echo of the Pending write
+    assert kube.status("t")["podUID"] == kube.objects["pods", "t-a1"]["metadata"]["uid"]
+    assert len([k for k in kube.objects if k[0] == "pods"]) == 1
 
 
 async def test_a_burst_with_one_key_reads_the_secret_once() -> None:

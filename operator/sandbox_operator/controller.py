@@ -107,6 +107,9 @@ class Operator:
         self._allowed_secrets: dict[tuple[str, str], float] = {}
         # Pods refused as not their task's, by uid: each is logged once, not at every event.
         self._refused_pods: set[str] = set()
+        # Per task: the resourceVersion a finished plan left (see `_settle`).
+        self._settled: dict[str, str] = {}
+        self._written: dict[str, str] = {}  # the version each task's last status write returned
         # Admission state, kept in step with `tasks` by `_remember` (see the module docstring).
         self._active: set[str] = set()
         self._queued: set[str] = set()
@@ -165,6 +168,8 @@ class Operator:
         self._queued.discard(uid)
         self._reserved.discard(uid)
         self._joining.discard(uid)
+        self._settled.pop(uid, None)
+        self._written.pop(uid, None)
 
     def _keep_pod(self, pod: PodBody) -> None:
         pod_uid = str(pod["metadata"]["uid"])
@@ -219,13 +224,14 @@ class Operator:
             # Owner references garbage-collect the pod too; deleting it now frees the slot sooner.
             for pod in pods:
                 await self._delete_pod(rec.namespace if rec else namespace, pod["metadata"]["name"])
-        else:
+        elif not _settled_version(self._settled.get(uid), body):
             known = self.tasks.get(uid)
             incoming = TaskRecord.parse(body, known)
             if known is None or not is_stale(incoming, known):
                 self._store(incoming)
             async with self._lock(uid):
                 await self._reconcile(uid)
+                self._settle(uid)
         await self.admit()
 
     async def on_pod(self, event_type: str | None, pod: dict[str, Any]) -> None:
@@ -255,7 +261,24 @@ class Operator:
                     settings=self.settings,
                 )
                 await self._carry_out(uid, actions)
+            self._settle(uid)
         await self.admit()
+
+    def _settle(self, uid: str) -> None:
+        """A plan for the task ran to its end: the version its last status write made needs no
+        decision again.
+
+        Most task events are the echoes of the operator's own status writes, and the plan that
+        wrote one went on with all it knew, so an event carrying exactly that version
+        (resourceVersion compared for equality, nothing more) is skipped. Only a version the
+        operator's own write returned counts: one read from a list or an event was never
+        decided over by a plan that knew it. A plan cut
+        short by an error settles nothing: the echo of its last write decides again, which is
+        how a failed step is retried. A restarted operator has settled nothing."""
+        rec = self.tasks.get(uid)
+        written = self._written.get(uid)
+        if rec is not None and written and rec.resource_version == written:
+            self._settled[uid] = written
 
     # -- gathering facts, then deciding ------------------------------------------------------
 
@@ -338,6 +361,7 @@ class Operator:
                     rec = self.tasks.get(cand.uid)
                     if rec is not None and rec.phase is Phase.QUEUED:
                         await self._carry_out(cand.uid, [decide.admit_now(rec, _now())])
+                        self._settle(cand.uid)
             finally:
                 self._release(cand.uid, self._reserved)
 
@@ -439,7 +463,7 @@ class Operator:
                 return False
             raise
         # The watch will bring this too; caching it now keeps admission counts exact.
-        self._remember(updated)
+        self._written[rec.uid] = self._remember(updated).resource_version
         for tally in action.tallies:
             self._count(tally)
         return True
@@ -689,3 +713,9 @@ class Operator:
             await self.kube.delete("pods", namespace, name)
         except KubeError as exc:
             log.warning("deleting pod %s/%s failed: %s", namespace, name, exc)
+
+
+def _settled_version(settled: str | None, body: dict[str, Any]) -> bool:
+    """Whether the body is the very version a finished plan left (see `Operator._settle`)."""
+    version = body["metadata"].get("resourceVersion")
+    return bool(version) and version == settled

@@ -38,6 +38,8 @@ class TaskRecord:
     created: str
     """metadata.creationTimestamp (RFC3339, sorts as text), "" when absent."""
     generation: int | None
+    resource_version: str
+    """Opaque: compared for equality only (the same version of the object, or not)."""
     raw_spec: Mapping[str, Any] | None
     task: SandboxTask | None
     """The spec as the API model reads it; None when it does not parse (see `spec_error`),
@@ -71,6 +73,7 @@ class TaskRecord:
             name=meta["name"],
             created=str(meta.get("creationTimestamp") or ""),
             generation=generation,
+            resource_version=str(meta.get("resourceVersion") or ""),
             # The API server counts spec changes in metadata.generation; without one (a body
             # built by hand), the spec itself is kept to compare.
             raw_spec=spec if generation is None else None,
@@ -86,6 +89,7 @@ class TaskRecord:
             name=self.name,
             created=self.created,
             generation=self.generation,
+            resource_version=self.resource_version,
             raw_spec=self.raw_spec,
             task=self.task,
             spec_error=self.spec_error,
