@@ -212,7 +212,7 @@ async def run_canary(operator: Operator) -> Verdict:
             for p in shared_policies(namespace, settings)
             if p["metadata"]["name"] == ISOLATED_POLICY
         ]
-        await operator.ensure_policy(isolated)
+        await operator.policies.ensure(isolated)
         created = await kube.create("pods", namespace, canary_pod(namespace, target, settings))
         name = created["metadata"]["name"]
         loop = asyncio.get_running_loop()

@@ -29,12 +29,13 @@ actions in this order, and `_carry_out` keeps it, stopping at a write that finds
 
 Locks. Each task has an asyncio.Lock, held while its events are handled and its actions
 carried out, so one task's decisions never interleave; a coroutine holds at most one task lock
-at a time. Each namespace has a policy lock, the innermost: taken with a task lock held or
-none, and nothing is taken while it is held. Run slots need no lock: a slot is reserved (`_reserve`) in the same
-synchronous step that finds it free, with no await in between, and the event loop runs one
-step at a time; the reservation counts as running until the attempt's status write lands (or
-fails), whatever the watch brings meanwhile. A task that must wait holds its queue place the
-same way while its Queued write is in flight, so the next task's position counts it.
+at a time. Each namespace has a policy lock (policy_keeper.py), the innermost: taken with a
+task lock held or none, and nothing is taken while it is held. Run slots need no lock: a slot
+is reserved (`_reserve`) in the same synchronous step that finds it free, with no await in
+between, and the event loop runs one step at a time; the reservation counts as running until
+the attempt's status write lands (or fails), whatever the watch brings meanwhile. A task that
+must wait holds its queue place the same way while its Queued write is in flight, so the next
+task's position counts it.
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ from .errors import SpecError
 from .kube import TASKS, ConflictError, KubeClient, KubeError
 from .metadata import MANAGED_SELECTOR
 from .metrics import Metrics
-from .ownership import claim_problem, foreign_configmap_problem, policy_drift
+from .ownership import claim_problem, foreign_configmap_problem
 from .pod_builder import build_pod
-from .policy import shared_policies, task_policy
+from .policy_keeper import PolicyKeeper
 from .records import PodBody, TaskRecord, is_stale, pod_may_run, pod_task_uid
 from .settings import OperatorSettings
 from .status import Reason
@@ -82,8 +83,6 @@ log = logging.getLogger("sandbox_operator")
 _LOG_TAIL_LINES = 20
 # How long an API-key Secret found labelled is trusted without being read again.
 SECRET_VERDICT_SECONDS = 5.0
-# Replacing a NetworkPolicy that changes between our read and our write is tried this often.
-_POLICY_WRITE_ATTEMPTS = 3
 
 
 def _now() -> datetime:
@@ -100,9 +99,7 @@ class Operator:
         self.pods: dict[str, PodBody] = {}  # by pod uid
         self._pods_by_task: dict[str, set[str]] = {}  # task uid -> pod uids
         self._locks: dict[str, asyncio.Lock] = {}
-        # When each namespace's shared policies were last read and, if need be, corrected.
-        self._policies_checked: dict[str, float] = {}
-        self._policy_locks: dict[str, asyncio.Lock] = {}
+        self.policies = PolicyKeeper(settings, kube)
         # API-key Secrets found labelled as allowed: (namespace, name) -> until when (loop time).
         self._allowed_secrets: dict[tuple[str, str], float] = {}
         # Pods refused as not their task's, by uid: each is logged once, not at every event.
@@ -527,7 +524,7 @@ class Operator:
             # one task never has two pods running at once.
             return True
         try:
-            await self._ensure_policies(rec, task)
+            await self.policies.for_task(task, rec.namespace, rec.uid)
             if not await self._ensure_task_configmap(rec, configmap):
                 return True
             await self._create_pod(rec, pod)
@@ -639,51 +636,6 @@ class Operator:
         await self._carry_out(rec.uid, [decide.foreign(rec, problem, _now(), self.settings)])
         return False
 
-    async def _ensure_policies(self, rec: TaskRecord, task: Any) -> None:
-        """Bring the namespace's shared policies, and the task's own, to their desired spec.
-
-        Never created once and trusted: a policy made beforehand under a shared name (selecting
-        nothing, allowing everything) or edited since would leave task pods open, since policies
-        only add up. They are read before a namespace's first pod and then at most once per
-        refresh period (`reconcile_policies` runs every period too), which costs no API call
-        per task in a busy namespace."""
-        await self._ensure_shared_policies(rec.namespace)
-        own = task_policy(task, namespace=rec.namespace, uid=rec.uid, settings=self.settings)
-        if own is not None:
-            await self.ensure_policy(own)
-
-    async def ensure_policy(self, desired: dict[str, Any]) -> None:
-        """Create a NetworkPolicy, or replace the one of its name when it differs."""
-        meta = desired["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
-        for _ in range(_POLICY_WRITE_ATTEMPTS):
-            found = await self.kube.get("networkpolicies", namespace, name)
-            if found is None:
-                if await self._create("networkpolicies", namespace, desired) is not None:
-                    return
-                continue  # created meanwhile: read it and compare
-            drift = policy_drift(found, desired)
-            if drift is None:
-                return
-            log.warning(
-                "NetworkPolicy %s/%s is not the operator's (%s): replacing it",
-                namespace,
-                name,
-                drift,
-            )
-            body = {
-                **desired,
-                "metadata": {**meta, "resourceVersion": found["metadata"].get("resourceVersion")},
-            }
-            try:
-                await self.kube.replace("networkpolicies", namespace, name, body)
-                return
-            except ConflictError:
-                continue  # changed between the read and the write: read it again
-        raise KubeError(
-            409, "Conflict", f"NetworkPolicy {namespace}/{name} keeps changing; cannot set it"
-        )
-
     async def reconcile_policies(self) -> int:
         """Bring the shared policies of every namespace with active tasks back to their desired
         spec (called periodically): a policy edited while a task runs is corrected within a
@@ -692,21 +644,8 @@ class Operator:
             {self.tasks[uid].namespace for uid in self._active if uid in self.tasks}
         )
         for namespace in namespaces:
-            await self._ensure_shared_policies(namespace, force=True)
+            await self.policies.shared(namespace, force=True)
         return len(namespaces)
-
-    async def _ensure_shared_policies(self, namespace: str, *, force: bool = False) -> None:
-        # The namespace's policy lock: the innermost lock (taken under a task lock or none;
-        # nothing is taken under it). Tasks starting together in a namespace then read and
-        # write its policies once, not each (and not racing to 409s).
-        async with self._policy_locks.setdefault(namespace, asyncio.Lock()):
-            now = asyncio.get_running_loop().time()
-            last = self._policies_checked.get(namespace)
-            if not force and last is not None and now - last < self.settings.queue_refresh_seconds:
-                return
-            for policy in shared_policies(namespace, self.settings):
-                await self.ensure_policy(policy)
-            self._policies_checked[namespace] = asyncio.get_running_loop().time()
 
     async def _delete_pod(self, namespace: str, name: str) -> None:
         try:
