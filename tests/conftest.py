@@ -21,7 +21,7 @@ from sandbox_agent.backends.bwrap import bwrap_path
 from sandbox_agent.backends.docker import docker_reachable
 from sandbox_agent.runner import RunOptions, RunOutcome, run_task
 from sandbox_agent.taskfile import load_task_file
-from sandbox_operator.settings import SettingsError, load_settings
+from sandbox_operator.settings import OperatorSettings, SettingsError, load_settings
 
 __all__ = ["arun_operator", "k8s", "kubelet", "llm_server", "run_operator"]
 
@@ -134,6 +134,18 @@ def backend(request: pytest.FixtureRequest) -> str:
     name: str = request.param
     assert choose_backend(name).name == name
     return name
+
+
+def operator_settings(**overrides: Any) -> OperatorSettings:
+    """Operator settings for tests that run its decisions or controller without an API server:
+    a default endpoint on a closed port, model `m`, key Secret `llm-key`, no metrics server."""
+    defaults: dict[str, Any] = {
+        "default_base_url": "http://127.0.0.1:9/v1",
+        "default_model": "m",
+        "default_api_key_secret": "llm-key",
+        "metrics_port": 0,
+    }
+    return OperatorSettings(**{**defaults, **overrides})
 
 
 def settings_refusal(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> list[str]:

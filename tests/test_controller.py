@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
+from conftest import operator_settings
 from k8s.workload import SUCCESS, short_task
 from sandbox_operator import controller, decisions
 from sandbox_operator.controller import Operator
 from sandbox_operator.kube import KubeError, ObjectMetadata
 from sandbox_operator.pod_builder import build_pod
-from sandbox_operator.settings import OperatorSettings
 
 LABELLED = {"llmsandbox.io/api-key": "true"}
 
@@ -102,14 +102,7 @@ _NOW = "2026-03-01T12:00:00Z"
 
 
 def operator(kube: MemoryKube, **settings: Any) -> Operator:
-    config = OperatorSettings(
-        default_base_url="http://127.0.0.1:9/v1",
-        default_model="m",
-        default_api_key_secret="llm-key",
-        metrics_port=0,
-        **settings,
-    )
-    return Operator(config, kube)  # type: ignore[arg-type]
+    return Operator(operator_settings(**settings), kube)  # type: ignore[arg-type]
 
 
 async def finish(op: Operator, kube: MemoryKube, name: str) -> None:

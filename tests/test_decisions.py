@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from conftest import operator_settings
 from k8s.workload import short_task
 from sandbox_agent.result import (
     RESULT_LOG_PREFIX,
@@ -34,18 +35,11 @@ from sandbox_operator.decisions import (
 from sandbox_operator.failures import PodState, PodVerdict, assess_pod
 from sandbox_operator.pod_builder import build_pod
 from sandbox_operator.records import TaskRecord, is_stale, progress
-from sandbox_operator.settings import OperatorSettings
 from sandbox_operator.status import Reason, TaskStatus
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 CREATED = "2026-03-01T11:59:00Z"
-SETTINGS = OperatorSettings(
-    default_base_url="http://127.0.0.1:9/v1",
-    default_model="m",
-    default_api_key_secret="llm-key",
-    metrics_port=0,
-    pod_start_timeout_seconds=300,
-)
+SETTINGS = operator_settings(pod_start_timeout_seconds=300)
 RESULT = TaskResult(phase=Phase.SUCCEEDED, exit_reason=ExitReason.SUBMITTED, answer="42", steps=3)
 
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import operator_settings
 from k8s.emulator import EmulatedApiServer
 from k8s.history import TaskHistory
 from k8s.process import OperatorProcess, free_port
@@ -329,15 +330,8 @@ class FakeKube:
 
 def _operator(kube: FakeKube) -> Any:
     from sandbox_operator.controller import Operator
-    from sandbox_operator.settings import OperatorSettings
 
-    settings = OperatorSettings(
-        default_base_url="http://127.0.0.1:9/v1",
-        default_model="m",
-        default_api_key_secret="llm-key",
-        metrics_port=0,
-    )
-    return Operator(settings, kube)  # type: ignore[arg-type]
+    return Operator(operator_settings(), kube)  # type: ignore[arg-type]
 
 
 def _task_body(phase: str, **status: Any) -> dict[str, Any]:

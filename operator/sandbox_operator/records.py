@@ -9,6 +9,7 @@ keeps no spec at all: thousands of finished tasks cost little memory.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -83,18 +84,7 @@ class TaskRecord:
         )
 
     def with_status(self, status: TaskStatus) -> TaskRecord:
-        return TaskRecord(
-            uid=self.uid,
-            namespace=self.namespace,
-            name=self.name,
-            created=self.created,
-            generation=self.generation,
-            resource_version=self.resource_version,
-            raw_spec=self.raw_spec,
-            task=self.task,
-            spec_error=self.spec_error,
-            status=status,
-        )
+        return dataclasses.replace(self, status=status)
 
     @property
     def phase(self) -> Phase | None:
