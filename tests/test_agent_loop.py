@@ -293,6 +293,10 @@ def test_a_refused_api_key_is_an_llm_error_without_retries(
     outcome = run_local(task_doc())
     assert outcome.result.exit_reason is ExitReason.LLM_ERROR
     assert "refused the API key" in outcome.result.message
+    # The real ways to give a key (there is no --api-key flag).
+    assert "OPENAI_API_KEY" in outcome.result.message
+    assert "spec.model.apiKeySecretRef" in outcome.result.message
+    assert "--api-key" not in outcome.result.message
     assert len(llm_server.chat_requests) == 1
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from conftest import task_doc
 from llmserver import ScriptedLLMServer, tool_call
+from sandbox_agent.cli import counted, outputs_line
 
 
 def sandboxctl(
@@ -136,7 +137,23 @@ def test_no_model_anywhere_is_a_clear_error(tmp_path: Path) -> None:
 def test_task_file_and_prompt_together_are_refused(tmp_path: Path) -> None:
     proc = sandboxctl("run", "t.yaml", "--prompt", "x", cwd=tmp_path)
     assert proc.returncode == 2
-    assert "not both" in proc.stderr
+    assert proc.stderr == "sandboxctl run: give a task file or --prompt, not both\n"
+
+
+def test_run_without_a_task_names_what_to_give_once(tmp_path: Path) -> None:
+    proc = sandboxctl("run", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == "sandboxctl run: give a task file, or --prompt TEXT\n"
+
+
+def test_the_status_block_counts_in_words_and_names_no_missing_folder(tmp_path: Path) -> None:
+    assert [counted(n, "call") for n in (0, 1, 2)] == ["0 calls", "1 call", "2 calls"]
+    assert counted(1, "retry", "retries") == "1 retry"
+    assert counted(3, "retry", "retries") == "3 retries"
+    assert outputs_line(tmp_path / "output", 0) == "(none)"
+    (tmp_path / "output").mkdir()
+    assert outputs_line(tmp_path / "output", 0) == f"{tmp_path / 'output'} (0 files)"
+    assert outputs_line(tmp_path / "output", 1) == f"{tmp_path / 'output'} (1 file)"
 
 
 def test_unknown_backend_is_refused_by_the_parser(tmp_path: Path) -> None:

@@ -75,6 +75,18 @@ class ProgressPrinter:
         return ""
 
 
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """`1 call`, `2 calls`, `0 retries`."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def outputs_line(output_dir: Path, files: int) -> str:
+    """Where the outputs are, or that there are none (no folder is named that does not exist)."""
+    if files == 0 and not output_dir.is_dir():
+        return "(none)"
+    return f"{output_dir} ({counted(files, 'file')})"
+
+
 def status_block(outcome: RunOutcome) -> str:
     r: TaskResult = outcome.result
     u = r.usage
@@ -91,10 +103,11 @@ def status_block(outcome: RunOutcome) -> str:
         f"answer:      {answer}",
         f"steps:       {r.steps}",
         f"usage:       {u.prompt_tokens} prompt + {u.completion_tokens} completion = "
-        f"{u.total_tokens} tokens in {u.llm_calls} calls ({u.llm_retries} retries)",
+        f"{u.total_tokens} tokens in {counted(u.llm_calls, 'call')} "
+        f"({counted(u.llm_retries, 'retry', 'retries')})",
         f"duration:    {r.duration_seconds:.1f}s on the {outcome.backend} backend",
         f"trajectory:  {outcome.trajectory_path}",
-        f"outputs:     {outcome.output_dir} ({len(r.outputs)} files)",
+        f"outputs:     {outputs_line(outcome.output_dir, len(r.outputs))}",
     ]
     # The answer and the message are the sandbox's words.
     return for_terminal("\n".join(lines))
@@ -141,7 +154,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
 
 def _load(args: argparse.Namespace) -> tuple[SandboxTask, Path, Path | None]:
     if args.task is not None and args.prompt is not None:
-        raise TaskSpecError("sandboxctl run: give a task file or --prompt, not both")
+        raise TaskSpecError("give a task file or --prompt, not both")
     if args.prompt is not None:
         try:
             return task_from_prompt(args.prompt), Path.cwd(), None
@@ -152,7 +165,7 @@ def _load(args: argparse.Namespace) -> tuple[SandboxTask, Path, Path | None]:
                 raise TaskSpecError(format_validation_error(exc, "--prompt")) from None
             raise
     if args.task is None:
-        raise TaskSpecError("sandboxctl run: give a task file, or --prompt TEXT")
+        raise TaskSpecError("give a task file, or --prompt TEXT")
     return load_task_file(args.task), args.task.resolve().parent, args.task
 
 

@@ -241,7 +241,8 @@ class ChatLLM:
         if status in (401, 403):
             return (
                 f"the endpoint {self.base_url} refused the API key (HTTP {status}): "
-                "check --api-key / OPENAI_API_KEY or the key Secret"
+                "check OPENAI_API_KEY (sandboxctl run) or, on a cluster, the Secret named by "
+                "spec.model.apiKeySecretRef (or the operator's default key)"
             )
         if status == 404:
             return (
