@@ -23,6 +23,7 @@ from inmemory import (
 from sandbox_agent.errors import ExecServerError, LLMError, SandboxError
 from sandbox_agent.events import Event, Notice
 from sandbox_agent.execclient import ExecResult
+from sandbox_agent.execd import CappedBuffer
 from sandbox_agent.llm import (
     Completion,
     ContextLengthError,
@@ -385,9 +386,52 @@ def test_an_observation_over_the_cap_is_cut_once_and_says_how_much_was_left_out(
     assert full.startswith(head)
     assert full.endswith(tail)
     assert int(match.group(1)) == len(full.encode()) - len(head.encode()) - len(tail.encode())
-    assert len(head.encode()) == len(tail.encode()) == 512
+    assert len(seen.encode()) <= 1024
     assert seen.endswith("END")
     assert run.trajectory.steps[0].tool_calls[0].observation == seen
+
+
+def as_the_exec_server_returns(stdout: bytes, limit: int) -> ExecResult:
+    """The reply for a command that printed `stdout`, cut by the exec server's own buffer."""
+    buffer = CappedBuffer(limit)
+    buffer.add(stdout)
+    text, cut = buffer.render()
+    return ExecResult(exit_code=0, stdout=text, stderr="", stdout_truncated_bytes=cut)
+
+
+@pytest.mark.parametrize("limit", [1024, 16384])
+def test_output_cut_by_the_exec_server_and_again_here_carries_one_true_count(limit: int) -> None:
+    # `yes | head -c 100000`: the exec server keeps `limit` bytes and marks the rest; the
+    # observation must fit too, and its one marker must count everything left out.
+    printed = b"y\n" * 50_000
+    sandbox = InMemorySandbox(
+        commands={"yes | head -c 100000": as_the_exec_server_returns(printed, limit)}
+    )
+    model = ScriptedModel(tool_call("execute_bash", {"command": "yes | head -c 100000"}))
+    run = run_loop(model, sandbox, maxObservationBytes=limit)
+    seen = run.model.last_seen(1)
+    markers = re.findall(r"\n\[\.\.\. (\d+) bytes omitted \.\.\.\]\n", seen)
+    assert len(markers) == 1
+    header = "[exit code 0]\n"
+    assert seen.startswith(header)
+    shown = seen.removeprefix(header).replace(f"\n[... {markers[0]} bytes omitted ...]\n", "")
+    assert set(shown) <= {"y", "\n"}
+    assert int(markers[0]) + len(shown.encode()) == len(printed.rstrip(b"\n"))
+    assert len(seen.encode()) <= limit
+
+
+def test_stdout_and_stderr_share_the_room_and_each_says_what_it_lost() -> None:
+    out, err = "o" * 5000, "e" * 300
+    sandbox = InMemorySandbox(commands={"both": ExecResult(exit_code=1, stdout=out, stderr=err)})
+    model = ScriptedModel(tool_call("execute_bash", {"command": "both"}))
+    seen = run_loop(model, sandbox, maxObservationBytes=2048).model.last_seen(1)
+    assert len(seen.encode()) <= 2048
+    assert "[stderr]\n" + err in seen  # the small stream is kept whole
+    [cut] = re.findall(r"\n\[\.\.\. (\d+) bytes omitted \.\.\.\]\n", seen)
+    shown = seen.split("\n[stderr]\n")[0].removeprefix("[exit code 1]\n")
+    shown = shown.replace(f"\n[... {cut} bytes omitted ...]\n", "")
+    assert set(shown) == {"o"}
+    assert int(cut) + len(shown) == 5000
 
 
 def test_the_editor_creates_replaces_and_views_files_in_the_sandbox() -> None:

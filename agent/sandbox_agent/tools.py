@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ExecServerError
+from .execclient import ExecResult
 from .protocols import SandboxAPI
 
 TOOL_NAMES = ("execute_bash", "str_replace_editor", "submit")
@@ -96,16 +97,50 @@ class Observation:
     summary: str = ""
 
 
-def cap_text(text: str, limit: int) -> str:
-    """Keep the head and the tail of text within `limit` bytes, saying how much was cut."""
-    data = text.encode("utf-8")
-    if len(data) <= limit:
+def omitted_marker(cut: int) -> str:
+    """The one marker for cut output (the exec server writes the same)."""
+    return f"\n[... {cut} bytes omitted ...]\n"
+
+
+# Room for a marker, however many bytes it reports.
+_MARKER_ROOM = len(omitted_marker(10**15).encode())
+
+
+def cap_text(text: str, limit: int, already_cut: int = 0) -> str:
+    """Keep the head and the tail of text within `limit` bytes (plus one marker), with one marker
+    that counts every byte cut. `already_cut`: the exec server already cut that many bytes
+    from the middle of `text` and marked the place; that cut and this one become one."""
+    marker = omitted_marker(already_cut)
+    if already_cut and marker in text:
+        head, tail = text.split(marker, 1)
+    else:
+        head, tail, already_cut = text, "", 0
+    hb, tb = head.encode("utf-8"), tail.encode("utf-8")
+    if len(hb) + len(tb) <= limit:
         return text
-    half = limit // 2
-    cut = len(data) - 2 * half
-    head = data[:half].decode("utf-8", "ignore")
-    tail = data[-half:].decode("utf-8", "ignore")
-    return f"{head}\n[... {cut} bytes omitted ...]\n{tail}"
+    if not already_cut:
+        # One piece: its middle goes.
+        hb, tb = hb[: len(hb) // 2], hb[len(hb) // 2 :]
+    keep_head = min(len(hb), limit // 2)
+    keep_tail = min(len(tb), limit - keep_head)
+    keep_head = min(len(hb), limit - keep_tail)
+    cut = already_cut + (len(hb) - keep_head) + (len(tb) - keep_tail)
+    kept_head = hb[:keep_head].decode("utf-8", "ignore")
+    kept_tail = tb[len(tb) - keep_tail :].decode("utf-8", "ignore")
+    return kept_head + omitted_marker(cut) + kept_tail
+
+
+def stream_budgets(avail: int, sizes: tuple[int, int]) -> tuple[int, int]:
+    """Bytes for stdout and stderr within `avail`: each what it needs if both fit, else the
+    smaller keeps up to half and the larger gets the rest."""
+    out, err = sizes
+    if out + err <= avail:
+        return out, err
+    if out <= err:
+        small = min(out, avail // 2)
+        return small, avail - small
+    small = min(err, avail // 2)
+    return avail - small, small
 
 
 def parse_arguments(raw: str) -> dict[str, Any]:
@@ -171,8 +206,10 @@ class ToolRunner:
         return path if path.startswith("/") else posixpath.join(self.workspace, path)
 
     async def run(self, name: str, raw_arguments: str, time_left: float) -> Observation:
-        """Run one call; its text is what the model sees, cut to max_observation_bytes here and
-        nowhere else. SandboxError (the sandbox itself failing) propagates; all else is text."""
+        """Run one call; its text is what the model sees, within max_observation_bytes.
+        A command's output is fitted stream by stream (`_bash`), so the cut keeps the exec
+        server's count; every other text is cut here. SandboxError (the sandbox itself
+        failing) propagates; all else is text."""
         obs = await self._run(name, raw_arguments, time_left)
         return dataclasses.replace(obs, text=cap_text(obs.text, self.max_observation_bytes))
 
@@ -213,10 +250,11 @@ class ToolRunner:
         elif res.session_restarted:
             parts.append(f"[the shell exited with code {res.exit_code} and was restarted]")
         parts.append(f"[exit code {res.exit_code}]")
-        if res.stdout:
-            parts.append(res.stdout.rstrip("\n"))
-        if res.stderr:
-            parts.append("[stderr]\n" + res.stderr.rstrip("\n"))
+        stdout, stderr = self._fit_streams(res, parts)
+        if stdout:
+            parts.append(stdout)
+        if stderr:
+            parts.append("[stderr]\n" + stderr)
         if not res.stdout and not res.stderr:
             parts.append("(no output)")
         summary = f"exit {res.exit_code} in {time.monotonic() - started:.1f}s"
@@ -224,6 +262,19 @@ class ToolRunner:
             summary = f"timed out after {timeout:.0f}s"
         ok = res.exit_code == 0 and not res.timed_out
         return Observation("\n".join(parts), ok=ok, summary=summary)
+
+    def _fit_streams(self, res: ExecResult, header: list[str]) -> tuple[str, str]:
+        """stdout and stderr cut so that the whole observation fits, each with one marker that
+        counts what the exec server cut and what is cut here."""
+        out, err = res.stdout.rstrip("\n"), res.stderr.rstrip("\n")
+        fixed = sum(len(p.encode()) + 1 for p in header) + len("[stderr]\n") + 2 * _MARKER_ROOM
+        avail = max(0, self.max_observation_bytes - fixed)
+        sizes = (len(out.encode()), len(err.encode()))
+        out_room, err_room = stream_budgets(avail, sizes)
+        return (
+            cap_text(out, out_room, res.stdout_truncated_bytes),
+            cap_text(err, err_room, res.stderr_truncated_bytes),
+        )
 
     async def _editor(self, args: dict[str, Any]) -> Observation:
         command = _str_arg(args, "command")
