@@ -140,6 +140,16 @@ def test_task_file_and_prompt_together_are_refused(tmp_path: Path) -> None:
     assert proc.stderr == "sandboxctl run: give a task file or --prompt, not both\n"
 
 
+def test_a_directory_given_as_the_task_is_one_clear_line(tmp_path: Path) -> None:
+    (tmp_path / "tasks").mkdir()
+    for command in ("validate", "run"):
+        proc = sandboxctl(command, "tasks", cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr == (
+            f"sandboxctl {command}: tasks: is a directory; give the task's YAML file\n"
+        )
+
+
 def test_run_without_a_task_names_what_to_give_once(tmp_path: Path) -> None:
     proc = sandboxctl("run", cwd=tmp_path)
     assert proc.returncode == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import yaml
@@ -15,17 +16,23 @@ MAX_TASK_FILE_BYTES = 8 * 1024 * 1024
 def load_task_file(path: Path) -> SandboxTask:
     """Parse and validate one task file; every error names the file and, where it can, the field."""
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except FileNotFoundError:
         raise TaskSpecError(f"{path}: no such task file") from None
     except OSError as exc:
         raise TaskSpecError(f"{path}: cannot read the task file ({exc.strerror})") from None
-    if size > MAX_TASK_FILE_BYTES:
-        raise TaskSpecError(f"{path}: {size} bytes is too large for a task file")
+    if stat.S_ISDIR(info.st_mode):
+        raise TaskSpecError(f"{path}: is a directory; give the task's YAML file")
+    if info.st_size > MAX_TASK_FILE_BYTES:
+        raise TaskSpecError(f"{path}: {info.st_size} bytes is too large for a task file")
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise TaskSpecError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise TaskSpecError(f"{path}: cannot read the task file ({exc.strerror})") from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise TaskSpecError(f"{path}: invalid YAML: {exc}") from None
     if len(docs) != 1:
