@@ -30,6 +30,7 @@ __all__ = [
     "empty_choices",
     "error",
     "hermes_tool_call",
+    "html_page",
     "llm_server",
     "malformed_json",
     "reset_connection",
@@ -213,6 +214,12 @@ def slow(seconds: float, reply: Reply) -> Reply:
 def malformed_json(body: bytes | str = b'{"id": "chatcmpl-broken", "choices": [') -> Reply:
     """HTTP 200, Content-Type application/json, with a body that is not JSON."""
     return Reply(body=_to_bytes(body))
+
+
+def html_page(title: str = "Sign in") -> Reply:
+    """HTTP 200 with an HTML page (a proxy's login page, a web UI on the wrong port)."""
+    page = f"<!DOCTYPE html><html><head><title>{title}</title></head><body>{title}</body></html>"
+    return Reply(body=page.encode(), content_type="text/html; charset=utf-8")
 
 
 def empty_choices(*, usage: tuple[int, int] | None = None) -> Reply:

@@ -15,6 +15,7 @@ from llmserver import (
     empty_choices,
     error,
     hermes_tool_call,
+    html_page,
     malformed_json,
     reset_connection,
     slow,
@@ -298,6 +299,23 @@ def test_a_refused_api_key_is_an_llm_error_without_retries(
     assert "spec.model.apiKeySecretRef" in outcome.result.message
     assert "--api-key" not in outcome.result.message
     assert len(llm_server.chat_requests) == 1
+
+
+def test_an_endpoint_that_answers_a_web_page_ends_at_once_naming_it(
+    llm_server: ScriptedLLMServer, run_local: Any
+) -> None:
+    # A proxy's login page, or a web UI on the wrong port, answering 200 with HTML.
+    llm_server.set_default(html_page())
+    outcome = run_local(task_doc(limits={"maxLlmRetries": 5}))
+    assert outcome.result.exit_reason is ExitReason.LLM_ERROR
+    assert outcome.result.message == (
+        f"the endpoint at {llm_server.base_url} answered text/html, not an OpenAI-compatible "
+        "JSON response: check the base URL (it usually ends in /v1) and that it is the "
+        "inference server, not a proxy or web page"
+    )
+    assert len(llm_server.chat_requests) == 1  # not retried: asking again changes nothing
+    assert json.loads((outcome.run_dir / "result.json").read_text())["exitReason"] == "llm_error"
+    assert outcome.trajectory_path.is_file()
 
 
 def test_an_unreachable_endpoint_is_an_llm_error_naming_the_url(run_local: Any) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import openai
+from openai.types.chat import ChatCompletion
 
 from .errors import LLMError
 from .events import EventSink, LLMRetrying
@@ -172,17 +173,7 @@ class ChatLLM:
         top_p: float | None,
         deadline: float,
     ) -> Completion:
-        kwargs: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "max_tokens": max_tokens,
-        }
-        if tools:
-            kwargs["tools"] = tools
-        if temperature is not None:
-            kwargs["temperature"] = temperature
-        if top_p is not None:
-            kwargs["top_p"] = top_p
+        kwargs = self._request_args(messages, tools, max_tokens, temperature, top_p)
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
@@ -193,6 +184,10 @@ class ChatLLM:
                 resp = await self._client.chat.completions.create(
                     **kwargs, timeout=min(self.request_timeout, remaining)
                 )
+                if not isinstance(resp, ChatCompletion):
+                    # The client hands back the body as text when it is not JSON: a proxy, a
+                    # login page, a web UI on the wrong port. Asking again will not change it.
+                    raise LLMError(self._not_an_api(resp))
                 if not resp.choices:
                     raise _UnusableReplyError("the endpoint replied with no choices")
                 return self._completion(resp, messages, time.monotonic() - started, attempt)
@@ -235,6 +230,38 @@ class ChatLLM:
                 LLMRetrying(attempt=attempt, delay_seconds=wait, reason=self._redact(reason))
             )
             await self._sleep(wait)
+
+    def _request_args(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        max_tokens: int,
+        temperature: float | None,
+        top_p: float | None,
+    ) -> dict[str, Any]:
+        """The chat-completion arguments; unset sampling parameters are left to the server."""
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+        }
+        if tools:
+            kwargs["tools"] = tools
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+        if top_p is not None:
+            kwargs["top_p"] = top_p
+        return kwargs
+
+    def _not_an_api(self, body: object) -> str:
+        text = body if isinstance(body, str) else ""
+        head = text[:512].lstrip().lower()
+        kind = "text/html" if head.startswith(("<!doctype html", "<html")) else "a non-JSON body"
+        return (
+            f"the endpoint at {self.base_url} answered {kind}, not an OpenAI-compatible JSON "
+            "response: check the base URL (it usually ends in /v1) and that it is the "
+            "inference server, not a proxy or web page"
+        )
 
     def _describe_status(self, exc: openai.APIStatusError) -> str:
         status = exc.status_code
