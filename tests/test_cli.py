@@ -13,6 +13,8 @@ import yaml
 from conftest import task_doc
 from llmserver import ScriptedLLMServer, tool_call
 from sandbox_agent.cli import counted, outputs_line
+from sandbox_agent.runner import default_run_dir
+from sandbox_agent.taskfile import task_from_prompt
 
 
 def sandboxctl(
@@ -148,6 +150,44 @@ def test_a_directory_given_as_the_task_is_one_clear_line(tmp_path: Path) -> None
         assert proc.stderr == (
             f"sandboxctl {command}: tasks: is a directory; give the task's YAML file\n"
         )
+
+
+def test_an_earlier_run_is_never_overwritten_without_overwrite(
+    tmp_path: Path, llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.set_default(tool_call("submit", {"answer": "first"}))
+    args = ("run", "--prompt", "p", "--backend", "process", "--out", "out")
+    assert sandboxctl(*args, cwd=tmp_path, env=endpoint_env(llm_server)).returncode == 0
+    proc = sandboxctl(*args, cwd=tmp_path, env=endpoint_env(llm_server))
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "sandboxctl run: --out out: the directory is not empty (an earlier run?); give a new "
+        "one, or --overwrite to replace its result, trajectory and outputs\n"
+    )
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["answer"] == "first"
+    llm_server.set_default(tool_call("submit", {"answer": "second"}))
+    proc = sandboxctl(*args, "--overwrite", cwd=tmp_path, env=endpoint_env(llm_server))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["answer"] == "second"
+
+
+def test_an_out_that_is_a_file_or_unwritable_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("mine")
+    proc = sandboxctl("run", "--prompt", "p", "--model", "m", "--out", "taken", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == "sandboxctl run: --out taken: is a file; give a directory for the run\n"
+    assert (tmp_path / "taken").read_text() == "mine"
+    proc = sandboxctl("run", "--prompt", "p", "--model", "m", "--out", "/proc/run", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("sandboxctl run: --out /proc/run: cannot write there (")
+    assert len(proc.stderr.splitlines()) == 1
+
+
+def test_runs_started_together_get_their_own_directories() -> None:
+    task = task_from_prompt("p")
+    dirs = {default_run_dir(task, None) for _ in range(50)}
+    assert len(dirs) == 50
+    assert all(d.parent == Path("sandboxctl-runs") for d in dirs)
 
 
 def test_run_without_a_task_names_what_to_give_once(tmp_path: Path) -> None:

@@ -137,7 +137,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     run.add_argument("--backend", choices=BACKEND_NAMES, default="auto")
     run.add_argument("--model", help="model name (overrides OPENAI_MODEL and the task)")
     run.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
-    run.add_argument("--out", type=Path, help="directory for result, trajectory and outputs")
+    run.add_argument(
+        "--out",
+        type=Path,
+        help="directory for result, trajectory and outputs (default: a new one under "
+        "sandboxctl-runs/); an existing non-empty one is refused without --overwrite",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the result, trajectory and outputs of an earlier run in --out",
+    )
     run.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     run.add_argument(
@@ -179,6 +189,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         model=args.model,
         base_url=args.base_url,
         out_dir=args.out,
+        overwrite=args.overwrite,
         allow_host_network=args.allow_host_network,
     )
     progress = ProgressPrinter(sys.stderr, quiet=args.quiet)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -42,6 +44,8 @@ class RunOptions:
     base_url: str | None = None
     api_key: str | None = None
     out_dir: Path | None = None
+    # Replace the result, trajectory and outputs of an earlier run in out_dir.
+    overwrite: bool = False
     # spec.sandbox.network mode internet locally means this machine's own network; only with this.
     allow_host_network: bool = False
     retry_backoff_seconds: float = DEFAULT_RETRY_BACKOFF_SECONDS
@@ -150,9 +154,42 @@ def _read_input(path: Path, where: str) -> bytes:
 
 
 def default_run_dir(task: SandboxTask, task_file: Path | None) -> Path:
+    """`sandboxctl-runs/NAME-YYYYmmdd-HHMMSS-mmm-XXXX`: two runs started together never share
+    one (milliseconds and a random suffix)."""
     name = task.metadata.name or (task_file.stem if task_file else "prompt")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:80]
-    return Path("sandboxctl-runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    now = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    millis = int(now * 1000) % 1000
+    return Path("sandboxctl-runs") / f"{name}-{stamp}-{millis:03d}-{secrets.token_hex(2)}"
+
+
+def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
+    """Make the run directory, refusing to lose an earlier run: an existing non-empty one is
+    used only with `overwrite`, and then only the files a run writes are replaced."""
+    where = f"--out {run_dir}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TaskSpecError(f"{where}: is a file; give a directory for the run")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise TaskSpecError(
+                f"{where}: the directory is not empty (an earlier run?); give a new one, or "
+                "--overwrite to replace its result, trajectory and outputs"
+            )
+        for name in (RESULT_FILE, TRAJECTORY_FILE):
+            (run_dir / name).unlink(missing_ok=True)
+        outputs = run_dir / OUTPUT_DIR
+        if outputs.is_symlink() or outputs.is_file():
+            outputs.unlink()
+        elif outputs.is_dir():
+            shutil.rmtree(outputs)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".sandboxctl-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise TaskSpecError(f"{where}: cannot write there ({exc.strerror or exc})") from None
 
 
 async def upload_inputs(client: ExecClient, files: list[tuple[str, bytes]]) -> list[str]:
@@ -182,7 +219,7 @@ async def run_task(
     files = collect_inputs(task, task_dir)
     backend_cls = choose_backend(opts.backend)
     run_dir = opts.out_dir or default_run_dir(task, task_file)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(run_dir, overwrite=opts.overwrite)
     if task.spec.sandbox.network.mode is NetworkMode.ALLOW_LIST:
         on_event(Notice(ALLOW_LIST_NOTE))
     agent = agent_task(task, endpoint)
