@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import task_doc
 from llmserver import ScriptedLLMServer, tool_call
-from sandbox_agent.cli import counted, outputs_line
+from sandbox_agent.cli import counted, dispatch, outputs_line
 from sandbox_agent.runner import default_run_dir
 from sandbox_agent.taskfile import task_from_prompt
 
@@ -188,6 +190,32 @@ def test_runs_started_together_get_their_own_directories() -> None:
     dirs = {default_run_dir(task, None) for _ in range(50)}
     assert len(dirs) == 50
     assert all(d.parent == Path("sandboxctl-runs") for d in dirs)
+
+
+def test_an_unexpected_error_is_one_line_unless_debug_asks_for_the_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def broken(args: argparse.Namespace) -> int:
+        raise RuntimeError("the disk moved\nsecond line")
+
+    args = argparse.Namespace(command="run")
+    assert dispatch(args, {"run": broken}) == 1
+    assert capsys.readouterr().err == (
+        "sandboxctl run: unexpected error: RuntimeError: the disk moved "
+        "(run with --debug for the traceback)\n"
+    )
+    assert dispatch(args, {"run": broken}, debug=True) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):")
+    assert "RuntimeError: the disk moved" in err
+
+
+def test_debug_is_accepted_before_or_after_the_command(tmp_path: Path) -> None:
+    (tmp_path / "tasks").mkdir()
+    for argv in (("--debug", "validate", "tasks"), ("validate", "tasks", "--debug")):
+        proc = sandboxctl(*argv, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "is a directory" in proc.stderr
 
 
 def test_run_without_a_task_names_what_to_give_once(tmp_path: Path) -> None:

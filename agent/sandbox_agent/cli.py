@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
@@ -38,6 +39,7 @@ EXIT_OK = 0
 EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+DEBUG_FLAG = "--debug"
 
 
 class ProgressPrinter:
@@ -122,6 +124,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         prog="sandboxctl", description="Run LLM-in-Sandbox tasks locally or on Kubernetes."
     )
     parser.add_argument("--version", action="version", version=f"sandboxctl {__version__}")
+    parser.add_argument(
+        DEBUG_FLAG,
+        action="store_true",
+        help="show the traceback of an unexpected error (anywhere on the command line)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
@@ -219,8 +226,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 LOCAL_COMMANDS: dict[str, Command] = {"run": _cmd_run, "validate": _cmd_validate}
 
 
-def dispatch(args: argparse.Namespace, commands: dict[str, Command]) -> int:
-    """Run one command; user errors become a message naming the command and exit code 2."""
+def dispatch(args: argparse.Namespace, commands: dict[str, Command], debug: bool = False) -> int:
+    """Run one command; user errors become a message naming the command and exit code 2, and
+    anything unexpected one line (exit 1) unless `debug` asks for the traceback."""
     try:
         return commands[args.command](args)
     except (TaskSpecError, BackendUnavailableError) as exc:
@@ -229,6 +237,19 @@ def dispatch(args: argparse.Namespace, commands: dict[str, Command]) -> int:
     except KeyboardInterrupt:
         print("sandboxctl: interrupted; the sandbox was removed", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        else:
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            print(
+                for_terminal(
+                    f"sandboxctl {args.command}: unexpected error: {type(exc).__name__}"
+                    f"{': ' + detail if detail else ''} (run with {DEBUG_FLAG} for the traceback)"
+                ),
+                file=sys.stderr,
+            )
+        return EXIT_TASK_FAILED
 
 
 PLUGIN_GROUP = "sandboxctl.commands"
@@ -262,6 +283,9 @@ def _command_word(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    # --debug is taken anywhere on the line, before or after the command.
+    debug = DEBUG_FLAG in args
+    args = [a for a in args if a != DEBUG_FLAG]
     parser, sub = build_parser()
     commands = dict(LOCAL_COMMANDS)
     word = _command_word(args)
@@ -274,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             if word is not None and word not in commands:
                 print(f"sandboxctl: no command {word!r} here; {hint}", file=sys.stderr)
                 return EXIT_USAGE
-    return dispatch(parser.parse_args(args), commands)
+    return dispatch(parser.parse_args(args), commands, debug=debug)
 
 
 if __name__ == "__main__":
