@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from k8s.emulator import EmulatedApiServer
 from k8s.kubelet import TestKubelet
 from llmserver import ScriptedLLMServer, tool_call
@@ -153,7 +155,10 @@ def test_missing_tasks_and_missing_clusters_are_named(
     assert logs.returncode == 1
     no_cluster = sandboxctl("get", env={}, cwd=tmp_path)
     assert no_cluster.returncode == 2
-    assert "cannot reach a cluster" in no_cluster.stderr
+    assert no_cluster.stderr == (
+        f"sandboxctl get: no kubeconfig at {tmp_path / '.kube' / 'config'}; set KUBECONFIG to "
+        "your cluster's config file\n"
+    )
     assert "KUBECONFIG" in no_cluster.stderr
 
 
@@ -191,3 +196,69 @@ def test_submit_wait_and_logs_through_the_operator(
         logs = sandboxctl("logs", "maths-by-code", env=k8s.env(), cwd=tmp_path)
     assert logs.returncode == 0, logs.stderr
     assert "LLMSANDBOX_RESULT" in logs.stdout
+
+
+KUBECONFIG_UNREACHABLE = """\
+apiVersion: v1
+kind: Config
+current-context: c
+contexts:
+- name: c
+  context: {cluster: k, user: u}
+clusters:
+- name: k
+  cluster: {server: "https://127.0.0.1:1", insecure-skip-tls-verify: true}
+users:
+- name: u
+  user: {token: t}
+"""
+
+
+@pytest.mark.parametrize(
+    ("kubeconfig", "expected"),
+    [
+        pytest.param(None, "no kubeconfig at KUBECONFIG={path}; set KUBECONFIG", id="missing"),
+        pytest.param("garbage: [\n", "kubeconfig {path}: not valid YAML (line 2)", id="yaml"),
+        pytest.param("a string\n", "kubeconfig {path}: not a kubeconfig", id="not-a-mapping"),
+        pytest.param(
+            KUBECONFIG_UNREACHABLE.replace("cluster: k,", "cluster: gone,"),
+            "kubeconfig {path}: context 'c' names cluster 'gone', which is not among its clusters",
+            id="missing-cluster",
+        ),
+        pytest.param(
+            KUBECONFIG_UNREACHABLE.replace("user: u}", "user: nobody}"),
+            "kubeconfig {path}: context 'c' names user 'nobody', which is not among its users",
+            id="missing-user",
+        ),
+        pytest.param(
+            KUBECONFIG_UNREACHABLE,
+            "cannot reach the API server at https://127.0.0.1:1 (",
+            id="unreachable",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["get", "wait", "logs"])
+def test_a_kubeconfig_problem_is_one_line_naming_it(
+    tmp_path: Path, kubeconfig: str | None, expected: str, command: str
+) -> None:
+    path = tmp_path / "kubeconfig"
+    if kubeconfig is not None:
+        path.write_text(kubeconfig)
+    args = [command] if command == "get" else [command, "t"]
+    proc = sandboxctl(*args, env={"KUBECONFIG": str(path)}, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"sandboxctl {command}: " + expected.format(path=path))
+    assert len(proc.stderr.splitlines()) == 1
+    assert "Traceback" not in proc.stderr
+
+
+def test_submit_checks_the_task_file_before_the_cluster(tmp_path: Path) -> None:
+    (tmp_path / "task.yaml").write_text(
+        "apiVersion: llmsandbox.io/v1alpha1\nkind: SandboxTask\nspec: {}\n"
+    )
+    proc = sandboxctl(
+        "submit", "task.yaml", env={"KUBECONFIG": str(tmp_path / "none")}, cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    assert "spec.prompt" in proc.stderr
+    assert "kubeconfig" not in proc.stderr

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import aiohttp
+import yaml
 
 from sandbox_agent.cli import Command
 from sandbox_agent.display import for_terminal
@@ -32,19 +36,96 @@ EXIT_TIMEOUT = 3
 MAX_INLINED_FILE_BYTES = 256 * 1024
 
 
+def kubeconfig_problem(text: str) -> str | None:
+    """Pure: what is wrong with a kubeconfig's text for connecting, or None. Checks what the
+    client needs: YAML, a mapping, a current context that names a cluster and a user that exist."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        return f"not valid YAML{where}"
+    if not isinstance(doc, dict):
+        return "not a kubeconfig (a YAML mapping with clusters, users and contexts)"
+
+    def named(key: str) -> dict[str, Any]:
+        entries = doc.get(key) or []
+        if not isinstance(entries, list):
+            return {}
+        return {str(e.get("name")): e for e in entries if isinstance(e, dict) and e.get("name")}
+
+    current = doc.get("current-context")
+    if not current:
+        return "no current-context; pick one with kubectl config use-context"
+    context = named("contexts").get(str(current))
+    if context is None:
+        return f"current-context {current!r} is not among its contexts"
+    body = context.get("context") if isinstance(context.get("context"), dict) else {}
+    cluster, user = body.get("cluster"), body.get("user")
+    if not cluster or str(cluster) not in named("clusters"):
+        return f"context {current!r} names cluster {cluster!r}, which is not among its clusters"
+    if user and str(user) not in named("users"):
+        return f"context {current!r} names user {user!r}, which is not among its users"
+    return None
+
+
+def _kubeconfig_paths() -> list[Path]:
+    configured = os.environ.get("KUBECONFIG")
+    if configured:
+        return [Path(p).expanduser() for p in configured.split(os.pathsep) if p]
+    return [Path("~/.kube/config").expanduser()]
+
+
+def _check_kubeconfig() -> None:
+    """Name what is wrong with the kubeconfig before the client library trips over it."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return  # in a pod: the service account is used
+    paths = _kubeconfig_paths()
+    existing = [p for p in paths if p.is_file()]
+    if not existing:
+        which = (
+            "KUBECONFIG=" + os.environ["KUBECONFIG"]
+            if "KUBECONFIG" in os.environ
+            else str(paths[0])
+        )
+        raise TaskSpecError(
+            f"no kubeconfig at {which}; set KUBECONFIG to your cluster's config file"
+        )
+    first = existing[0]
+    try:
+        text = first.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TaskSpecError(f"kubeconfig {first}: cannot read it ({exc})") from None
+    problem = kubeconfig_problem(text)
+    if problem is not None:
+        raise TaskSpecError(f"kubeconfig {first}: {problem}")
+
+
 def _client(args: argparse.Namespace) -> KubeClient:
+    _check_kubeconfig()
     try:
         return KubeClient.from_environment()
     except KubeError as exc:
         raise TaskSpecError(f"cannot reach a cluster: {exc.message} (set KUBECONFIG)") from None
+    except Exception as exc:  # the client library's own parse errors, whatever their type
+        raise TaskSpecError(f"cannot load the kubeconfig: {type(exc).__name__}: {exc}") from None
 
 
 def _namespace(args: argparse.Namespace, client: KubeClient) -> str:
     return str(args.namespace or client.info.default_namespace or "default")
 
 
-def _with_client(fn: Callable[[argparse.Namespace, KubeClient], Awaitable[int]]) -> Command:
+def _with_client(
+    fn: Callable[[argparse.Namespace, KubeClient], Awaitable[int]],
+    prepare: Callable[[argparse.Namespace], None] | None = None,
+) -> Command:
+    """A cluster command: `prepare` (local checks, e.g. the task file) first, then the
+    kubeconfig, then `fn` with a client. An API server that cannot be reached is one line."""
+
     def run(args: argparse.Namespace) -> int:
+        if prepare is not None:
+            prepare(args)
+
         async def go() -> int:
             client = _client(args)
             try:
@@ -52,6 +133,17 @@ def _with_client(fn: Callable[[argparse.Namespace, KubeClient], Awaitable[int]])
             except KubeError as exc:
                 print(for_terminal(f"sandboxctl {args.command}: {exc}"), file=sys.stderr)
                 return EXIT_FAILED
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                reason = str(exc) or type(exc).__name__
+                print(
+                    for_terminal(
+                        f"sandboxctl {args.command}: cannot reach the API server at "
+                        f"{client.server} ({reason}); check that the cluster runs and the "
+                        "kubeconfig's server"
+                    ),
+                    file=sys.stderr,
+                )
+                return EXIT_USAGE
             finally:
                 await client.close()
 
@@ -96,9 +188,15 @@ def task_manifest(task: SandboxTask, fallback_name: str) -> dict[str, Any]:
     return body
 
 
+def _load_for_submit(args: argparse.Namespace) -> None:
+    """The task file is checked before any cluster is asked (its errors name the field)."""
+    path: Path = args.task
+    args.loaded_task = inline_local_inputs(load_task_file(path), path.resolve().parent)
+
+
 async def _submit(args: argparse.Namespace, client: KubeClient) -> int:
     path: Path = args.task
-    task = inline_local_inputs(load_task_file(path), path.resolve().parent)
+    task: SandboxTask = args.loaded_task
     namespace = _namespace(args, client)
     body = task_manifest(task, path.stem.lower().replace("_", "-"))
     body["metadata"].pop("namespace", None)
@@ -261,7 +359,7 @@ def add_commands(sub: Any) -> dict[str, Command]:
     logs.add_argument("--tail", type=int, default=1000)
     return {
         "crd": _crd,
-        "submit": _with_client(_submit),
+        "submit": _with_client(_submit, prepare=_load_for_submit),
         "get": _with_client(_get),
         "wait": _with_client(_wait),
         "logs": _with_client(_logs),
