@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import task_doc
+from conftest import backend_param, task_doc
 from llmserver import ScriptedLLMServer, tool_call
 from sandbox_agent.cli import counted, dispatch, outputs_line
 from sandbox_agent.runner import default_run_dir
@@ -298,3 +301,45 @@ def test_internet_mode_needs_allow_host_network_locally(
         cwd=tmp_path, env=endpoint_env(llm_server),
     )  # fmt: skip
     assert allowed.returncode == 0, allowed.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("backend", [backend_param("process"), backend_param("bwrap")])
+def test_a_run_stopped_by_a_signal_cleans_up_and_records_the_cancel(
+    tmp_path: Path, llm_server: ScriptedLLMServer, signum: int, backend: str
+) -> None:
+    # What `timeout`, CI and process managers send: nothing may be left running or lost.
+    marker = f"{31 + signum}.{len(backend)}5"
+    llm_server.script(tool_call("execute_bash", {"command": f"sleep {marker}"}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env.update(endpoint_env(llm_server))
+    # A TMPDIR of its own, that the sandbox's users can reach (tmp_path's parents are 0700).
+    scratch = Path(tempfile.mkdtemp(prefix="sigstop-", dir="/tmp"))
+    scratch.chmod(0o755)
+    env["TMPDIR"] = str(scratch)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandbox_agent.cli", "run", "--prompt", "p", "--backend",
+         backend, "--out", "out"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if f"$ sleep {marker}" in line:
+            break
+    else:
+        pytest.fail("the command never started:\n" + "".join(seen) + proc.communicate()[0])
+    time.sleep(0.5)  # the command is running in the sandbox
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    name = signal.Signals(signum).name
+    assert f"sandboxctl: stopped by {name}; the sandbox was removed" in err
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert (result["phase"], result["exitReason"]) == ("Cancelled", "cancelled")  # as Ctrl-C
+    assert (tmp_path / "out" / "trajectory.json").is_file()
+    left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True)
+    assert left.stdout == "", "the sandbox's command outlived the run"
+    assert list(scratch.iterdir()) == [], "the sandbox's temporary state outlived the run"
+    scratch.rmdir()

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from . import __version__
 from .backends import BACKEND_NAMES
@@ -40,6 +41,7 @@ EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 DEBUG_FLAG = "--debug"
+T = TypeVar("T")
 
 
 class ProgressPrinter:
@@ -200,7 +202,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         allow_host_network=args.allow_host_network,
     )
     progress = ProgressPrinter(sys.stderr, quiet=args.quiet)
-    outcome = asyncio.run(run_task(task, task_dir, opts, progress, task_file))
+    try:
+        outcome = asyncio.run(until_signalled(run_task(task, task_dir, opts, progress, task_file)))
+    except TerminatedError as stop:
+        name = signal.Signals(stop.signum).name
+        print(
+            f"sandboxctl: stopped by {name}; the sandbox was removed and result.json written",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
     if args.json:
         print(
             json.dumps(
@@ -215,6 +225,43 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         print(status_block(outcome))
     return EXIT_OK if outcome.result.phase is Phase.SUCCEEDED else EXIT_TASK_FAILED
+
+
+class TerminatedError(Exception):
+    """The run was stopped by SIGTERM or SIGHUP (what `timeout`, CI and process managers send)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+async def until_signalled(work: Coroutine[Any, Any, T]) -> T:
+    """Await `work`; SIGTERM or SIGHUP cancel it as Ctrl-C does (the runner then stops the
+    sandbox, removes its state and writes result.json as cancelled) and raise TerminatedError."""
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    assert me is not None
+    received: list[int] = []
+
+    def stop(signum: int) -> None:
+        if not received:
+            received.append(signum)
+            me.cancel()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if received:
+            raise TerminatedError(received[0]) from None
+        raise
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
