@@ -18,7 +18,7 @@ import yaml
 from conftest import backend_param, task_doc
 from llmserver import ScriptedLLMServer, tool_call
 from sandbox_agent.cli import counted, dispatch, outputs_line
-from sandbox_agent.runner import default_run_dir
+from sandbox_agent.runner import default_run_dir, without_userinfo
 from sandbox_agent.taskfile import task_from_prompt
 
 
@@ -60,6 +60,8 @@ def test_run_prints_progress_and_the_status_block_and_exits_zero(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "[step 1/10]" in proc.stderr
+    endpoint_line = f"endpoint: {llm_server.base_url}  model: scripted-model\n"
+    assert proc.stderr.index(endpoint_line) < proc.stderr.index("[step 1/10]")
     assert "$ echo 6*7" in proc.stderr
     assert "phase:       Succeeded" in proc.stdout
     assert "exitReason:  submitted" in proc.stdout
@@ -186,6 +188,14 @@ def test_an_out_that_is_a_file_or_unwritable_is_one_line(tmp_path: Path) -> None
     assert proc.returncode == 2
     assert proc.stderr.startswith("sandboxctl run: --out /proc/run: cannot write there (")
     assert len(proc.stderr.splitlines()) == 1
+
+
+def test_the_endpoint_shown_never_carries_a_credential() -> None:
+    assert (
+        without_userinfo("https://user:s3cret@llm.example:8443/v1") == "https://llm.example:8443/v1"
+    )
+    assert without_userinfo("http://[::1]:8000/v1") == "http://[::1]:8000/v1"
+    assert without_userinfo("http://tok@[::1]/v1") == "http://[::1]/v1"
 
 
 def test_runs_started_together_get_their_own_directories() -> None:

@@ -22,6 +22,7 @@ from .backends import BACKEND_NAMES
 from .display import for_terminal
 from .errors import BackendUnavailableError, TaskSpecError
 from .events import (
+    EndpointChosen,
     Event,
     LLMReplied,
     LLMRetrying,
@@ -76,6 +77,8 @@ class ProgressPrinter:
             return f"  retry {event.attempt} in {event.delay_seconds:.1f}s: {event.reason}"
         if isinstance(event, Notice):
             return f"  note: {event.message}"
+        if isinstance(event, EndpointChosen):
+            return f"endpoint: {event.base_url}  model: {event.model}"
         return ""
 
 

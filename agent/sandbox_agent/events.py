@@ -53,8 +53,22 @@ class Notice:
     message: str
 
 
+@dataclass(frozen=True)
+class EndpointChosen:
+    """Before the first step: where the model is asked (the URL without any userinfo)."""
+
+    base_url: str
+    model: str
+
+
 Event: TypeAlias = (
-    StepStarted | LLMReplied | LLMRetrying | ToolCallStarted | ToolCallFinished | Notice
+    StepStarted
+    | LLMReplied
+    | LLMRetrying
+    | ToolCallStarted
+    | ToolCallFinished
+    | Notice
+    | EndpointChosen
 )
 EventSink: TypeAlias = Callable[[Event], None]
 

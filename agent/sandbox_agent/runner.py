@@ -12,6 +12,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit, urlunsplit
 
 from .agent_run import (
     DEFAULT_RETRY_BACKOFF_SECONDS,
@@ -24,7 +25,7 @@ from .agent_run import (
 )
 from .backends import Sandbox, SandboxConfig, choose_backend
 from .errors import SandboxError, TaskSpecError
-from .events import EventSink, Notice, ignore
+from .events import EndpointChosen, EventSink, Notice, ignore
 from .execclient import ExecClient
 from .quantity import parse_quantity
 from .result import ExitReason, Phase, TaskResult
@@ -66,6 +67,18 @@ class RunOutcome:
     @property
     def output_dir(self) -> Path:
         return self.run_dir / OUTPUT_DIR
+
+
+def without_userinfo(url: str) -> str:
+    """The URL as it may be shown: a `user:password@` part (a credential) left out."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def resolve_endpoint(task: SandboxTask, opts: RunOptions) -> LLMEndpoint:
@@ -222,6 +235,7 @@ async def run_task(
     prepare_run_dir(run_dir, overwrite=opts.overwrite)
     if task.spec.sandbox.network.mode is NetworkMode.ALLOW_LIST:
         on_event(Notice(ALLOW_LIST_NOTE))
+    on_event(EndpointChosen(without_userinfo(endpoint.base_url), endpoint.model))
     agent = agent_task(task, endpoint)
     record = RunRecord(agent, run_dir)
     sandbox = backend_cls(sandbox_config(task))
