@@ -17,7 +17,13 @@ import yaml
 
 from conftest import backend_param, task_doc
 from llmserver import ScriptedLLMServer, tool_call
-from sandbox_agent.cli import counted, dispatch, outputs_line
+from sandbox_agent.cli import (
+    add_plugin_commands,
+    build_parser,
+    counted,
+    dispatch,
+    outputs_line,
+)
 from sandbox_agent.runner import default_run_dir, without_userinfo
 from sandbox_agent.taskfile import task_from_prompt
 
@@ -353,3 +359,24 @@ def test_a_run_stopped_by_a_signal_cleans_up_and_records_the_cancel(
     assert left.stdout == "", "the sandbox's command outlived the run"
     assert list(scratch.iterdir()) == [], "the sandbox's temporary state outlived the run"
     scratch.rmdir()
+
+
+def test_every_command_and_option_says_what_it_does() -> None:
+    _, sub = build_parser()
+    _, missing = add_plugin_commands(sub)
+    assert missing == []  # the operator extra is installed for the tests
+    assert {"run", "validate", "submit", "get", "wait", "logs", "crd"} <= set(sub.choices)
+    helped = {a.dest: a.help for a in sub._choices_actions}
+    undocumented = [name for name in sub.choices if not helped.get(name)]
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if action.help is None and not isinstance(action, argparse._HelpAction):
+                undocumented.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert undocumented == []
+
+
+def test_run_help_lists_the_exit_codes(tmp_path: Path) -> None:
+    proc = sandboxctl("run", "--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    for code in ("0 ", "1 ", "2 ", "129", "130", "143"):
+        assert f"\n  {code}" in proc.stdout.split("exit codes:")[1]

@@ -42,6 +42,13 @@ EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 DEBUG_FLAG = "--debug"
+RUN_EXIT_CODES = """exit codes:
+  0    the task succeeded (the model submitted an answer)
+  1    the task ran and failed (see exitReason), or an unexpected error
+  2    a bad task file, command line or output directory
+  129  stopped by SIGHUP (result.json says cancelled, as for the two below)
+  130  stopped by Ctrl-C
+  143  stopped by SIGTERM"""
 T = TypeVar("T")
 
 
@@ -143,10 +150,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
             "Run a SandboxTask on this machine. The endpoint comes from the flags, else "
             "OPENAI_BASE_URL / OPENAI_API_KEY / OPENAI_MODEL, else the task file."
         ),
+        epilog=RUN_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("task", nargs="?", type=Path, help="the task file (YAML)")
     run.add_argument("--prompt", help="run this prompt with default limits instead of a file")
-    run.add_argument("--backend", choices=BACKEND_NAMES, default="auto")
+    run.add_argument(
+        "--backend",
+        choices=BACKEND_NAMES,
+        default="auto",
+        help="where the sandbox runs: bwrap (bubblewrap), docker, or process (no isolation); "
+        "auto (the default) is bwrap if installed, else Docker if reachable",
+    )
     run.add_argument("--model", help="model name (overrides OPENAI_MODEL and the task)")
     run.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
     run.add_argument(
@@ -170,7 +185,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     )
 
     validate = sub.add_parser("validate", help="check a task file and print the parsed spec")
-    validate.add_argument("task", type=Path)
+    validate.add_argument("task", type=Path, help="the task file (YAML)")
     return parser, sub
 
 

@@ -344,19 +344,31 @@ def add_commands(sub: Any) -> dict[str, Command]:
         return p
 
     submit = cluster("submit", "create a SandboxTask on the cluster from a task file")
-    submit.add_argument("task", type=Path)
+    submit.add_argument("task", type=Path, help="the task file (YAML); file: inputs are inlined")
     get = cluster("get", "list SandboxTasks, or show one")
-    get.add_argument("name", nargs="?")
-    get.add_argument("-A", "--all-namespaces", action="store_true")
-    get.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    get.add_argument("name", nargs="?", help="one task to describe (default: list them)")
+    get.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="list tasks of every namespace"
+    )
+    get.add_argument(
+        "-o", "--output", choices=["table", "json"], default="table", help="table (default) or json"
+    )
     wait = cluster("wait", "wait until a task ends; print its result; exit 0 only on success")
-    wait.add_argument("name")
-    wait.add_argument("--timeout", type=float, default=3600.0)
+    wait.add_argument("name", help="the task to wait for")
+    wait.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds to wait (default 3600; exit 3)"
+    )
     wait.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
     logs = cluster("logs", "print the log of a task's pod")
-    logs.add_argument("name")
-    logs.add_argument("-c", "--container", choices=["agent", "sandbox"], default="agent")
-    logs.add_argument("--tail", type=int, default=1000)
+    logs.add_argument("name", help="the task whose pod's log to print")
+    logs.add_argument(
+        "-c",
+        "--container",
+        choices=["agent", "sandbox"],
+        default="agent",
+        help="agent (default: the run, ending with its result line) or sandbox (the exec server)",
+    )
+    logs.add_argument("--tail", type=int, default=1000, help="last lines to print (default 1000)")
     return {
         "crd": _crd,
         "submit": _with_client(_submit, prepare=_load_for_submit),
