@@ -33,6 +33,7 @@ from sandbox_agent.llm import (
 from sandbox_agent.loop import NOT_RUN, AgentLoop, AgentSettings
 from sandbox_agent.result import ExitReason, Phase, TaskResult
 from sandbox_agent.task import Limits, ToolCallFormat
+from sandbox_agent.tools import TOOL_NAMES, TOOLS
 from sandbox_agent.trajectory import Trajectory
 
 
@@ -228,12 +229,29 @@ def test_each_call_asks_for_no_more_tokens_than_either_budget_has_left() -> None
     )
     run = run_loop(model, max_tokens_per_call=4096, maxTokens=2000)
     assert run.asked_max_tokens() == [2000, 1400]
+    # The trajectory records what each call was sent.
+    assert [s.max_tokens for s in run.trajectory.steps] == [2000, 1400]
     spend = run_loop(
         ScriptedModel(default=tool_call("execute_bash", {"command": "true"}, usage=(300, 100))),
         max_tokens_per_call=4096,
         maxTotalTokens=1000,
     )
     assert spend.asked_max_tokens() == [1000, 600, 200]
+
+
+def test_the_trajectory_records_the_tools_and_sampling_sent_once_per_run() -> None:
+    model = ScriptedModel(tool_call("submit", {"answer": "ok"}))
+    run = run_loop(model)
+    assert run.trajectory.tools == TOOLS
+    assert [t["function"]["name"] for t in run.trajectory.tools or []] == list(TOOL_NAMES)
+    assert (run.trajectory.temperature, run.trajectory.top_p) == (None, None)
+    assert run.trajectory.format_version == 2
+    submit_in_text = reply(
+        '<tool_call>{"name": "submit", "arguments": {"answer": "ok"}}</tool_call>'
+    )
+    text = run_loop(ScriptedModel(submit_in_text), fmt=ToolCallFormat.HERMES)
+    assert text.result.answer == "ok"
+    assert text.trajectory.tools is None  # described in the system prompt instead
 
 
 def test_a_context_length_error_halves_max_tokens_and_asks_again() -> None:

@@ -106,8 +106,11 @@ def _text_call(step: int, index: int, parsed: TextToolCall) -> ToolCallRequest:
     return ToolCallRequest(id=call_id, name=parsed.name, arguments=parsed.arguments)
 
 
-def _step_record(step: int, reply: Completion, started: float, text_mode: bool) -> StepRecord:
+def _step_record(
+    step: int, reply: Completion, started: float, text_mode: bool, max_tokens: int
+) -> StepRecord:
     return StepRecord(
+        max_tokens=max_tokens,
         step=step,
         started_at=started,
         llm_seconds=round(reply.seconds, 3),
@@ -171,6 +174,10 @@ class AgentLoop:
         )
         fmt = settings.tool_call_format
         self.native_tools = TOOLS if fmt in (ToolCallFormat.NATIVE, ToolCallFormat.AUTO) else None
+        # What every call sends besides the messages, recorded once.
+        trajectory.tools = self.native_tools
+        trajectory.temperature = settings.temperature
+        trajectory.top_p = settings.top_p
         self.budget = TokenBudget.of(self.limits)
         self.usage = Usage()
         self.tool_counts: dict[str, int] = {}
@@ -247,7 +254,7 @@ class AgentLoop:
         if not isinstance(reply, Completion):
             return reply  # the ending the failure means, or None: ask again with less
         self._count(reply)
-        ending = await self._act(reply, step_started)
+        ending = await self._act(reply, step_started, max_tokens)
         return ending if ending is not None else self._limit_reached()
 
     async def _ask(self, max_tokens: int) -> Completion | _Ending | None:
@@ -306,11 +313,11 @@ class AgentLoop:
     def _budget_ending(self) -> _Ending:
         return _Ending(ExitReason.TOKEN_BUDGET, self.budget.spent_message(self.usage.total_tokens))
 
-    async def _act(self, reply: Completion, step_started: float) -> _Ending | None:
+    async def _act(self, reply: Completion, step_started: float, max_tokens: int) -> _Ending | None:
         """Record the reply, run its tool calls, append their results; an _Ending stops the loop."""
         calls, text_mode = self._tool_calls(reply)
         self.messages.append(reply.raw_message)
-        record = _step_record(self.steps, reply, step_started, text_mode)
+        record = _step_record(self.steps, reply, step_started, text_mode, max_tokens)
         self.trajectory.steps.append(record)
         if not calls:
             self.messages.append({"role": "user", "content": continue_message(self.workspace)})

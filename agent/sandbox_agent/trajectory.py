@@ -32,17 +32,24 @@ class StepRecord(BaseModel):
     completion_tokens: int
     usage_reported: bool
     finish_reason: str
+    max_tokens: int | None = None
+    """The call's max_tokens (it shrinks as the token budget is spent)."""
     content: str
     tool_calls: list[ToolCallRecord] = Field(default_factory=list)
     text_tool_calls: bool = False
 
 
 class Trajectory(BaseModel):
-    format_version: int = 1
+    format_version: int = 2
     task_name: str = ""
     model: str = ""
     base_url: str = ""
     tool_call_format: str = ""
+    # What every call was sent besides the messages (the same for the whole run); per-call
+    # max_tokens is in each step. Version 2 added these.
+    tools: list[dict[str, Any]] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
     started_at: float = Field(default_factory=time.time)
     messages: list[dict[str, Any]] = Field(default_factory=list)
     steps: list[StepRecord] = Field(default_factory=list)
