@@ -24,6 +24,7 @@ from sandbox_agent.cli import (
     dispatch,
     outputs_line,
 )
+from sandbox_agent.loop import CANCELLED_CALL
 from sandbox_agent.runner import default_run_dir, without_userinfo
 from sandbox_agent.taskfile import task_from_prompt
 
@@ -354,7 +355,13 @@ def test_a_run_stopped_by_a_signal_cleans_up_and_records_the_cancel(
     assert f"sandboxctl: stopped by {name}; the sandbox was removed" in err
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert (result["phase"], result["exitReason"]) == ("Cancelled", "cancelled")  # as Ctrl-C
-    assert (tmp_path / "out" / "trajectory.json").is_file()
+    # What was spent and done up to the signal is kept: the call, its tokens, the command.
+    assert result["steps"] == 1
+    assert result["usage"]["llmCalls"] == 1
+    assert result["usage"]["totalTokens"] > 0
+    trajectory = json.loads((tmp_path / "out" / "trajectory.json").read_text())
+    [call] = trajectory["steps"][0]["tool_calls"]
+    assert (call["name"], call["observation"]) == ("execute_bash", CANCELLED_CALL)
     left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True)
     assert left.stdout == "", "the sandbox's command outlived the run"
     assert list(scratch.iterdir()) == [], "the sandbox's temporary state outlived the run"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -29,6 +30,8 @@ from .trajectory import StepRecord, ToolCallRecord, Trajectory
 
 ANSWER_FILE = "output/answer.txt"
 MAX_ANSWER_BYTES = 1024 * 1024
+CANCELLED_MESSAGE = "interrupted before the task finished"
+CANCELLED_CALL = "[the run was stopped while this call ran]"
 NOT_RUN = "Not run: the task was already submitted."
 
 
@@ -194,7 +197,13 @@ class AgentLoop:
         self.deadline = started + self.limits.active_deadline_seconds
         self.messages = self._opening(prompt, input_listing)
         self.trajectory.messages = self.messages
-        ending = await self._conversation()
+        try:
+            ending = await self._conversation()
+        except asyncio.CancelledError:
+            # Ctrl-C, SIGTERM, a deleted task: what was spent and done so far is kept.
+            cancelled = _Ending(ExitReason.CANCELLED, CANCELLED_MESSAGE)
+            self.trajectory.result = self._result(cancelled, None, started)
+            raise
         answer = ending.answer or await self._answer_file()
         result = self._result(_no_answer(ending, answer, self.workspace), answer, started)
         self.trajectory.result = result
@@ -361,7 +370,13 @@ class AgentLoop:
         elif text_mode and not call.name:
             obs = Observation(f"Error: {call.arguments}", ok=False)
         else:
-            obs = await self._run_tool(call)
+            try:
+                obs = await self._run_tool(call)
+            except asyncio.CancelledError:
+                # The call in flight when the run was stopped stays in the record.
+                stopped = Observation(CANCELLED_CALL, ok=False)
+                record.tool_calls.append(_call_record(call, stopped, self.clock() - started))
+                raise
         record.tool_calls.append(_call_record(call, obs, self.clock() - started))
         return obs
 

@@ -27,6 +27,7 @@ from .backends import Sandbox, SandboxConfig, choose_backend
 from .errors import SandboxError, TaskSpecError
 from .events import EndpointChosen, EventSink, Notice, ignore
 from .execclient import ExecClient
+from .loop import CANCELLED_MESSAGE
 from .quantity import parse_quantity
 from .result import ExitReason, Phase, TaskResult
 from .task import NetworkMode, SandboxTask
@@ -244,7 +245,8 @@ async def run_task(
         result = await _run_in(sandbox, agent, record, files, opts, on_event)
         return RunOutcome(result, run_dir, backend_cls.name, endpoint)
     except asyncio.CancelledError:
-        result = failed(ExitReason.CANCELLED, "interrupted before the task finished")
+        # The loop's own account (steps, usage, tool calls so far) when it got that far.
+        result = record.trajectory.result or failed(ExitReason.CANCELLED, CANCELLED_MESSAGE)
         raise
     finally:
         await asyncio.shield(sandbox.stop())
