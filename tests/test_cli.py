@@ -144,6 +144,25 @@ def test_a_missing_input_file_exits_two_naming_the_field(tmp_path: Path) -> None
     assert "missing.txt does not exist" in proc.stderr
 
 
+def test_validate_checks_that_file_inputs_exist(tmp_path: Path) -> None:
+    (tmp_path / "here.txt").write_text("x")
+    inputs = [
+        {"path": "a.txt", "file": "here.txt"},
+        {"path": "b.txt", "file": "gone.txt"},
+        {"path": "c.txt", "file": "also-gone.txt"},
+    ]
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(task_doc(inputs=inputs)))
+    proc = sandboxctl("validate", "task.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"sandboxctl validate: task.yaml: spec.inputs[1].file: {tmp_path / 'gone.txt'} does not "
+        f"exist; spec.inputs[2].file: {tmp_path / 'also-gone.txt'} does not exist\n"
+    )
+    (tmp_path / "gone.txt").write_text("y")
+    (tmp_path / "also-gone.txt").write_text("z")
+    assert sandboxctl("validate", "task.yaml", cwd=tmp_path).returncode == 0
+
+
 def test_no_model_anywhere_is_a_clear_error(tmp_path: Path) -> None:
     proc = sandboxctl("run", "--prompt", "hi", "--backend", "process", cwd=tmp_path)
     assert proc.returncode == 2

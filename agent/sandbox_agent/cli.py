@@ -33,7 +33,7 @@ from .events import (
 )
 from .procenv import hide_from_environ
 from .result import Phase, TaskResult
-from .runner import RunOptions, RunOutcome, run_task
+from .runner import RunOptions, RunOutcome, missing_input_files, run_task
 from .task import SandboxTask, format_validation_error
 from .taskfile import load_task_file, task_from_prompt
 
@@ -284,6 +284,9 @@ async def until_signalled(work: Coroutine[Any, Any, T]) -> T:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     task = load_task_file(args.task)
+    missing = missing_input_files(task, args.task.resolve().parent)
+    if missing:
+        raise TaskSpecError(f"{args.task}: " + "; ".join(missing))
     print(json.dumps(task.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2))
     return EXIT_OK
 

@@ -133,6 +133,15 @@ def sandbox_config(task: SandboxTask) -> SandboxConfig:
     )
 
 
+def missing_input_files(task: SandboxTask, task_dir: Path) -> list[str]:
+    """One line for each `file:` input that does not exist (relative to the task file)."""
+    return [
+        f"spec.inputs[{i}].file: {task_dir / item.file} does not exist"
+        for i, item in enumerate(task.spec.inputs)
+        if item.file is not None and not (task_dir / item.file).expanduser().exists()
+    ]
+
+
 def collect_inputs(task: SandboxTask, task_dir: Path) -> list[tuple[str, bytes]]:
     """Every input as (path under input/, bytes); errors name the spec field."""
     files: list[tuple[str, bytes]] = []
