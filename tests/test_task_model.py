@@ -121,6 +121,13 @@ def test_wire_names_are_camel_case_and_round_trip() -> None:
             "spec.retries: Input should be greater than or equal to 0",
         ),
         ({"prompt": "p" * 300_000}, "spec.prompt: String should have at most 262144 characters"),
+        (
+            {"prompt": "p", "sandbox": {"network": "open"}},
+            "spec.sandbox.network: must be a mapping {mode: isolated|internet|allowList, "
+            "allow: [CIDR:PORT, ...]} (got 'open')",
+        ),
+        ({"prompt": "p", "model": "gpt-4o"}, "spec.model: must be a mapping {name: ..., baseURL:"),
+        ({"prompt": "p", "inputs": ["a.txt"]}, "spec.inputs[0]: must be a mapping (got 'a.txt')"),
     ],
 )
 def test_invalid_specs_are_rejected_with_the_field_path(
@@ -187,3 +194,9 @@ def test_quantities_parse_to_base_units(text: str, value: str) -> None:
 def test_a_bad_quantity_names_itself() -> None:
     with pytest.raises(ValueError, match="'12 GB' is not a Kubernetes quantity"):
         parse_quantity("12 GB")
+
+
+def test_a_mapping_error_never_shows_the_models_class_name() -> None:
+    message = error_of(doc(prompt="p", sandbox={"network": "open"}))
+    assert "instance of" not in message
+    assert "Network" not in message

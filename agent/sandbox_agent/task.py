@@ -266,6 +266,15 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return path or "(root)"
 
 
+# The shape of mapping fields a user may mistake for a string, by field path.
+_SHAPES = {
+    "spec.sandbox.network": "{mode: isolated|internet|allowList, allow: [CIDR:PORT, ...]}",
+    "spec.model": "{name: ..., baseURL: ..., apiKeySecretRef: {name: ..., key: ...}}",
+    "spec.sandbox": "{image: ..., network: {mode: ...}, resources: {limits: {...}}}",
+    "spec.limits": "{maxSteps: ..., maxTokens: ..., activeDeadlineSeconds: ...}",
+}
+
+
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """One line per problem, each starting with the field path as the user wrote it."""
     lines = []
@@ -276,6 +285,10 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif err["type"] in ("model_type", "dict_type", "model_attributes_type"):
+            # Not the class name the model happens to have: the shape the field takes.
+            shape = _SHAPES.get(path)
+            msg = f"must be a mapping{f' {shape}' if shape else ''} (got {err['input']!r})"
         elif err["type"] == "string_pattern_mismatch":
             pattern = str((err.get("ctx") or {}).get("pattern", ""))
             msg = _PATTERN_HINTS.get(pattern, msg)
