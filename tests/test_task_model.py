@@ -200,3 +200,25 @@ def test_a_mapping_error_never_shows_the_models_class_name() -> None:
     message = error_of(doc(prompt="p", sandbox={"network": "open"}))
     assert "instance of" not in message
     assert "Network" not in message
+
+
+def test_an_unknown_field_suggests_the_closest_name_at_its_place() -> None:
+    message = error_of(
+        doc(
+            promt="p",
+            limits={"maxStep": 3},
+            sandbox={"imag": "x", "network": {"mod": "isolated"}},
+            inputs=[{"path": "a", "contnt": "b"}],
+        )
+    )
+    for line in (
+        "spec.promt: unknown field (did you mean prompt?)",
+        "spec.limits.maxStep: unknown field (did you mean maxSteps?)",
+        "spec.sandbox.imag: unknown field (did you mean image?)",
+        "spec.sandbox.network.mod: unknown field (did you mean mode?)",
+        "spec.inputs[0].contnt: unknown field (did you mean content?)",
+        "spec.prompt: Field required",  # every problem is listed, not only the first
+    ):
+        assert line in message.splitlines()
+    far = error_of(doc(prompt="p", zzzzzz=1))
+    assert "spec.zzzzzz: unknown field" in far.splitlines()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
+import typing
 from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
@@ -266,6 +268,32 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return path or "(root)"
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (X, X | None, list[X], Annotated[X, ...])."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _closest_field(loc: tuple[int | str, ...]) -> str | None:
+    """For an unknown key at `loc`: the field name it most likely meant, as written in a task."""
+    model: type[BaseModel] | None = SandboxTask
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        model = _model_in(field.annotation) if field is not None else None
+    if model is None or not isinstance(loc[-1], str):
+        return None
+    names = [f.alias or n for n, f in model.model_fields.items()]
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 # The shape of mapping fields a user may mistake for a string, by field path.
 _SHAPES = {
     "spec.sandbox.network": "{mode: isolated|internet|allowList, allow: [CIDR:PORT, ...]}",
@@ -284,7 +312,8 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
             path = f"{prefix}.{path}" if path != "(root)" else prefix
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown field"
+            guess = _closest_field(tuple(err["loc"]))
+            msg = f"unknown field (did you mean {guess}?)" if guess else "unknown field"
         elif err["type"] in ("model_type", "dict_type", "model_attributes_type"):
             # Not the class name the model happens to have: the shape the field takes.
             shape = _SHAPES.get(path)
