@@ -16,7 +16,7 @@ from sandbox_operator.agent_config import resolve_model
 from sandbox_operator.cluster_checks import validate_for_cluster
 from sandbox_operator.errors import SpecError
 from sandbox_operator.metadata import task_configmap_name
-from sandbox_operator.pod_builder import build_pod, pod_name
+from sandbox_operator.pod_builder import build_attempt, build_pod, pod_name
 from sandbox_operator.settings import OperatorSettings, SettingsError, cost_usd, load_settings
 from sandbox_operator.task_configmap import build_task_configmap
 
@@ -640,6 +640,15 @@ def test_the_builders_refuse_a_task_that_fails_the_cluster_checks() -> None:
         pod_for(task)
     with pytest.raises(SpecError, match=r"spec\.inputs\[0\]\.file"):
         configmap_for(task)
+    with pytest.raises(SpecError, match=r"spec\.inputs\[0\]\.file"):
+        build_attempt(task, namespace=NAMESPACE, uid=UID, attempt=1, settings=SETTINGS)
+
+
+def test_an_attempts_objects_are_the_pod_and_configmap_the_builders_make() -> None:
+    task = make_task(inputs=[{"path": "q.txt", "content": "six times seven"}])
+    pod, configmap = build_attempt(task, namespace=NAMESPACE, uid=UID, attempt=2, settings=SETTINGS)
+    assert pod == pod_for(task, attempt=2)
+    assert configmap == configmap_for(task)
 
 
 def test_cost_is_priced_per_million_tokens_and_unknown_for_unpriced_models() -> None:

@@ -50,7 +50,7 @@ from sandbox_agent.result import TERMINAL_PHASES, ExitReason, Phase
 
 from . import decisions as decide
 from .admission import Candidate, positions, to_admit
-from .cluster_checks import resolve_api_key_secret, validate_for_cluster
+from .cluster_checks import resolve_api_key_secret
 from .decisions import (
     Action,
     Admitted,
@@ -71,12 +71,11 @@ from .kube import TASKS, ConflictError, KubeClient, KubeError
 from .metadata import MANAGED_SELECTOR
 from .metrics import Metrics
 from .ownership import claim_problem, foreign_configmap_problem
-from .pod_builder import build_pod
+from .pod_builder import build_attempt
 from .policy_keeper import PolicyKeeper
 from .records import PodBody, TaskRecord, is_stale, pod_may_run, pod_task_uid
 from .settings import OperatorSettings
 from .status import Reason
-from .task_configmap import build_task_configmap
 
 log = logging.getLogger("sandbox_operator")
 
@@ -492,17 +491,12 @@ class Operator:
             await self._finish(rec, ExitReason.CONFIG_ERROR, missing)
             return True
         try:
-            validate_for_cluster(task, self.settings)
-            pod = build_pod(
+            pod, configmap = build_attempt(
                 task,
                 namespace=rec.namespace,
                 uid=rec.uid,
                 attempt=action.attempt,
                 settings=self.settings,
-                checked=True,
-            )
-            configmap = build_task_configmap(
-                task, namespace=rec.namespace, uid=rec.uid, settings=self.settings, checked=True
             )
         except SpecError as exc:
             # Valid at admission, but the operator's settings changed before this attempt.

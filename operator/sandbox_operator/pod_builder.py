@@ -13,6 +13,7 @@ from .cluster_checks import resolve_api_key_secret, validate_for_cluster
 from .metadata import bounded_name, task_configmap_name, task_metadata, task_name
 from .resources import runtime_class, sandbox_resources
 from .settings import OperatorSettings
+from .task_configmap import configmap_manifest
 
 EXECD_DIR = "/opt/llmsandbox"
 RUN_DIR = "/run/execd"
@@ -252,18 +253,27 @@ def _agent_container(task: SandboxTask, settings: OperatorSettings) -> dict[str,
 
 
 def build_pod(
-    task: SandboxTask,
-    *,
-    namespace: str,
-    uid: str,
-    attempt: int,
-    settings: OperatorSettings,
-    checked: bool = False,
+    task: SandboxTask, *, namespace: str, uid: str, attempt: int, settings: OperatorSettings
 ) -> dict[str, Any]:
-    """The pod manifest for one attempt; SpecError when the task cannot run on this cluster
-    (`checked`: the caller has just run `validate_for_cluster` with these settings)."""
-    if not checked:
-        validate_for_cluster(task, settings)
+    """The pod manifest for one attempt; SpecError when the task cannot run on this cluster."""
+    validate_for_cluster(task, settings)
+    return _pod_manifest(task, namespace=namespace, uid=uid, attempt=attempt, settings=settings)
+
+
+def build_attempt(
+    task: SandboxTask, *, namespace: str, uid: str, attempt: int, settings: OperatorSettings
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The pod and the ConfigMap of one attempt, the task validated once for both; SpecError
+    when it cannot run on this cluster."""
+    validate_for_cluster(task, settings)
+    pod = _pod_manifest(task, namespace=namespace, uid=uid, attempt=attempt, settings=settings)
+    configmap = configmap_manifest(task, namespace=namespace, uid=uid, settings=settings)
+    return pod, configmap
+
+
+def _pod_manifest(
+    task: SandboxTask, *, namespace: str, uid: str, attempt: int, settings: OperatorSettings
+) -> dict[str, Any]:
     name = task_name(task)
     metadata = task_metadata(task, name=pod_name(name, attempt), namespace=namespace, uid=uid)
     metadata["labels"][LABEL_ATTEMPT] = str(attempt)

@@ -14,17 +14,18 @@ from .settings import OperatorSettings
 
 
 def build_task_configmap(
-    task: SandboxTask,
-    *,
-    namespace: str,
-    uid: str,
-    settings: OperatorSettings,
-    checked: bool = False,
+    task: SandboxTask, *, namespace: str, uid: str, settings: OperatorSettings
 ) -> dict[str, Any]:
-    """The ConfigMap holding task.json (the resolved agent config) and the inline inputs
-    (`checked`: the caller has just run `validate_for_cluster` with these settings)."""
-    if not checked:
-        validate_for_cluster(task, settings)
+    """The ConfigMap holding task.json (the resolved agent config) and the inline inputs;
+    SpecError when the task cannot run on this cluster."""
+    validate_for_cluster(task, settings)
+    return configmap_manifest(task, namespace=namespace, uid=uid, settings=settings)
+
+
+def configmap_manifest(
+    task: SandboxTask, *, namespace: str, uid: str, settings: OperatorSettings
+) -> dict[str, Any]:
+    """The ConfigMap of a task already validated for this cluster (`validate_for_cluster`)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
