@@ -212,14 +212,13 @@ class Operator:
     async def on_task(self, event_type: str | None, body: dict[str, Any]) -> None:
         uid = body["metadata"]["uid"]
         if event_type == "DELETED":
-            rec = self.tasks.get(uid)
             namespace = body["metadata"].get("namespace", "default")
             pods = self._pods_of(uid)
             self._forget(uid)
             self._locks.pop(uid, None)
             # Owner references garbage-collect the pod too; deleting it now frees the slot sooner.
             for pod in pods:
-                await self._delete_pod(rec.namespace if rec else namespace, pod["metadata"]["name"])
+                await self._delete_pod(namespace, pod["metadata"]["name"])
         elif not _settled_version(self._settled.get(uid), body):
             known = self.tasks.get(uid)
             incoming = TaskRecord.parse(body, known)
@@ -268,9 +267,9 @@ class Operator:
         wrote one went on with all it knew, so an event carrying exactly that version
         (resourceVersion compared for equality, nothing more) is skipped. Only a version the
         operator's own write returned counts: one read from a list or an event was never
-        decided over by a plan that knew it. A plan cut
-        short by an error settles nothing: the echo of its last write decides again, which is
-        how a failed step is retried. A restarted operator has settled nothing."""
+        decided over by a plan that knew it. A plan cut short by an error settles nothing: the
+        echo of its last write decides again, which is how a failed step is retried. A
+        restarted operator has settled nothing."""
         rec = self.tasks.get(uid)
         written = self._written.get(uid)
         if rec is not None and written and rec.resource_version == written:
@@ -319,14 +318,12 @@ class Operator:
         self._queued.add(uid)
 
     def _release(self, uid: str, hold: set[str]) -> None:
-        """End a hold (`_reserved` or `_joining`) and count the task by its phase again."""
+        """End a hold (`_reserved` or `_joining`) and count the task by its phase again (a task
+        forgotten meanwhile was taken out of every set by `_forget`)."""
         hold.discard(uid)
         rec = self.tasks.get(uid)
         if rec is not None:
             self._store(rec)
-        elif uid not in self._reserved and uid not in self._joining:
-            self._active.discard(uid)
-            self._queued.discard(uid)
 
     def _enqueue(self, rec: TaskRecord) -> tuple[list[Action], set[str]]:
         """A new valid task: straight to a slot when one is free and nobody waits ahead, else
@@ -484,7 +481,7 @@ class Operator:
         """Carry out a StartAttempt (see its docstring). False when the task is gone."""
         task = rec.task
         if task is None:  # a spec that stopped parsing since admission
-            await self._finish(rec, ExitReason.INVALID_SPEC, rec.spec_error or "no spec")
+            await self._finish(rec, ExitReason.INVALID_SPEC, rec.why_no_spec)
             return True
         missing = await self._missing_config_map(rec)
         if missing:

@@ -91,6 +91,11 @@ class TaskRecord:
         return self.status.phase
 
     @property
+    def why_no_spec(self) -> str:
+        """Why `task` is None, for a task that should have one."""
+        return self.spec_error or "the spec is missing"
+
+    @property
     def priority(self) -> int:
         return self.task.spec.priority if self.task is not None else 0
 
