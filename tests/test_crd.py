@@ -19,6 +19,7 @@ from sandbox_agent.errors import TaskSpecError
 from sandbox_agent.result import ExitReason, OutputFile, Phase, Usage
 from sandbox_agent.task import MAX_PROMPT_CHARS, SandboxTaskSpec, parse_task
 from sandbox_agent.wire import DEFAULT_SANDBOX_IMAGE
+from sandbox_operator.cluster_cli import table
 from sandbox_operator.crd import (
     SchemaConversionError,
     crd_manifest,
@@ -33,6 +34,7 @@ from sandbox_operator.status import (
     TaskStatus,
     answer_for_status,
     answer_short,
+    parse_rfc3339,
     rfc3339,
     set_condition,
 )
@@ -450,6 +452,17 @@ def test_set_condition_moves_the_transition_time_when_the_status_flips() -> None
     assert conds[0].last_transition_time == rfc3339(later)
     assert conds[0].reason == "Admitted"
     assert conds[1].last_transition_time == rfc3339(NOW)
+
+
+def test_parse_rfc3339_reads_what_rfc3339_writes_and_nothing_else() -> None:
+    assert parse_rfc3339(rfc3339(NOW)) == NOW.replace(microsecond=0)
+    assert parse_rfc3339("2026-03-01T12:00:00+02:00") == datetime(2026, 3, 1, 10, tzinfo=UTC)
+    assert [parse_rfc3339(t) for t in (None, "", "yesterday")] == [None, None, None]
+
+
+def test_a_task_with_an_unreadable_creation_time_shows_its_age_as_unknown() -> None:
+    body = {"metadata": {"name": "t", "creationTimestamp": "not a time"}, "status": {}}
+    assert table([body], all_namespaces=False).splitlines()[1].rstrip().endswith("?")
 
 
 def test_rfc3339_is_utc_whole_seconds_and_refuses_naive_times() -> None:

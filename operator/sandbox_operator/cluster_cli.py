@@ -26,7 +26,7 @@ from sandbox_agent.wire import API_GROUP, API_VERSION
 
 from .crd import crd_yaml
 from .kube import TASKS, KubeClient, KubeError
-from .status import TaskStatus
+from .status import TaskStatus, parse_rfc3339
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -206,9 +206,9 @@ async def _submit(args: argparse.Namespace, client: KubeClient) -> int:
 
 
 def _age(created: str | None) -> str:
-    if not created:
+    then = parse_rfc3339(created)
+    if then is None:
         return "?"
-    then = datetime.fromisoformat(created.replace("Z", "+00:00"))
     seconds = int((datetime.now(UTC) - then).total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:

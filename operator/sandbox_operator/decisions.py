@@ -30,6 +30,7 @@ from .status import (
     TaskStatus,
     answer_for_status,
     answer_short,
+    parse_rfc3339,
     rfc3339,
     set_condition,
 )
@@ -175,7 +176,7 @@ def reconcile(
 def spec_problem(rec: TaskRecord, settings: OperatorSettings) -> str | None:
     """Why the task cannot run here: its spec does not parse, or fails the cluster's checks."""
     if rec.task is None:
-        return rec.spec_error or "the spec is missing"
+        return rec.why_no_spec
     try:
         validate_for_cluster(rec.task, settings)
     except SpecError as exc:
@@ -266,7 +267,7 @@ def running(rec: TaskRecord, verdict: PodVerdict, now: datetime) -> WriteStatus:
     )
     status.message = None
     tallies: tuple[Tally, ...] = ()
-    created = _parse_time(rec.created)
+    created = parse_rfc3339(rec.created)
     if created is not None:
         startup = (now - created).total_seconds() - (status.queued_seconds or 0.0)
         tallies = (Started(max(0.0, startup)),)
@@ -472,8 +473,7 @@ def queued_status(place: int, settings: OperatorSettings, now: datetime) -> Writ
 
 def admit_now(rec: TaskRecord, now: datetime) -> StartAttempt:
     """The task got a run slot: its first attempt, the wait since creation counted."""
-    created = _parse_time(rec.created)
-    queued = round((now - created).total_seconds(), 3) if created else None
+    queued = _seconds_between(rec.created, now)
     return StartAttempt(
         1,
         attempt_status(rec, 1, now, queued_seconds=queued),
@@ -535,8 +535,8 @@ def adopt_pod(
     write, and whether it adopts the pod."""
     if desired is None:
         if rec.task is None:
-            why = rec.spec_error or "the spec is missing"
-            return finish_without_run(rec, ExitReason.INVALID_SPEC, why, now, settings), False
+            write = finish_without_run(rec, ExitReason.INVALID_SPEC, rec.why_no_spec, now, settings)
+            return write, False
         try:
             desired = build_pod(
                 rec.task,
@@ -582,7 +582,7 @@ def start_timeout(
         or meta.get("deletionTimestamp")
     ):
         return []
-    created = _parse_time(meta.get("creationTimestamp"))
+    created = parse_rfc3339(meta.get("creationTimestamp"))
     if created is None:
         return []
     verdict = start_timed_out(pod, (now - created).total_seconds(), timeout)
@@ -605,17 +605,8 @@ def reap(pod: PodBody) -> list[Action]:
 # -- small pure helpers -----------------------------------------------------------------------
 
 
-def _parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 def _seconds_between(start: str | None, end: datetime) -> float | None:
-    begun = _parse_time(start)
+    begun = parse_rfc3339(start)
     return round((end - begun).total_seconds(), 3) if begun else None
 
 

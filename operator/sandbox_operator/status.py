@@ -175,6 +175,17 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def parse_rfc3339(text: str | None) -> datetime | None:
+    """A metav1.Time (or any ISO 8601 time with an offset) as a datetime; None when absent or
+    not a time."""
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
 def set_condition(
     conditions: list[Condition],
     type: str,
