@@ -133,17 +133,26 @@ def sandbox_config(task: SandboxTask) -> SandboxConfig:
     )
 
 
+def input_source(task_dir: Path, file: str) -> Path:
+    """Where a `file:` input is read from: relative to the task file, `~` expanded."""
+    return (task_dir / file).expanduser()
+
+
 def missing_input_files(task: SandboxTask, task_dir: Path) -> list[str]:
-    """One line for each `file:` input that does not exist (relative to the task file)."""
+    """One line for each `file:` input that does not exist."""
     return [
-        f"spec.inputs[{i}].file: {task_dir / item.file} does not exist"
+        f"spec.inputs[{i}].file: {input_source(task_dir, item.file)} does not exist"
         for i, item in enumerate(task.spec.inputs)
-        if item.file is not None and not (task_dir / item.file).expanduser().exists()
+        if item.file is not None and not input_source(task_dir, item.file).exists()
     ]
 
 
 def collect_inputs(task: SandboxTask, task_dir: Path) -> list[tuple[str, bytes]]:
-    """Every input as (path under input/, bytes); errors name the spec field."""
+    """Every input as (path under input/, bytes); errors name the spec field (every missing
+    file at once)."""
+    missing = missing_input_files(task, task_dir)
+    if missing:
+        raise TaskSpecError("; ".join(missing))
     files: list[tuple[str, bytes]] = []
     for i, item in enumerate(task.spec.inputs):
         where = f"spec.inputs[{i}]"
@@ -155,7 +164,7 @@ def collect_inputs(task: SandboxTask, task_dir: Path) -> list[tuple[str, bytes]]
                 "use content or file with sandboxctl run"
             )
         elif item.file is not None:
-            source = (task_dir / item.file).expanduser()
+            source = input_source(task_dir, item.file)
             if source.is_dir():
                 for sub in sorted(p for p in source.rglob("*") if p.is_file()):
                     rel = PurePosixPath(item.path) / sub.relative_to(source).as_posix()
@@ -163,7 +172,7 @@ def collect_inputs(task: SandboxTask, task_dir: Path) -> list[tuple[str, bytes]]
             elif source.is_file():
                 files.append((item.path, _read_input(source, f"{where}.file")))
             else:
-                raise TaskSpecError(f"{where}.file: {source} does not exist")
+                raise TaskSpecError(f"{where}.file: {source} is neither a file nor a directory")
     return files
 
 
