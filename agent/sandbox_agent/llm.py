@@ -147,15 +147,9 @@ class ChatLLM:
         deadline: float,
     ) -> Completion:
         """One completion; LLMError messages never carry the API key."""
+        kwargs = self._request_args(messages, tools, max_tokens, temperature, top_p)
         try:
-            return await self._complete(
-                messages,
-                tools=tools,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                deadline=deadline,
-            )
+            return await self._complete(kwargs, deadline)
         except LLMError as exc:
             text = str(exc)
             clean = self._redact(text)
@@ -164,16 +158,10 @@ class ChatLLM:
             raise type(exc)(clean) from None
 
     async def _complete(  # noqa: C901 - one retry loop over the error kinds the API returns
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        tools: list[dict[str, Any]] | None,
-        max_tokens: int,
-        temperature: float | None,
-        top_p: float | None,
-        deadline: float,
+        self, kwargs: dict[str, Any], deadline: float
     ) -> Completion:
-        kwargs = self._request_args(messages, tools, max_tokens, temperature, top_p)
+        """The chat call with `kwargs` (`_request_args`), retried until `deadline`."""
+        messages: list[dict[str, Any]] = kwargs["messages"]
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
