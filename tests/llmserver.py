@@ -307,17 +307,25 @@ class _Handler(BaseHTTPRequestHandler):
             )
         )
         if self.command == "GET" and path == MODELS_PATH:
-            models = {
-                "object": "list",
-                "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "tests"}],
-            }
-            self._send(200, json.dumps(models).encode())
+            self._models(owner.models_reply)
         elif self.command == "POST" and path == CHAT_PATH:
             self._chat(body_json or {})
         else:
             self._send(
                 404, _error_body(404, f"scripted LLM server: no route {self.command} {path}")
             )
+
+    def _models(self, reply: Reply | None) -> None:
+        if reply is None:
+            models = {
+                "object": "list",
+                "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "tests"}],
+            }
+            self._send(200, json.dumps(models).encode())
+        elif reply.body is not None:
+            self._send(reply.status, reply.body, reply.headers, reply.content_type)
+        else:
+            self._send(reply.status, _error_body(reply.status, "scripted /models reply"))
 
     def _chat(self, request: JSONDict) -> None:
         owner = self.server.owner
@@ -408,6 +416,8 @@ class ScriptedLLMServer:
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.base_url = ""
+        # What GET /v1/models answers (a body or a status); None: a list naming MODEL_ID.
+        self.models_reply: Reply | None = None
 
     # lifecycle -------------------------------------------------------------------------
 

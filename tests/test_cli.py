@@ -18,12 +18,14 @@ import yaml
 from conftest import backend_param, task_doc
 from llmserver import ScriptedLLMServer, tool_call
 from sandbox_agent.cli import (
+    ProgressPrinter,
     add_plugin_commands,
     build_parser,
     counted,
     dispatch,
     outputs_line,
 )
+from sandbox_agent.events import EndpointChosen
 from sandbox_agent.loop import CANCELLED_CALL
 from sandbox_agent.runner import default_run_dir, without_userinfo
 from sandbox_agent.taskfile import task_from_prompt
@@ -406,3 +408,31 @@ def test_run_help_lists_the_exit_codes(tmp_path: Path) -> None:
     assert proc.returncode == 0
     for code in ("0 ", "1 ", "2 ", "129", "130", "143"):
         assert f"\n  {code}" in proc.stdout.split("exit codes:")[1]
+
+
+def test_a_base_url_that_is_not_a_url_is_one_line_naming_where_it_came_from(
+    tmp_path: Path,
+) -> None:
+    args = ("run", "--prompt", "p", "--model", "m", "--backend", "process")
+    proc = sandboxctl(*args, "--base-url", "not a url", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "sandboxctl run: --base-url: 'not a url' is not an http:// or https:// URL "
+        "(for example http://127.0.0.1:8000/v1)\n"
+    )
+    proc = sandboxctl(*args, cwd=tmp_path, env={"OPENAI_BASE_URL": "localhost:8000/v1"})
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("sandboxctl run: OPENAI_BASE_URL: 'localhost:8000/v1' is not")
+    assert not (tmp_path / "sandboxctl-runs").exists()
+
+
+def test_the_endpoint_line_says_when_no_base_url_was_given() -> None:
+    shown = ProgressPrinter.render(
+        EndpointChosen("https://api.openai.com/v1", "gpt-4o", default=True)
+    )
+    assert shown == (
+        "endpoint: https://api.openai.com/v1  model: gpt-4o  "
+        "(no base URL given: --base-url, OPENAI_BASE_URL or spec.model.baseURL)"
+    )
+    given = ProgressPrinter.render(EndpointChosen("http://127.0.0.1:8000/v1", "m"))
+    assert given == "endpoint: http://127.0.0.1:8000/v1  model: m"

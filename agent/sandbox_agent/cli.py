@@ -85,7 +85,10 @@ class ProgressPrinter:
         if isinstance(event, Notice):
             return f"  note: {event.message}"
         if isinstance(event, EndpointChosen):
-            return f"endpoint: {event.base_url}  model: {event.model}"
+            line = f"endpoint: {event.base_url}  model: {event.model}"
+            if event.default:
+                line += "  (no base URL given: --base-url, OPENAI_BASE_URL or spec.model.baseURL)"
+            return line
         return ""
 
 

@@ -59,6 +59,8 @@ class EndpointChosen:
 
     base_url: str
     model: str
+    # No base URL was given anywhere, so OpenAI's own API is asked.
+    default: bool = False
 
 
 Event: TypeAlias = (

@@ -7,25 +7,35 @@ import email.utils
 import json
 import random
 import re
+import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import openai
 from openai.types.chat import ChatCompletion
 
 from .errors import LLMError
-from .events import EventSink, LLMRetrying
+from .events import EventSink, LLMRetrying, Notice
 
 _BACKOFF_BASE = 1.0
 _BACKOFF_CAP = 60.0
 # A server asking for a longer pause than this is treated as down rather than waited for.
 _RETRY_AFTER_CAP = 600.0
 _RETRYABLE_STATUS = {408, 409, 429}
+# Server errors that asking again will not change: no such method here, or no such HTTP version.
+_LASTING_SERVER_ERRORS = {501, 505}
 # "Bearer <credential>" in text an endpoint echoed back.
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+")
+# The endpoint check (GET /models before the first chat call) waits at most this long...
+_CHECK_TIMEOUT = 10.0
+# ...and asks again this many times, this far apart, when the connection is refused: a server
+# that is just binding its port gets a moment; a wrong port is reported within seconds.
+_REFUSED_PAUSES = (0.5, 1.0)
+# Statuses of GET /models that say nothing about the chat route: the first chat call decides.
+_NO_MODELS_ROUTE = {404, 405, 501}
 
 
 class ContextLengthError(LLMError):
@@ -117,6 +127,7 @@ class ChatLLM:
         # Every retry this client made, whether the call then succeeded or not (usage.llmRetries).
         self.retries = 0
         self._api_key = api_key
+        self._checked = False
         # Our own retry loop decides; the client's built-in retries would hide them from events.
         self._client = openai.AsyncOpenAI(
             base_url=base_url, api_key=api_key, max_retries=0, timeout=request_timeout
@@ -149,6 +160,9 @@ class ChatLLM:
         """One completion; LLMError messages never carry the API key."""
         kwargs = self._request_args(messages, tools, max_tokens, temperature, top_p)
         try:
+            if not self._checked:
+                self._checked = True
+                await self._check_endpoint(deadline)
             return await self._complete(kwargs, deadline)
         except LLMError as exc:
             text = str(exc)
@@ -183,7 +197,9 @@ class ChatLLM:
                 status = exc.status_code
                 if status == 400 and _is_context_length(exc):
                     raise ContextLengthError(str(exc.message)) from exc
-                if status in _RETRYABLE_STATUS or status >= 500:
+                if status in _RETRYABLE_STATUS or (
+                    status >= 500 and status not in _LASTING_SERVER_ERRORS
+                ):
                     reason = f"HTTP {status} from {self.base_url}"
                     delay = _retry_after(exc)
                 else:
@@ -218,6 +234,63 @@ class ChatLLM:
                 LLMRetrying(attempt=attempt, delay_seconds=wait, reason=self._redact(reason))
             )
             await self._sleep(wait)
+
+    async def _check_endpoint(self, deadline: float) -> None:
+        """Ask the endpoint for its models once, before the first chat call, so that an endpoint
+        that cannot work (nothing listening, a host that does not resolve, not HTTP, a refused
+        key, a web page) ends the run within seconds instead of after every retry. What the
+        check cannot tell (no /models route, a 429 or 5xx, a timeout) is left to the chat call
+        and its retries."""
+        pauses = iter(_REFUSED_PAUSES)
+        while True:
+            timeout = min(_CHECK_TIMEOUT, self.request_timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                return
+            try:
+                reply = await self._client.models.with_raw_response.list(timeout=timeout)
+            except openai.APIStatusError as exc:
+                if exc.status_code in (401, 403):
+                    raise LLMError(self._describe_status(exc)) from None
+                return
+            except openai.APITimeoutError:
+                return
+            except openai.APIConnectionError as exc:
+                problem = _connection_problem(exc, self.base_url)
+                if problem is None:
+                    return  # a reset or the like: the chat call's retries deal with it
+                refused, message = problem
+                pause = next(pauses, None) if refused else None
+                if pause is None or time.monotonic() + pause >= deadline:
+                    raise EndpointUnreachableError(message) from None
+                await self._sleep(pause)
+                continue
+            self._check_models(reply.http_response.text)
+            return
+
+    def _check_models(self, body: str) -> None:
+        """The /models reply: not JSON is not an OpenAI-compatible endpoint; a list without our
+        model is worth a notice (some servers list only some of the names they accept)."""
+        try:
+            listing = json.loads(body)
+        except ValueError:
+            raise LLMError(self._not_an_api(body)) from None
+        if not isinstance(listing, dict):
+            raise LLMError(self._not_an_api(body))
+        data = listing.get("data")
+        if not isinstance(data, list):
+            return
+        served = [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
+        if served and self.model not in served:
+            shown = ", ".join(repr(name[:80]) for name in served[:5])
+            more = f" and {len(served) - 5} more" if len(served) > 5 else ""
+            self._on_event(
+                Notice(
+                    self._redact(
+                        f"{self.base_url} lists the models {shown}{more}, not "
+                        f"{self.model!r}; the first call will tell whether it serves it"
+                    )
+                )
+            )
 
     def _request_args(
         self,
@@ -263,6 +336,11 @@ class ChatLLM:
             return (
                 f"HTTP 404 from {self.base_url}: is the base URL right (it usually ends in /v1) "
                 f"and does the endpoint serve model {self.model!r}? ({exc.message})"
+            )
+        if status == 501:
+            return (
+                f"HTTP 501 from {self.base_url}: the server there does not implement the chat "
+                "completions API (a plain web server?): check the base URL"
             )
         return f"HTTP {status} from {self.base_url}: {exc.message}"
 
@@ -316,8 +394,42 @@ class _UnusableReplyError(Exception):
     """A 200 reply that is unusable (e.g. no choices); worth asking again."""
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions it was raised from, outermost first."""
+    found: list[BaseException] = []
+    inner: BaseException | None = exc
+    while inner is not None and inner not in found:
+        found.append(inner)
+        inner = inner.__cause__ or inner.__context__
+    return found
+
+
 def _cause(exc: BaseException) -> str:
-    inner = exc.__cause__ or exc.__context__
-    while inner is not None and isinstance(inner, httpx.HTTPError | OSError) and inner.__cause__:
-        inner = inner.__cause__
-    return f"{type(inner).__name__}: {inner}" if inner is not None else str(exc)
+    """The innermost reason a connection failed, as "Type: text"."""
+    inner = _chain(exc)[-1]
+    return f"{type(inner).__name__}: {inner}" if inner is not exc else str(exc)
+
+
+def _connection_problem(exc: BaseException, base_url: str) -> tuple[bool, str] | None:
+    """(refused?, message) when a failed connection shows the endpoint cannot work as given;
+    None for failures worth retrying. Told by the exceptions the HTTP library was raised from,
+    by type, so that it does not matter which httpx the openai package brings."""
+    for inner in _chain(exc):
+        if isinstance(inner, ConnectionRefusedError):
+            return True, (
+                f"nothing is listening at {base_url} (connection refused): check the host and "
+                "port of the base URL and that the inference server is running"
+            )
+        if isinstance(inner, socket.gaierror):
+            return False, (
+                f"the host of {base_url} could not be resolved ({inner.strerror or inner}): "
+                "check the base URL"
+            )
+        if isinstance(inner, ssl.SSLError):
+            return False, (
+                f"TLS with {base_url} failed ({inner.reason or inner}): check http:// against "
+                "https:// in the base URL, and the server's certificate"
+            )
+        if type(inner).__name__ == "UnsupportedProtocol":
+            return False, f"{base_url} is not an http:// or https:// URL: check the base URL"
+    return None

@@ -82,6 +82,18 @@ def without_userinfo(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def given_base_url(task: SandboxTask, opts: RunOptions) -> str | None:
+    """The base URL the user gave: the flag, else OPENAI_BASE_URL, else the task file's."""
+    for source, url in (
+        ("--base-url", opts.base_url),
+        ("OPENAI_BASE_URL", opts.env.get("OPENAI_BASE_URL")),
+    ):
+        if url:
+            _check_base_url(source, url)
+            return url
+    return task.spec.model.base_url
+
+
 def resolve_endpoint(task: SandboxTask, opts: RunOptions) -> LLMEndpoint:
     """Flags win, then OPENAI_* variables, then the task file."""
     spec = task.spec.model
@@ -91,10 +103,24 @@ def resolve_endpoint(task: SandboxTask, opts: RunOptions) -> LLMEndpoint:
         raise TaskSpecError(
             "spec.model.name: no model given; set it in the task, pass --model, or export OPENAI_MODEL"
         )
-    base_url = opts.base_url or env.get("OPENAI_BASE_URL") or spec.base_url or DEFAULT_BASE_URL
+    base_url = given_base_url(task, opts) or DEFAULT_BASE_URL
     # Servers without auth (a local vLLM) accept any key, but the client insists on one.
     api_key = opts.api_key or env.get("OPENAI_API_KEY") or "EMPTY"
     return LLMEndpoint(base_url=base_url.rstrip("/"), api_key=api_key, model=model)
+
+
+_HTTP_URL = re.compile(r"https?://[^\s/?#]+(?:[/?#]\S*)?")
+
+
+def _check_base_url(source: str, url: str) -> None:
+    """A base URL from a flag or the environment, checked as the task file's is (the model
+    loads that one), so that a typo is one line before anything starts."""
+    if len(url) > 2048 or not _HTTP_URL.fullmatch(url):
+        shown = url if len(url) <= 80 else url[:77] + "..."
+        raise TaskSpecError(
+            f"{source}: {without_userinfo(shown)!r} is not an http:// or https:// URL "
+            "(for example http://127.0.0.1:8000/v1)"
+        )
 
 
 ALLOW_LIST_NOTE = (
@@ -254,7 +280,13 @@ async def run_task(
     prepare_run_dir(run_dir, overwrite=opts.overwrite)
     if task.spec.sandbox.network.mode is NetworkMode.ALLOW_LIST:
         on_event(Notice(ALLOW_LIST_NOTE))
-    on_event(EndpointChosen(without_userinfo(endpoint.base_url), endpoint.model))
+    on_event(
+        EndpointChosen(
+            without_userinfo(endpoint.base_url),
+            endpoint.model,
+            default=given_base_url(task, opts) is None,
+        )
+    )
     agent = agent_task(task, endpoint)
     record = RunRecord(agent, run_dir)
     sandbox = backend_cls(sandbox_config(task))
