@@ -1551,6 +1551,21 @@ class Stopper:
         select.select([self.read_fd], [], [])
 
 
+def watch_parent(fd: int, stopper: Stopper, log: Log) -> None:
+    """Until the host's end of --parent-fd closes; then stop the server (and its commands)."""
+    while True:
+        try:
+            data = os.read(fd, 64)
+        except InterruptedError:
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            log.write("execd: the host closed --parent-fd; stopping")
+            stopper.request()
+            return
+
+
 def _on_signal(signum: int, frame: Optional[FrameType]) -> None:
     """Nothing to do here: the wakeup fd has already woken the main thread."""
 
@@ -1564,6 +1579,7 @@ USAGE = """\
 usage: execd.py --root DIR [--unix-socket PATH | --listen-fd N] [--host HOST] [--port N]
                 [--token-file PATH | --token-fd N] [--ready-file PATH | --ready-fd N]
                 [--drop-to UID:GID] [--command-user UID:GID] [--max-body-bytes N]
+                [--parent-fd N]
 
 Exec server for one sandbox (token from EXECD_TOKEN, --token-file or --token-fd).
 
@@ -1581,6 +1597,8 @@ Exec server for one sandbox (token from EXECD_TOKEN, --token-file or --token-fd)
   --command-user UID:GID
                         run commands, and touch workspace files, as UID:GID
   --max-body-bytes N    largest request body (default %d)
+  --parent-fd N         an inherited pipe the host holds open: when it closes (the host is
+                        gone, however it ended) the server stops as on SIGTERM
 """
 
 
@@ -1597,6 +1615,7 @@ OPTION_NAMES = (
     "--drop-to",
     "--command-user",
     "--max-body-bytes",
+    "--parent-fd",
 )
 
 
@@ -1616,6 +1635,7 @@ class Options:
         self.drop_to: Optional[Tuple[int, int]] = None
         self.command_user: Optional[Tuple[int, int]] = None
         self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
+        self.parent_fd: Optional[int] = None
 
 
 def parse_args(argv: Optional[List[str]]) -> Options:  # noqa: C901, PLR0915 - one branch per option, stdlib only (no argparse: its errors print usage)
@@ -1679,6 +1699,8 @@ def parse_args(argv: Optional[List[str]]) -> Options:  # noqa: C901, PLR0915 - o
             opts.drop_to = ids(name, value)
         elif name == "--command-user":
             opts.command_user = ids(name, value)
+        elif name == "--parent-fd":
+            opts.parent_fd = descriptor(name, value)
         else:
             opts.max_body_bytes = integer(name, value)
     if not opts.root:
@@ -1867,6 +1889,15 @@ def main(argv: Optional[List[str]] = None) -> int:  # noqa: C901, PLR0915 - the 
     signal.set_wakeup_fd(app.stopper.write_fd)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+
+    if args.parent_fd is not None:
+        try:
+            os.set_inheritable(args.parent_fd, False)  # the server's alone, not the commands'
+        except OSError as exc:
+            fail("--parent-fd %d: %s" % (args.parent_fd, exc))
+        threading.Thread(
+            target=watch_parent, args=(args.parent_fd, app.stopper, log), daemon=True
+        ).start()
 
     handler = partial(Handler, app=app)
     servers: List[socketserver.BaseServer] = []

@@ -43,6 +43,9 @@ class ProcessSandbox(Sandbox):
         self.limits = SandboxLimits(config)
         self._proc: asyncio.subprocess.Process | None = None
         self._log = CappedLog(self.log_path)
+        # Our end of the exec server's --parent-fd: when this process dies, however it dies,
+        # the kernel closes it and the server stops with its commands.
+        self._lifeline: int | None = None
 
     async def start(self) -> ExecEndpoint:
         # The caller's PATH so the host's tools are found; nothing else of its environment (no keys).
@@ -52,9 +55,11 @@ class ProcessSandbox(Sandbox):
         )
         self.enforcement = self._enforcement(self.limits.setup())
         handoff = HandOff(self.rundir, self.token)
+        parent_end, self._lifeline = os.pipe()
         command = execd_cmdline(
             [str(execd_source())], str(self.workspace), handoff.descriptors(), python=sys.executable
         )
+        command += ["--parent-fd", str(parent_end)]
         try:
             self._proc = await handoff.launch(
                 self.limits.wrap(command),
@@ -63,9 +68,11 @@ class ProcessSandbox(Sandbox):
                 timeout=self.config.start_timeout,
                 cwd=self.workspace,
                 env=env,
+                extra_fds=(parent_end,),
             )
         finally:
             handoff.close()
+            os.close(parent_end)
         return ExecEndpoint(
             token=self.token, workspace=str(self.workspace), uds=str(handoff.socket_path)
         )
@@ -81,6 +88,9 @@ class ProcessSandbox(Sandbox):
     async def _teardown(self) -> None:
         try:
             await terminate(self._proc)
+            if self._lifeline is not None:
+                os.close(self._lifeline)
+                self._lifeline = None
             await self.limits.release()
             await self._log.stop()
         finally:
