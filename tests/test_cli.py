@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import backend_param, task_doc
-from llmserver import ScriptedLLMServer, tool_call
+from llmserver import ScriptedLLMServer, slow, tool_call
 from sandbox_agent.cli import (
     ProgressPrinter,
     add_plugin_commands,
@@ -29,6 +29,7 @@ from sandbox_agent.events import EndpointChosen
 from sandbox_agent.loop import CANCELLED_CALL
 from sandbox_agent.runner import default_run_dir, without_userinfo
 from sandbox_agent.taskfile import task_from_prompt
+from sandbox_agent.trajectory import Trajectory
 
 
 def sandboxctl(
@@ -436,3 +437,61 @@ def test_the_endpoint_line_says_when_no_base_url_was_given() -> None:
     )
     given = ProgressPrinter.render(EndpointChosen("http://127.0.0.1:8000/v1", "m"))
     assert given == "endpoint: http://127.0.0.1:8000/v1  model: m"
+
+
+def exec_servers() -> set[int]:
+    found = subprocess.run(
+        ["pgrep", "-f", "sandbox_agent/execd.py --root"], capture_output=True, text=True
+    )
+    return {int(pid) for pid in found.stdout.split()}
+
+
+def test_a_run_killed_outright_leaves_every_finished_step_in_the_journal(
+    tmp_path: Path, llm_server: ScriptedLLMServer
+) -> None:
+    bash = tool_call("execute_bash", {"command": "echo step"})
+    llm_server.script(bash, tool_call("submit", {"answer": "done"}))
+    finished = sandboxctl(
+        "run", "--prompt", "p", "--backend", "process", "--out", "done",
+        cwd=tmp_path, env=endpoint_env(llm_server),
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    assert sorted(p.name for p in (tmp_path / "done").iterdir() if p.is_file()) == [
+        "result.json",
+        "trajectory.json",
+    ]  # the journal goes once trajectory.json is written
+    llm_server.script(bash, bash, slow(120, bash))
+    servers_before = exec_servers()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env.update(endpoint_env(llm_server))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandbox_agent.cli", "run", "--prompt", "p", "--backend",
+         "process", "--out", "killed"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        waited = 0.0
+        while len(llm_server.chat_requests) < 5 and waited < 60:  # 2 above, then the third call
+            time.sleep(0.05)
+            waited += 0.05
+        assert len(llm_server.chat_requests) == 5, "the third call never came"
+        started = exec_servers() - servers_before
+        assert len(started) == 1
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # no say in it: no handler, no clean-up
+        proc.wait(timeout=30)
+    # The exec server (its own session, out of reach of the kill) sees the host's end of its
+    # --parent-fd close, and stops with the commands it started.
+    for _ in range(200):
+        if not exec_servers() & started:
+            break
+        time.sleep(0.05)
+    assert not exec_servers() & started, "the exec server outlived the run"
+    out = tmp_path / "killed"
+    assert not (out / "trajectory.json").exists()
+    trajectory = Trajectory.from_journal(out / "trajectory.jsonl")
+    assert [s.step for s in trajectory.steps] == [1, 2]
+    observations = [c.observation for s in trajectory.steps for c in s.tool_calls]
+    assert observations == ["[exit code 0]\nstep", "[exit code 0]\nstep"]
+    assert trajectory.messages[0]["role"] == "system"

@@ -4,8 +4,10 @@ told to. Every way a task ends, and what the model is shown, in milliseconds."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,6 +55,7 @@ def run_loop(
     model: ScriptedModel,
     sandbox: InMemorySandbox | None = None,
     *,
+    trajectory: Trajectory | None = None,
     fmt: ToolCallFormat = ToolCallFormat.NATIVE,
     max_tokens_per_call: int = 8192,
     **limits: Any,
@@ -68,7 +71,7 @@ def run_loop(
         limits=Limits.model_validate({"maxSteps": 10, **limits}),
     )
     events: list[Event] = []
-    trajectory = Trajectory()
+    trajectory = trajectory or Trajectory()
     loop = AgentLoop(
         model, sandbox, WORKSPACE, settings, events.append, trajectory, clock=model.clock
     )
@@ -252,6 +255,54 @@ def test_the_trajectory_records_the_tools_and_sampling_sent_once_per_run() -> No
     text = run_loop(ScriptedModel(submit_in_text), fmt=ToolCallFormat.HERMES)
     assert text.result.answer == "ok"
     assert text.trajectory.tools is None  # described in the system prompt instead
+
+
+def test_each_finished_step_is_journaled_and_the_journal_reads_back_as_the_record(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "trajectory.jsonl"
+    trajectory = Trajectory(task_name="t", model="scripted")
+    trajectory.keep_journal(journal)
+    model = ScriptedModel(BASH, reply("thinking"), BASH, tool_call("submit", {"answer": "ok"}))
+    run = run_loop(model, trajectory=trajectory)
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [line["record"] for line in lines] == ["run", "step", "step", "step", "step"]
+    assert [line["step"]["step"] for line in lines[1:]] == [1, 2, 3, 4]
+    back = Trajectory.from_journal(journal)
+    assert back.task_name == "t"
+    assert back.tools == TOOLS
+    assert back.steps == run.trajectory.steps
+    assert back.messages == run.trajectory.messages
+    assert back.result is None  # the journal holds steps; the result is trajectory.json's
+
+
+def test_a_journal_cut_by_a_kill_keeps_every_whole_line_and_bad_lines_are_named(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "trajectory.jsonl"
+    trajectory = Trajectory()
+    trajectory.keep_journal(journal)
+    run_loop(
+        ScriptedModel(BASH, BASH, tool_call("submit", {"answer": "ok"})), trajectory=trajectory
+    )
+    whole = journal.read_text()
+    journal.write_text(whole + '{"record": "step", "step": {"st')
+    assert len(Trajectory.from_journal(journal).steps) == 3
+    first, *rest = whole.splitlines(keepends=True)
+    journal.write_text(first + "not json\n" + "".join(rest))
+    with pytest.raises(ValueError, match=r"trajectory.jsonl: line 2 is not a journal record"):
+        Trajectory.from_journal(journal)
+
+
+def test_a_journal_that_cannot_be_written_does_not_end_the_run(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    trajectory = Trajectory()
+    trajectory.keep_journal(tmp_path / "file" / "trajectory.jsonl")  # under a file: ENOTDIR
+    run = run_loop(
+        ScriptedModel(BASH, tool_call("submit", {"answer": "ok"})), trajectory=trajectory
+    )
+    assert run.result.answer == "ok"
+    assert len(run.trajectory.steps) == 2
 
 
 def test_a_context_length_error_halves_max_tokens_and_asks_again() -> None:

@@ -26,6 +26,8 @@ from .trajectory import Trajectory
 from .wire import OUTPUT_DIR
 
 TRAJECTORY_FILE = "trajectory.json"
+# Each finished step, appended as the run goes; gone once trajectory.json is written.
+JOURNAL_FILE = "trajectory.jsonl"
 # The first retry of a model call waits about this long, doubling up to a minute (a server's
 # Retry-After wins when sent).
 DEFAULT_RETRY_BACKOFF_SECONDS = 1.0
@@ -82,6 +84,8 @@ class RunRecord:
             base_url=task.endpoint.base_url,
             tool_call_format=str(task.model.tool_call_format),
         )
+        if directory is not None:
+            self.trajectory.keep_journal(directory / JOURNAL_FILE)
 
     @property
     def output_dir(self) -> Path | None:
@@ -95,6 +99,7 @@ class RunRecord:
             self.trajectory.result = result
         if self.directory is not None:
             self.trajectory.write(self.directory / TRAJECTORY_FILE)
+            (self.directory / JOURNAL_FILE).unlink(missing_ok=True)
 
 
 async def run_agent(

@@ -328,10 +328,13 @@ class AgentLoop:
         self.messages.append(reply.raw_message)
         record = _step_record(self.steps, reply, step_started, text_mode, max_tokens)
         self.trajectory.steps.append(record)
-        if not calls:
+        if calls:
+            ending = await self._run_calls(calls, record, text_mode)
+        else:
             self.messages.append({"role": "user", "content": continue_message(self.workspace)})
-            return None
-        return await self._run_calls(calls, record, text_mode)
+            ending = None
+        self.trajectory.step_done(record)
+        return ending
 
     def _tool_calls(self, reply: Completion) -> tuple[list[ToolCallRequest], bool]:
         """The reply's tool calls, and whether they were read from its text."""

@@ -1,4 +1,9 @@
-"""The full record of a run (every message, tool call, observation, timing, usage) as JSON."""
+"""The full record of a run (every message, tool call, observation, timing, usage) as JSON.
+
+trajectory.json is written when the run ends. While it goes, each finished step is appended to
+trajectory.jsonl beside it (a line per step), so that a run killed outright (SIGKILL, the OOM
+killer, a lost machine) still leaves every step it finished; `Trajectory.from_journal` reads it
+back. The journal is removed once trajectory.json is written."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
 from .result import TaskResult
 
@@ -54,6 +59,58 @@ class Trajectory(BaseModel):
     messages: list[dict[str, Any]] = Field(default_factory=list)
     steps: list[StepRecord] = Field(default_factory=list)
     result: TaskResult | None = None
+    _journal: Path | None = PrivateAttr(default=None)
+    _journaled_messages: int = PrivateAttr(default=0)
+
+    def keep_journal(self, path: Path) -> None:
+        """Append each finished step to `path` from now on (see the module's docstring)."""
+        self._journal = path
+        self._journaled_messages = 0
+
+    def step_done(self, step: StepRecord) -> None:
+        """`step` has finished (its tool calls run, their results in the messages)."""
+        if self._journal is None:
+            return
+        lines: list[dict[str, Any]] = []
+        if self._journaled_messages == 0:
+            header = self.model_dump(mode="json", exclude={"messages", "steps", "result"})
+            lines.append({"record": "run", **header})
+        new = self.messages[self._journaled_messages :]
+        lines.append({"record": "step", "step": step.model_dump(mode="json"), "messages": new})
+        text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        try:
+            self._journal.parent.mkdir(parents=True, exist_ok=True)
+            with self._journal.open("a", encoding="utf-8") as fh:
+                fh.write(text)
+        except OSError:
+            # The journal is insurance; a full disk must not end the run (trajectory.json,
+            # written at the end, reports it).
+            self._journal = None
+            return
+        self._journaled_messages = len(self.messages)
+
+    @classmethod
+    def from_journal(cls, path: Path) -> Trajectory:
+        """The record a journal holds: every step it finished, with no result. A last line cut
+        short by the kill is left out; anything else unreadable is a ValueError naming the line."""
+        trajectory = cls()
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        for number, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                kind = entry.pop("record")
+                if kind == "run":
+                    trajectory = cls.model_validate(entry)
+                elif kind == "step":
+                    trajectory.steps.append(StepRecord.model_validate(entry["step"]))
+                    trajectory.messages.extend(entry["messages"])
+                else:
+                    raise ValueError(f"unknown record {kind!r}")
+            except (ValueError, KeyError, TypeError, AttributeError, ValidationError) as exc:
+                if number == len(lines) and not line.endswith("\n"):
+                    break  # the write the kill interrupted
+                raise ValueError(f"{path}: line {number} is not a journal record ({exc})") from None
+        return trajectory
 
     def write(self, path: Path) -> None:
         """Atomic, so a reader never sees half a file even if the run is killed mid-write."""
