@@ -3,6 +3,8 @@ server would accept (it validates with the same OpenAPI rules)."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
@@ -27,7 +29,26 @@ def as_jsonschema(node: Any) -> Any:
     return out
 
 
-VALIDATOR = jsonschema.Draft4Validator(as_jsonschema(open_api()))
+# The CEL rules the schema carries, all of the one form `self.matches(r'RE2')`; the expression
+# is written so that Python's re reads it as RE2 does.
+_MATCHES = re.compile(r"self\.matches\(r'([^']*)'\)")
+
+
+def _cel_rules(
+    validator: Any, rules: list[dict[str, str]], instance: Any, schema: Any
+) -> Iterator[jsonschema.ValidationError]:
+    for rule in rules:
+        found = _MATCHES.fullmatch(rule["rule"])
+        if found is None:
+            raise NotImplementedError(f"CEL rule not understood here: {rule['rule']}")
+        if isinstance(instance, str) and re.search(found.group(1), instance) is None:
+            yield jsonschema.ValidationError(rule["message"])
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft4Validator, {"x-kubernetes-validations": _cel_rules}
+)
+VALIDATOR = _Validator(as_jsonschema(open_api()))
 
 
 def schema_path(error: jsonschema.ValidationError) -> str:

@@ -222,3 +222,48 @@ def test_an_unknown_field_suggests_the_closest_name_at_its_place() -> None:
         assert line in message.splitlines()
     far = error_of(doc(prompt="p", zzzzzz=1))
     assert "spec.zzzzzz: unknown field" in far.splitlines()
+
+
+GOOD_IMAGES = [
+    "python:3.12-slim",
+    "llm-sandbox/sandbox-python:0.1.0",
+    "registry.example.com:5000/team/sandbox:v1",
+    "localhost/sandbox",
+    "[::1]:5000/sandbox:latest",
+    "ghcr.io/org/my_image__x.y-z:1.0_rc.2",
+    "busybox@sha256:" + "ab" * 32,
+    "busybox:1.36@sha256:" + "ab" * 32,
+]
+BAD_IMAGES = [
+    "UPPER::bad@@",
+    "Python:3.12",
+    "python 3.12",
+    "python:",
+    "python:-dash",
+    "/python",
+    "python/",
+    "a//b",
+    "python@sha256:short",
+    "python:" + "t" * 129,
+]
+
+
+@pytest.mark.parametrize("image", GOOD_IMAGES)
+def test_image_references_the_container_tools_accept_are_accepted(image: str) -> None:
+    assert parse_task(doc(prompt="p", sandbox={"image": image})).spec.sandbox.image == image
+
+
+@pytest.mark.parametrize("image", BAD_IMAGES)
+def test_an_image_reference_outside_the_grammar_is_refused_in_words(image: str) -> None:
+    message = error_of(doc(prompt="p", sandbox={"image": image}))
+    shown = image if len(image) <= 80 else image[:77] + "..."
+    assert message.splitlines()[-1] == (
+        f"spec.sandbox.image: {shown!r} is not an image reference: expected "
+        "[REGISTRY[:PORT]/]NAME[:TAG][@DIGEST], NAME in lower case (for example "
+        "python:3.12-slim or registry.example.com/team/sandbox:v1)"
+    )
+
+
+def test_an_image_name_over_255_characters_is_refused() -> None:
+    message = error_of(doc(prompt="p", sandbox={"image": "a" * 256 + ":1"}))
+    assert "spec.sandbox.image: the image name is longer than 255 characters" in message

@@ -193,10 +193,51 @@ class Network(ApiModel):
         return self
 
 
+# The image reference grammar of the container tools (distribution/reference): NAME is an
+# optional REGISTRY[:PORT]/ and lower-case path components; then :TAG and/or @ALGORITHM:HEX.
+# Written so that Python and RE2 (the API server's CEL) read it alike.
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_REGISTRY = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
+_IMAGE_NAME = rf"(?:{_REGISTRY}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+IMAGE_REFERENCE = rf"^({_IMAGE_NAME})(?::{_TAG})?(?:@{_DIGEST})?$"
+_IMAGE_REFERENCE = re.compile(IMAGE_REFERENCE)
+MAX_IMAGE_NAME = 255
+IMAGE_REFERENCE_HELP = (
+    "not an image reference: expected [REGISTRY[:PORT]/]NAME[:TAG][@DIGEST], NAME in lower "
+    "case (for example python:3.12-slim or registry.example.com/team/sandbox:v1)"
+)
+
+
+def _valid_image(image: str) -> str:
+    found = _IMAGE_REFERENCE.match(image)
+    if found is None:
+        shown = image if len(image) <= 80 else image[:77] + "..."
+        raise ValueError(f"{shown!r} is {IMAGE_REFERENCE_HELP}")
+    if len(found.group(1)) > MAX_IMAGE_NAME:
+        raise ValueError(f"the image name is longer than {MAX_IMAGE_NAME} characters")
+    return image
+
+
+ImageReference = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=512,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": f"self.matches(r'{IMAGE_REFERENCE}')", "message": IMAGE_REFERENCE_HELP}
+            ]
+        },
+    ),
+    AfterValidator(_valid_image),
+]
+
+
 class SandboxSpec(ApiModel):
-    image: Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")] = (
-        DEFAULT_SANDBOX_IMAGE
-    )
+    image: ImageReference = DEFAULT_SANDBOX_IMAGE
     resources: Resources = Field(default_factory=Resources)
     runtime_class_name: Annotated[str | None, Field(max_length=253, pattern=NAME_PATTERN)] = None
     network: Network = Field(default_factory=Network)
