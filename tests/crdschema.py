@@ -45,7 +45,7 @@ def _cel_rules(
             yield jsonschema.ValidationError(rule["message"])
 
 
-_Validator = jsonschema.validators.extend(
+_Validator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
     jsonschema.Draft4Validator, {"x-kubernetes-validations": _cel_rules}
 )
 VALIDATOR = _Validator(as_jsonschema(open_api()))
