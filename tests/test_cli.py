@@ -495,3 +495,22 @@ def test_a_run_killed_outright_leaves_every_finished_step_in_the_journal(
     observations = [c.observation for s in trajectory.steps for c in s.tool_calls]
     assert observations == ["[exit code 0]\nstep", "[exit code 0]\nstep"]
     assert trajectory.messages[0]["role"] == "system"
+
+
+def test_image_is_checked_and_said_to_be_unused_off_docker(
+    tmp_path: Path, llm_server: ScriptedLLMServer
+) -> None:
+    args = ("run", "--prompt", "p", "--backend", "process", "--out", "out")
+    bad = sandboxctl(*args, "--image", "Bad::image", cwd=tmp_path, env=endpoint_env(llm_server))
+    assert bad.returncode == 2
+    assert bad.stderr.startswith(
+        "sandboxctl run: --image: 'Bad::image' is not an image reference: expected "
+    )
+    assert bad.stderr.count("\n") == 1
+    llm_server.script(tool_call("submit", {"answer": "ok"}))
+    good = sandboxctl(*args, "--image", "python:3.12", cwd=tmp_path, env=endpoint_env(llm_server))
+    assert good.returncode == 0, good.stderr
+    assert (
+        "  note: --image is for the docker backend; the process backend runs this machine's "
+        "own programs (--backend docker to use the image)\n"
+    ) in good.stderr

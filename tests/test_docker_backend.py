@@ -166,9 +166,22 @@ def test_docker_reachable_is_false_without_a_cli(monkeypatch: pytest.MonkeyPatch
 
 
 def test_missing_image_message_says_how_to_build() -> None:
-    msg = docker_backend.missing_image_message("some/image:1")
-    assert "some/image:1" in msg
-    assert "bash images/base/build.sh" in msg
+    msg = docker_backend.missing_image_message(docker_backend.DEFAULT_IMAGE)
+    assert f"Docker image {docker_backend.DEFAULT_IMAGE!r} is not present" in msg
+    assert "`bash images/build.sh sandbox`" in msg
+    other = docker_backend.missing_image_message("some/image:1")
+    assert "'some/image:1'" in other
+    assert "--image" in other
+    assert "images/build.sh" not in other  # the project's script builds only its own images
+
+
+def test_the_readme_docker_command_builds_the_default_image() -> None:
+    root = Path(__file__).parent.parent
+    assert "bash images/build.sh sandbox" in (root / "README.md").read_text()
+    script = (root / "images" / "build.sh").read_text()
+    name, tag = docker_backend.DEFAULT_IMAGE.rsplit(":", 1)
+    assert f"tag={tag}\n" in script  # the script's default tag is the backend's
+    assert f'image="{name}:${{tag}}"' in script
 
 
 # ---------------------------------------------------------------------------------------------

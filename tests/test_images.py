@@ -5,7 +5,9 @@ network namespace) solves a task against the scripted LLM server."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -220,3 +222,23 @@ def test_the_agent_image_carries_no_operator_and_the_operator_image_does(images:
     assert cluster.stderr.count("\n") == 1
     assert "no command 'get' here" in cluster.stderr
     assert "llm-sandbox-operator[operator]" in cluster.stderr
+
+
+def test_sandboxctl_runs_a_task_in_the_sandbox_image_given_by_image(
+    images: None, tmp_path: Path, llm_server: ScriptedLLMServer
+) -> None:
+    # What the README's Docker instructions do, with the image this module built.
+    llm_server.script(
+        tool_call("execute_bash", {"command": "python3 -c 'import sympy; print(sympy.prime(10))'"}),
+        lambda request: tool_call("submit", {"answer": request["messages"][-1]["content"]}),
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env |= {"OPENAI_BASE_URL": llm_server.base_url, "OPENAI_MODEL": "m", "OPENAI_API_KEY": "k"}
+    run = subprocess.run(
+        [sys.executable, "-m", "sandbox_agent.cli", "run", "--prompt", "p", "--backend",
+         "docker", "--image", SANDBOX, "--out", "out", "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)["result"]
+    assert result["answer"].endswith("29")

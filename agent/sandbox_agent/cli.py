@@ -36,6 +36,7 @@ from .result import Phase, TaskResult
 from .runner import RunOptions, RunOutcome, missing_input_files, run_task
 from .task import SandboxTask, format_validation_error
 from .taskfile import load_task_file, task_from_prompt
+from .wire import DEFAULT_SANDBOX_IMAGE
 
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1
@@ -168,6 +169,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     run.add_argument("--model", help="model name (overrides OPENAI_MODEL and the task)")
     run.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
     run.add_argument(
+        "--image",
+        help="the sandbox image for the docker backend, instead of spec.sandbox.image "
+        f"(default {DEFAULT_SANDBOX_IMAGE})",
+    )
+    run.add_argument(
         "--out",
         type=Path,
         help="directory for result, trajectory and outputs (default: a new one under "
@@ -218,6 +224,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         backend=args.backend,
         model=args.model,
         base_url=args.base_url,
+        image=args.image,
         out_dir=args.out,
         overwrite=args.overwrite,
         allow_host_network=args.allow_host_network,

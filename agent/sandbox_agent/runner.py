@@ -30,7 +30,7 @@ from .execclient import ExecClient
 from .loop import CANCELLED_MESSAGE
 from .quantity import parse_quantity
 from .result import ExitReason, Phase, TaskResult
-from .task import NetworkMode, SandboxTask
+from .task import NetworkMode, SandboxTask, valid_image
 from .wire import INPUT_DIR, OUTPUT_DIR
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -45,6 +45,8 @@ class RunOptions:
     model: str | None = None
     base_url: str | None = None
     api_key: str | None = None
+    # The sandbox image instead of spec.sandbox.image (the docker backend's).
+    image: str | None = None
     out_dir: Path | None = None
     # Replace the result, trajectory and outputs of an earlier run in out_dir.
     overwrite: bool = False
@@ -123,6 +125,13 @@ def _check_base_url(source: str, url: str) -> None:
         )
 
 
+def image_unused_note(backend: str) -> str:
+    return (
+        f"--image is for the docker backend; the {backend} backend runs this machine's own "
+        "programs (--backend docker to use the image)"
+    )
+
+
 ALLOW_LIST_NOTE = (
     "spec.sandbox.network allowList is enforced by a NetworkPolicy on a cluster; "
     "locally the sandbox gets no network"
@@ -140,8 +149,14 @@ def check_network(task: SandboxTask, opts: RunOptions) -> None:
         raise TaskSpecError(HOST_NETWORK_REFUSED)
 
 
-def sandbox_config(task: SandboxTask) -> SandboxConfig:
+def sandbox_config(task: SandboxTask, image: str | None = None) -> SandboxConfig:
+    """What the task asks of its sandbox; `image` (checked) replaces spec.sandbox.image."""
     sb = task.spec.sandbox
+    if image is not None:
+        try:
+            valid_image(image)
+        except ValueError as exc:
+            raise TaskSpecError(f"--image: {exc}") from None
     limits = sb.resources.limits
 
     def quantity(name: str) -> float | None:
@@ -151,7 +166,7 @@ def sandbox_config(task: SandboxTask) -> SandboxConfig:
     disk = quantity("ephemeral-storage")
     return SandboxConfig(
         network=sb.network.mode is NetworkMode.INTERNET,
-        image=sb.image,
+        image=image or sb.image,
         cpus=quantity("cpu"),
         memory_bytes=int(memory) if memory else None,
         disk_bytes=int(disk) if disk else None,
@@ -275,11 +290,14 @@ async def run_task(
     endpoint = resolve_endpoint(task, opts)
     check_network(task, opts)
     files = collect_inputs(task, task_dir)
+    config = sandbox_config(task, opts.image)
     backend_cls = choose_backend(opts.backend)
     run_dir = opts.out_dir or default_run_dir(task, task_file)
     prepare_run_dir(run_dir, overwrite=opts.overwrite)
     if task.spec.sandbox.network.mode is NetworkMode.ALLOW_LIST:
         on_event(Notice(ALLOW_LIST_NOTE))
+    if opts.image is not None and backend_cls.name != "docker":
+        on_event(Notice(image_unused_note(backend_cls.name)))
     on_event(
         EndpointChosen(
             without_userinfo(endpoint.base_url),
@@ -289,7 +307,7 @@ async def run_task(
     )
     agent = agent_task(task, endpoint)
     record = RunRecord(agent, run_dir)
-    sandbox = backend_cls(sandbox_config(task))
+    sandbox = backend_cls(config)
     result: TaskResult | None = None
     try:
         result = await _run_in(sandbox, agent, record, files, opts, on_event)

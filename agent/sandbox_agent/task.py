@@ -211,7 +211,8 @@ IMAGE_REFERENCE_HELP = (
 )
 
 
-def _valid_image(image: str) -> str:
+def valid_image(image: str) -> str:
+    """`image` if it is an image reference, else a ValueError that says what one looks like."""
     found = _IMAGE_REFERENCE.match(image)
     if found is None:
         shown = image if len(image) <= 80 else image[:77] + "..."
@@ -232,7 +233,7 @@ ImageReference = Annotated[
             ]
         },
     ),
-    AfterValidator(_valid_image),
+    AfterValidator(valid_image),
 ]
 
 

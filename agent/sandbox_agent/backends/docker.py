@@ -98,11 +98,17 @@ def docker_reachable() -> bool:
 
 
 def missing_image_message(image: str) -> str:
+    if image == DEFAULT_IMAGE:
+        build = (
+            f"build it from a checkout of the project with `bash images/build.sh sandbox` "
+            f"(no registry needed: it starts from a debootstrapped {BASE_IMAGE})"
+        )
+    else:
+        build = "build it, or `docker load` it"
     return (
         f"Docker image {image!r} is not present on the local engine, and sandboxes never pull "
-        f"images. Build it first: `bash images/base/build.sh` builds {BASE_IMAGE}; sandbox images "
-        f"such as the default {DEFAULT_IMAGE} are built from their directories under images/ on "
-        "top of it. Or set the task's sandbox image to one that exists (`docker images`)."
+        f"images: {build}; or name one that exists (`docker images`) with --image or the "
+        "task's spec.sandbox.image."
     )
 
 
