@@ -17,15 +17,9 @@ import yaml
 
 from conftest import backend_param, task_doc
 from llmserver import ScriptedLLMServer, slow, tool_call
-from sandbox_agent.cli import (
-    ProgressPrinter,
-    add_plugin_commands,
-    build_parser,
-    counted,
-    dispatch,
-    outputs_line,
-)
+from sandbox_agent.cli import add_plugin_commands, build_parser, dispatch
 from sandbox_agent.events import EndpointChosen
+from sandbox_agent.local_commands import ProgressPrinter, counted, outputs_line
 from sandbox_agent.loop import CANCELLED_CALL
 from sandbox_agent.runner import default_run_dir, without_userinfo
 from sandbox_agent.taskfile import task_from_prompt
@@ -514,3 +508,37 @@ def test_image_is_checked_and_said_to_be_unused_off_docker(
         "  note: --image is for the docker backend; the process backend runs this machine's "
         "own programs (--backend docker to use the image)\n"
     ) in good.stderr
+
+
+def imported_by(*args: str, cwd: Path) -> set[str]:
+    """The modules `sandboxctl ARGS` imports (python -X importtime)."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "sandbox_agent.cli", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+HEAVY = ("openai", "kopf", "aiohttp", "prometheus_client", "sandbox_agent.runner",
+         "sandbox_agent.llm", "sandbox_operator.cluster_cli", "sandbox_operator.kube")  # fmt: skip
+
+
+def test_help_and_validate_import_neither_the_runtime_nor_the_operator(tmp_path: Path) -> None:
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(task_doc()))
+    for args in (("--help",), ("run", "--help"), ("get", "--help"), ("validate", "task.yaml")):
+        modules = imported_by(*args, cwd=tmp_path)
+        assert "sandbox_agent.display" in modules  # the CLI ran (as __main__)
+        loaded = sorted(m for m in modules if m.split(".")[0] in HEAVY or m in HEAVY)
+        assert loaded == [], f"sandboxctl {' '.join(args)} imported {loaded}"
+
+
+def test_the_backend_names_the_parser_offers_are_the_backends() -> None:
+    from sandbox_agent.backend_names import BACKEND_NAMES
+    from sandbox_agent.backends import BACKENDS
+
+    assert ("auto", *BACKENDS) == BACKEND_NAMES

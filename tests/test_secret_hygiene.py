@@ -25,9 +25,9 @@ import yaml
 
 from conftest import bwrap_works, task_doc
 from llmserver import ScriptedLLMServer, echo_request_headers, tool_call
-from sandbox_agent.cli import ProgressPrinter
 from sandbox_agent.events import Event
 from sandbox_agent.execd_cmdline import execd_command
+from sandbox_agent.local_commands import ProgressPrinter
 from sandbox_agent.pod_entrypoint import _log as pod_log
 from sandbox_agent.result import ExitReason
 from sandbox_agent.runner import RunOptions, run_task

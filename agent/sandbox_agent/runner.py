@@ -31,6 +31,7 @@ from .loop import CANCELLED_MESSAGE
 from .quantity import parse_quantity
 from .result import ExitReason, Phase, TaskResult
 from .task import NetworkMode, SandboxTask, valid_image
+from .taskfile import input_source, missing_input_files
 from .wire import INPUT_DIR, OUTPUT_DIR
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -172,20 +173,6 @@ def sandbox_config(task: SandboxTask, image: str | None = None) -> SandboxConfig
         disk_bytes=int(disk) if disk else None,
         pids_limit=sb.max_processes,
     )
-
-
-def input_source(task_dir: Path, file: str) -> Path:
-    """Where a `file:` input is read from: relative to the task file, `~` expanded."""
-    return (task_dir / file).expanduser()
-
-
-def missing_input_files(task: SandboxTask, task_dir: Path) -> list[str]:
-    """One line for each `file:` input that does not exist."""
-    return [
-        f"spec.inputs[{i}].file: {input_source(task_dir, item.file)} does not exist"
-        for i, item in enumerate(task.spec.inputs)
-        if item.file is not None and not input_source(task_dir, item.file).exists()
-    ]
 
 
 def collect_inputs(task: SandboxTask, task_dir: Path) -> list[tuple[str, bytes]]:

@@ -45,3 +45,17 @@ def load_task_file(path: Path) -> SandboxTask:
 
 def task_from_prompt(prompt: str) -> SandboxTask:
     return SandboxTask(spec=SandboxTaskSpec(prompt=prompt))
+
+
+def input_source(task_dir: Path, file: str) -> Path:
+    """Where a `file:` input is read from: relative to the task file, `~` expanded."""
+    return (task_dir / file).expanduser()
+
+
+def missing_input_files(task: SandboxTask, task_dir: Path) -> list[str]:
+    """One line for each `file:` input that does not exist."""
+    return [
+        f"spec.inputs[{i}].file: {input_source(task_dir, item.file)} does not exist"
+        for i, item in enumerate(task.spec.inputs)
+        if item.file is not None and not input_source(task_dir, item.file).exists()
+    ]

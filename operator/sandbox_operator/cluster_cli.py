@@ -1,4 +1,5 @@
-"""`sandboxctl`: the local commands (run, validate) plus the cluster ones (crd, submit, get, wait, logs)."""
+"""What sandboxctl's cluster commands (crd, submit, get, wait, logs) do; their command lines are
+cluster_commands.py's, which imports this module only when one of them runs."""
 
 from __future__ import annotations
 
@@ -333,49 +334,14 @@ def _crd(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_commands(sub: Any) -> dict[str, Command]:
-    """sandboxctl's cluster commands (the `sandboxctl.commands` entry point): their parsers go
-    into `sub`; the returned map runs them."""
-    sub.add_parser("crd", help="print the SandboxTask CustomResourceDefinition (YAML)")
-
-    def cluster(name: str, help_text: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
-        p.add_argument("-n", "--namespace", help="namespace (default: the kubeconfig's)")
-        return p
-
-    submit = cluster("submit", "create a SandboxTask on the cluster from a task file")
-    submit.add_argument("task", type=Path, help="the task file (YAML); file: inputs are inlined")
-    get = cluster("get", "list SandboxTasks, or show one")
-    get.add_argument("name", nargs="?", help="one task to describe (default: list them)")
-    get.add_argument(
-        "-A", "--all-namespaces", action="store_true", help="list tasks of every namespace"
-    )
-    get.add_argument(
-        "-o", "--output", choices=["table", "json"], default="table", help="table (default) or json"
-    )
-    wait = cluster("wait", "wait until a task ends; print its result; exit 0 only on success")
-    wait.add_argument("name", help="the task to wait for")
-    wait.add_argument(
-        "--timeout", type=float, default=3600.0, help="seconds to wait (default 3600; exit 3)"
-    )
-    wait.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
-    logs = cluster("logs", "print the log of a task's pod")
-    logs.add_argument("name", help="the task whose pod's log to print")
-    logs.add_argument(
-        "-c",
-        "--container",
-        choices=["agent", "sandbox"],
-        default="agent",
-        help="agent (default: the run, ending with its result line) or sandbox (the exec server)",
-    )
-    logs.add_argument("--tail", type=int, default=1000, help="last lines to print (default 1000)")
-    return {
-        "crd": _crd,
-        "submit": _with_client(_submit, prepare=_load_for_submit),
-        "get": _with_client(_get),
-        "wait": _with_client(_wait),
-        "logs": _with_client(_logs),
-    }
+# What each cluster command runs, by name (cluster_commands.py defines their command lines).
+COMMANDS: dict[str, Command] = {
+    "crd": _crd,
+    "submit": _with_client(_submit, prepare=_load_for_submit),
+    "get": _with_client(_get),
+    "wait": _with_client(_wait),
+    "logs": _with_client(_logs),
+}
 
 
-__all__ = ["API_GROUP", "API_VERSION", "add_commands"]
+__all__ = ["API_GROUP", "API_VERSION", "COMMANDS"]

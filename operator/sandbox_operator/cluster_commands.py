@@ -1,0 +1,59 @@
+"""sandboxctl's cluster commands as the command line knows them (the `sandboxctl.commands` entry
+point): their parsers, and runners that import cluster_cli.py (the Kubernetes client, aiohttp,
+the CRD) only when one of them is run, so that `sandboxctl --help` stays quick."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sandbox_agent.cli import Command
+
+
+def _runs(name: str) -> Command:
+    def run(args: argparse.Namespace) -> int:
+        from .cluster_cli import COMMANDS
+
+        return COMMANDS[name](args)
+
+    return run
+
+
+def add_commands(sub: Any) -> dict[str, Command]:
+    """The cluster commands' parsers go into `sub`; the returned map runs them."""
+    sub.add_parser("crd", help="print the SandboxTask CustomResourceDefinition (YAML)")
+
+    def cluster(name: str, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+        p.add_argument("-n", "--namespace", help="namespace (default: the kubeconfig's)")
+        return p
+
+    submit = cluster("submit", "create a SandboxTask on the cluster from a task file")
+    submit.add_argument("task", type=Path, help="the task file (YAML); file: inputs are inlined")
+    get = cluster("get", "list SandboxTasks, or show one")
+    get.add_argument("name", nargs="?", help="one task to describe (default: list them)")
+    get.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="list tasks of every namespace"
+    )
+    get.add_argument(
+        "-o", "--output", choices=["table", "json"], default="table", help="table (default) or json"
+    )
+    wait = cluster("wait", "wait until a task ends; print its result; exit 0 only on success")
+    wait.add_argument("name", help="the task to wait for")
+    wait.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds to wait (default 3600; exit 3)"
+    )
+    wait.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    logs = cluster("logs", "print the log of a task's pod")
+    logs.add_argument("name", help="the task whose pod's log to print")
+    logs.add_argument(
+        "-c",
+        "--container",
+        choices=["agent", "sandbox"],
+        default="agent",
+        help="agent (default: the run, ending with its result line) or sandbox (the exec server)",
+    )
+    logs.add_argument("--tail", type=int, default=1000, help="last lines to print (default 1000)")
+    return {name: _runs(name) for name in ("crd", "submit", "get", "wait", "logs")}
