@@ -12,7 +12,7 @@ from typing import Any
 
 from sandbox_agent.errors import ExecServerError, LLMError
 from sandbox_agent.execclient import DirEntry, ExecResult, FileContent, Listing, WrittenFile
-from sandbox_agent.llm import Completion, ToolCallRequest
+from sandbox_agent.protocols import Completion, ToolCallRequest
 
 WORKSPACE = "/workspace"
 

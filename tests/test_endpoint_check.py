@@ -18,9 +18,9 @@ import pytest
 
 from conftest import task_doc
 from llmserver import ScriptedLLMServer, error, html_page, text, tool_call
-from sandbox_agent.errors import LLMError
+from sandbox_agent.errors import EndpointUnreachableError, LLMError
 from sandbox_agent.events import Event, Notice
-from sandbox_agent.llm import ChatLLM, EndpointUnreachableError
+from sandbox_agent.llm import ChatLLM
 from sandbox_agent.result import ExitReason
 
 SUBMIT = tool_call("submit", {"answer": "42"})

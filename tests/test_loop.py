@@ -22,17 +22,19 @@ from inmemory import (
     shell,
     tool_call,
 )
-from sandbox_agent.errors import ExecServerError, LLMError, SandboxError
-from sandbox_agent.events import Event, Notice
-from sandbox_agent.execclient import ExecResult
-from sandbox_agent.execd import CappedBuffer
-from sandbox_agent.llm import (
-    Completion,
+from sandbox_agent.errors import (
     ContextLengthError,
     DeadlineError,
     EndpointUnreachableError,
+    ExecServerError,
+    LLMError,
+    SandboxError,
 )
+from sandbox_agent.events import Event, Notice
+from sandbox_agent.execclient import ExecResult
+from sandbox_agent.execd import CappedBuffer
 from sandbox_agent.loop import NOT_RUN, AgentLoop, AgentSettings
+from sandbox_agent.protocols import Completion
 from sandbox_agent.result import ExitReason, Phase, TaskResult
 from sandbox_agent.task import Limits, ToolCallFormat
 from sandbox_agent.tools import TOOL_NAMES, TOOLS

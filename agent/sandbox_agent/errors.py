@@ -37,3 +37,15 @@ class ExecServerError(SandboxError):
 
 class LLMError(SandboxAgentError):
     """The inference endpoint failed in a way retries could not fix."""
+
+
+class ContextLengthError(LLMError):
+    """The request did not fit the model's context window."""
+
+
+class EndpointUnreachableError(LLMError):
+    """Every attempt failed to connect to the endpoint (DNS, refused, reset, TLS)."""
+
+
+class DeadlineError(LLMError):
+    """The task's wall-clock deadline passed while waiting for the endpoint."""

@@ -1,4 +1,4 @@
-"""Chat completions through the official async OpenAI client, with bounded, jittered retries."""
+"""Chat completions from an OpenAI-compatible endpoint, with bounded, jittered retries."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import openai
-from openai.types.chat import ChatCompletion
+import httpx
 
-from .errors import LLMError
+from . import __version__
+from .errors import ContextLengthError, DeadlineError, EndpointUnreachableError, LLMError
 from .events import EventSink, LLMRetrying, Notice
+from .protocols import Completion, ToolCallRequest
 
 _BACKOFF_BASE = 1.0
 _BACKOFF_CAP = 60.0
@@ -34,44 +35,12 @@ _CHECK_TIMEOUT = 10.0
 # ...and asks again this many times, this far apart, when the connection is refused: a server
 # that is just binding its port gets a moment; a wrong port is reported within seconds.
 _REFUSED_PAUSES = (0.5, 1.0)
-# Statuses of GET /models that say nothing about the chat route: the first chat call decides.
-_NO_MODELS_ROUTE = {404, 405, 501}
+# A reply larger than this is not a chat completion; error texts are kept to this many characters.
+_MAX_REPLY_BYTES = 64 * 1024 * 1024
+_MAX_ERROR_CHARS = 2000
 
 
-class ContextLengthError(LLMError):
-    """The request did not fit the model's context window."""
-
-
-class EndpointUnreachableError(LLMError):
-    """Every attempt failed to connect to the endpoint (DNS, refused, reset, TLS)."""
-
-
-class DeadlineError(LLMError):
-    """The task's wall-clock deadline passed while waiting for the endpoint."""
-
-
-@dataclass(frozen=True)
-class ToolCallRequest:
-    id: str
-    name: str
-    arguments: str
-
-
-@dataclass(frozen=True)
-class Completion:
-    content: str
-    tool_calls: list[ToolCallRequest]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    usage_reported: bool
-    seconds: float
-    retries: int
-    raw_message: dict[str, Any] = field(default_factory=dict)
-
-
-def _retry_after(exc: openai.APIStatusError) -> float | None:
-    headers = exc.response.headers
+def _retry_after(headers: httpx.Headers) -> float | None:
     if (ms := headers.get("retry-after-ms")) is not None:
         try:
             return max(0.0, float(ms) / 1000)
@@ -91,11 +60,41 @@ def _retry_after(exc: openai.APIStatusError) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _is_context_length(exc: openai.APIStatusError) -> bool:
-    if getattr(exc, "code", None) == "context_length_exceeded":
-        return True
-    text = str(exc).lower()
-    return "context length" in text or "context_length" in text or "too many tokens" in text
+@dataclass(frozen=True)
+class _Refusal:
+    """An HTTP error reply: its status, and what its body says (OpenAI's {"error": {...}}, vLLM's
+    and llama.cpp's shapes, or plain text)."""
+
+    status: int
+    message: str
+    code: str | None
+    headers: httpx.Headers
+
+    @classmethod
+    def of(cls, status: int, body: bytes, headers: httpx.Headers) -> _Refusal:
+        text = body.decode("utf-8", "replace").strip()
+        message, code = text[:_MAX_ERROR_CHARS], None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            inner = data.get("error", data)
+            if isinstance(inner, dict):
+                found = inner.get("message", inner.get("detail"))
+                if isinstance(found, str):
+                    message = found[:_MAX_ERROR_CHARS]
+                code = str(inner["code"]) if inner.get("code") is not None else None
+            elif isinstance(inner, str):
+                message = inner[:_MAX_ERROR_CHARS]
+        return cls(status, message or f"HTTP {status}", code, headers)
+
+    @property
+    def context_length(self) -> bool:
+        if self.code == "context_length_exceeded":
+            return True
+        text = self.message.lower()
+        return "context length" in text or "context_length" in text or "too many tokens" in text
 
 
 def _estimate_tokens(messages: list[dict[str, Any]]) -> int:
@@ -103,7 +102,14 @@ def _estimate_tokens(messages: list[dict[str, Any]]) -> int:
 
 
 class ChatLLM:
-    """One model at one endpoint. `complete` returns a Completion or raises an LLMError subclass."""
+    """One model at one endpoint, spoken to over HTTP as the OpenAI chat-completions API is.
+    `complete` returns a Completion or raises an LLMError subclass.
+
+    The wire format is a JSON POST and a JSON reply; this client is its own (on httpx) rather
+    than the openai package, whose import alone costs about 0.4 s of CPU, most of the start of
+    a local run, and whose exceptions wrap the transport's in ways that change between releases.
+    The tests hold the scripted server to the official client (tests/test_llmserver.py) and this
+    client to the scripted server."""
 
     def __init__(
         self,
@@ -128,13 +134,22 @@ class ChatLLM:
         self.retries = 0
         self._api_key = api_key
         self._checked = False
-        # Our own retry loop decides; the client's built-in retries would hide them from events.
-        self._client = openai.AsyncOpenAI(
-            base_url=base_url, api_key=api_key, max_retries=0, timeout=request_timeout
+        root = base_url.rstrip("/")
+        self._chat_url = f"{root}/chat/completions"
+        self._models_url = f"{root}/models"
+        # Proxies from the environment (HTTPS_PROXY, NO_PROXY) apply, as they do for curl.
+        self._http = httpx.AsyncClient(
+            headers={
+                "Authorization": f"Bearer {api_key}",
+                "Accept": "application/json",
+                "User-Agent": f"llm-sandbox-agent/{__version__}",
+            },
+            timeout=request_timeout,
+            trust_env=True,
         )
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._http.aclose()
 
     def _redact(self, text: str) -> str:
         """Error text with the API key cut out: an endpoint may echo request headers in a body."""
@@ -171,56 +186,79 @@ class ChatLLM:
                 raise
             raise type(exc)(clean) from None
 
-    async def _complete(  # noqa: C901 - one retry loop over the error kinds the API returns
+    async def _send(self, method: str, url: str, timeout: float, body: bytes | None) -> _Reply:
+        """One request, its reply read to at most _MAX_REPLY_BYTES; transport errors as httpx
+        raises them."""
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        request = self._http.build_request(
+            method, url, content=body, headers=headers, timeout=timeout
+        )
+        response = await self._http.send(request, stream=True)
+        try:
+            data = bytearray()
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > _MAX_REPLY_BYTES:
+                    raise _UnusableReplyError(
+                        f"the reply is larger than {_MAX_REPLY_BYTES // (1024 * 1024)} MiB"
+                    )
+        finally:
+            await response.aclose()
+        return _Reply(response.status_code, bytes(data), response.headers)
+
+    async def _complete(  # noqa: C901 - one retry loop over the ways a call fails
         self, kwargs: dict[str, Any], deadline: float
     ) -> Completion:
         """The chat call with `kwargs` (`_request_args`), retried until `deadline`."""
         messages: list[dict[str, Any]] = kwargs["messages"]
+        body = json.dumps(kwargs, ensure_ascii=False).encode("utf-8")
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineError("the task deadline passed while waiting for the model")
             started = time.monotonic()
+            delay: float | None = None
             try:
-                resp = await self._client.chat.completions.create(
-                    **kwargs, timeout=min(self.request_timeout, remaining)
+                reply = await self._send(
+                    "POST", self._chat_url, min(self.request_timeout, remaining), body
                 )
-                if not isinstance(resp, ChatCompletion):
-                    # The client hands back the body as text when it is not JSON: a proxy, a
-                    # login page, a web UI on the wrong port. Asking again will not change it.
-                    raise LLMError(self._not_an_api(resp))
-                if not resp.choices:
-                    raise _UnusableReplyError("the endpoint replied with no choices")
-                return self._completion(resp, messages, time.monotonic() - started, attempt)
-            except openai.APIStatusError as exc:
-                status = exc.status_code
-                if status == 400 and _is_context_length(exc):
-                    raise ContextLengthError(str(exc.message)) from exc
-                if status in _RETRYABLE_STATUS or (
-                    status >= 500 and status not in _LASTING_SERVER_ERRORS
-                ):
-                    reason = f"HTTP {status} from {self.base_url}"
-                    delay = _retry_after(exc)
+                if reply.status >= 400:
+                    refusal = _Refusal.of(reply.status, reply.body, reply.headers)
+                    if reply.status == 400 and refusal.context_length:
+                        raise ContextLengthError(refusal.message)
+                    if not _worth_retrying(reply.status):
+                        raise LLMError(self._describe_refusal(refusal))
+                    reason = f"HTTP {reply.status} from {self.base_url}"
+                    delay = _retry_after(reply.headers)
                 else:
-                    raise LLMError(self._describe_status(exc)) from exc
-            except openai.APITimeoutError:
+                    data = _json_object(reply.body)
+                    if data is None and not reply.says_json:
+                        # A proxy, a login page, a web UI on the wrong port: asking again will
+                        # not change it.
+                        raise LLMError(self._not_an_api(reply.body))
+                    if data is None:
+                        raise _UnusableReplyError("the JSON body does not parse (cut short?)")
+                    seconds = time.monotonic() - started
+                    return self._completion(data, messages, seconds, attempt)
+            except httpx.TimeoutException:
                 if deadline - time.monotonic() <= 0:
                     raise DeadlineError(
                         "the task deadline passed while waiting for the model"
                     ) from None
                 reason = f"no reply from {self.base_url} within {self.request_timeout:.0f}s"
-                delay = None
-            except openai.APIConnectionError as exc:
+            except httpx.InvalidURL as exc:
+                raise EndpointUnreachableError(
+                    f"{self.base_url} is not a valid URL: {exc}"
+                ) from None
+            except httpx.TransportError as exc:
                 reason = f"cannot reach {self.base_url}: {_cause(exc)}"
-                delay = None
                 if attempt >= self.max_retries:
                     raise EndpointUnreachableError(
                         f"giving up after {attempt + 1} attempts: {reason}"
                     ) from None
-            except (openai.APIResponseValidationError, _UnusableReplyError, ValueError) as exc:
+            except _UnusableReplyError as exc:
                 reason = f"malformed reply from {self.base_url}: {exc}"
-                delay = None
             if attempt >= self.max_retries:
                 raise LLMError(f"giving up after {attempt + 1} attempts: {reason}")
             wait = min(delay, _RETRY_AFTER_CAP) if delay is not None else self._backoff(attempt)
@@ -247,14 +285,14 @@ class ChatLLM:
             if timeout <= 0:
                 return
             try:
-                reply = await self._client.models.with_raw_response.list(timeout=timeout)
-            except openai.APIStatusError as exc:
-                if exc.status_code in (401, 403):
-                    raise LLMError(self._describe_status(exc)) from None
+                reply = await self._send("GET", self._models_url, timeout, None)
+            except (httpx.TimeoutException, _UnusableReplyError):
                 return
-            except openai.APITimeoutError:
-                return
-            except openai.APIConnectionError as exc:
+            except httpx.InvalidURL as exc:
+                raise EndpointUnreachableError(
+                    f"{self.base_url} is not a valid URL: {exc}"
+                ) from None
+            except httpx.TransportError as exc:
                 problem = _connection_problem(exc, self.base_url)
                 if problem is None:
                     return  # a reset or the like: the chat call's retries deal with it
@@ -264,17 +302,18 @@ class ChatLLM:
                     raise EndpointUnreachableError(message) from None
                 await self._sleep(pause)
                 continue
-            self._check_models(reply.http_response.text)
+            if reply.status in (401, 403):
+                refusal = _Refusal.of(reply.status, reply.body, reply.headers)
+                raise LLMError(self._describe_refusal(refusal))
+            if reply.status < 400:
+                self._check_models(reply.body)
             return
 
-    def _check_models(self, body: str) -> None:
+    def _check_models(self, body: bytes) -> None:
         """The /models reply: not JSON is not an OpenAI-compatible endpoint; a list without our
         model is worth a notice (some servers list only some of the names they accept)."""
-        try:
-            listing = json.loads(body)
-        except ValueError:
-            raise LLMError(self._not_an_api(body)) from None
-        if not isinstance(listing, dict):
+        listing = _json_object(body)
+        if listing is None:
             raise LLMError(self._not_an_api(body))
         data = listing.get("data")
         if not isinstance(data, list):
@@ -314,9 +353,8 @@ class ChatLLM:
             kwargs["top_p"] = top_p
         return kwargs
 
-    def _not_an_api(self, body: object) -> str:
-        text = body if isinstance(body, str) else ""
-        head = text[:512].lstrip().lower()
+    def _not_an_api(self, body: bytes) -> str:
+        head = body[:512].decode("utf-8", "replace").lstrip().lower()
         kind = "text/html" if head.startswith(("<!doctype html", "<html")) else "a non-JSON body"
         return (
             f"the endpoint at {self.base_url} answered {kind}, not an OpenAI-compatible JSON "
@@ -324,8 +362,8 @@ class ChatLLM:
             "inference server, not a proxy or web page"
         )
 
-    def _describe_status(self, exc: openai.APIStatusError) -> str:
-        status = exc.status_code
+    def _describe_refusal(self, refusal: _Refusal) -> str:
+        status = refusal.status
         if status in (401, 403):
             return (
                 f"the endpoint {self.base_url} refused the API key (HTTP {status}): "
@@ -335,33 +373,36 @@ class ChatLLM:
         if status == 404:
             return (
                 f"HTTP 404 from {self.base_url}: is the base URL right (it usually ends in /v1) "
-                f"and does the endpoint serve model {self.model!r}? ({exc.message})"
+                f"and does the endpoint serve model {self.model!r}? ({refusal.message})"
             )
         if status == 501:
             return (
                 f"HTTP 501 from {self.base_url}: the server there does not implement the chat "
                 "completions API (a plain web server?): check the base URL"
             )
-        return f"HTTP {status} from {self.base_url}: {exc.message}"
+        return f"HTTP {status} from {self.base_url}: {refusal.message}"
 
     def _completion(
-        self, resp: Any, messages: list[dict[str, Any]], seconds: float, retries: int
+        self, data: dict[str, Any], messages: list[dict[str, Any]], seconds: float, retries: int
     ) -> Completion:
-        choice = resp.choices[0]
-        msg = choice.message
-        calls = [
-            ToolCallRequest(
-                id=tc.id or f"call_{i}",
-                name=tc.function.name or "",
-                arguments=tc.function.arguments or "",
-            )
-            for i, tc in enumerate(msg.tool_calls or [])
-            if getattr(tc, "function", None) is not None
-        ]
-        content = msg.content or ""
-        usage = resp.usage
-        if usage is not None and usage.prompt_tokens is not None:
-            prompt, completion, reported = usage.prompt_tokens, usage.completion_tokens or 0, True
+        """The reply read leniently, as servers send it (fields missing or null, arguments as an
+        object); a reply with no choice to read is worth asking again."""
+        choices = data.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict):
+            raise _UnusableReplyError("the endpoint replied with no choices")
+        msg = choice.get("message")
+        msg = msg if isinstance(msg, dict) else {}
+        content = msg.get("content")
+        content = content if isinstance(content, str) else ""
+        calls = _tool_calls(msg.get("tool_calls"))
+        usage = data.get("usage")
+        prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        if isinstance(prompt_tokens, int) and isinstance(usage, dict):
+            completion_tokens = usage.get("completion_tokens")
+            prompt = prompt_tokens
+            completion = completion_tokens if isinstance(completion_tokens, int) else 0
+            reported = True
         else:
             # Some servers omit usage; an estimate keeps the token budget enforceable.
             prompt = _estimate_tokens(messages)
@@ -377,10 +418,11 @@ class ChatLLM:
                 }
                 for c in calls
             ]
+        finish = choice.get("finish_reason")
         return Completion(
             content=content,
             tool_calls=calls,
-            finish_reason=str(choice.finish_reason or ""),
+            finish_reason=finish if isinstance(finish, str) else "",
             prompt_tokens=prompt,
             completion_tokens=completion,
             usage_reported=reported,
@@ -388,6 +430,55 @@ class ChatLLM:
             retries=retries,
             raw_message=raw,
         )
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    body: bytes
+    headers: httpx.Headers
+
+    @property
+    def says_json(self) -> bool:
+        """The reply's Content-Type is JSON: a body that then does not parse was cut short or
+        garbled on the way, which asking again may mend."""
+        kind = str(self.headers.get("content-type", "")).split(";")[0].strip().lower()
+        return kind == "application/json" or kind.endswith("+json")
+
+
+def _worth_retrying(status: int) -> bool:
+    return status in _RETRYABLE_STATUS or (status >= 500 and status not in _LASTING_SERVER_ERRORS)
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None when it is not one."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _tool_calls(raw: object) -> list[ToolCallRequest]:
+    """The function calls of a reply's message; entries without a function are skipped."""
+    if not isinstance(raw, list):
+        return []
+    calls = []
+    for i, entry in enumerate(raw):
+        function = entry.get("function") if isinstance(entry, dict) else None
+        if not isinstance(function, dict):
+            continue
+        call_id, name, arguments = entry.get("id"), function.get("name"), function.get("arguments")
+        if isinstance(arguments, dict | list):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        calls.append(
+            ToolCallRequest(
+                id=call_id if isinstance(call_id, str) and call_id else f"call_{i}",
+                name=name if isinstance(name, str) else "",
+                arguments=arguments if isinstance(arguments, str) else "",
+            )
+        )
+    return calls
 
 
 class _UnusableReplyError(Exception):
@@ -413,7 +504,7 @@ def _cause(exc: BaseException) -> str:
 def _connection_problem(exc: BaseException, base_url: str) -> tuple[bool, str] | None:
     """(refused?, message) when a failed connection shows the endpoint cannot work as given;
     None for failures worth retrying. Told by the exceptions the HTTP library was raised from,
-    by type, so that it does not matter which httpx the openai package brings."""
+    by type and name, as the transport raised them."""
     for inner in _chain(exc):
         if isinstance(inner, ConnectionRefusedError):
             return True, (

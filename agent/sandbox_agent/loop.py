@@ -11,17 +11,17 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .budget import TokenBudget
-from .errors import ExecServerError, LLMError, SandboxError
-from .events import EventSink, LLMReplied, Notice, StepStarted, ToolCallFinished, ToolCallStarted
-from .llm import (
-    Completion,
+from .errors import (
     ContextLengthError,
     DeadlineError,
     EndpointUnreachableError,
-    ToolCallRequest,
+    ExecServerError,
+    LLMError,
+    SandboxError,
 )
+from .events import EventSink, LLMReplied, Notice, StepStarted, ToolCallFinished, ToolCallStarted
 from .prompt import continue_message, system_prompt, user_message
-from .protocols import CompletionModel, SandboxAPI
+from .protocols import Completion, CompletionModel, SandboxAPI, ToolCallRequest
 from .result import ExitReason, TaskResult, Usage, phase_for
 from .task import Limits, ToolCallFormat
 from .textcalls import TextToolCall, parse_text_tool_calls

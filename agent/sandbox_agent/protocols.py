@@ -4,10 +4,30 @@ also drive the loop with in-memory doubles (tests/inmemory.py)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .execclient import ExecResult, FileContent, Listing, WrittenFile
-from .llm import Completion
+
+
+@dataclass(frozen=True)
+class ToolCallRequest:
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    content: str
+    tool_calls: list[ToolCallRequest]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    usage_reported: bool
+    seconds: float
+    retries: int
+    raw_message: dict[str, Any] = field(default_factory=dict)
 
 
 class CompletionModel(Protocol):
