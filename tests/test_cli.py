@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import yaml
 
 from conftest import backend_param, task_doc
 from llmserver import ScriptedLLMServer, slow, tool_call
-from sandbox_agent.cli import add_plugin_commands, build_parser, dispatch
+from sandbox_agent.cli import add_plugin_commands, build_parser, dispatch, main
 from sandbox_agent.events import EndpointChosen
 from sandbox_agent.local_commands import ProgressPrinter, counted, outputs_line
 from sandbox_agent.loop import CANCELLED_CALL
@@ -542,3 +543,24 @@ def test_the_backend_names_the_parser_offers_are_the_backends() -> None:
     from sandbox_agent.backends import BACKENDS
 
     assert ("auto", *BACKENDS) == BACKEND_NAMES
+
+
+def test_without_the_operator_extra_the_cluster_commands_are_a_hint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sandbox_operator import cluster_commands
+
+    monkeypatch.setattr(cluster_commands, "NEEDED", ("aiohttp", "no_such_module_here"))
+    _, sub = build_parser()
+    commands, missing = add_plugin_commands(sub)
+    assert commands == {}
+    assert missing == ["cluster: no_such_module_here is not installed"]
+    monkeypatch.setattr(sys, "argv", ["sandboxctl", "get"])
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert main() == 2
+    assert stderr.getvalue() == (
+        "sandboxctl: no command 'get' here; cluster commands (submit, get, wait, logs, crd) "
+        "come with the operator: pip install 'llm-sandbox-operator[operator]' "
+        "(cluster: no_such_module_here is not installed)\n"
+    )

@@ -54,20 +54,25 @@ class Client:
     async def _sleep(self, seconds: float) -> None:
         self.pauses.append(seconds)
 
-    def ask(self) -> str:
+    def ask(self, times: int = 1) -> str:
+        """Ask `times` times over one client; the last reply's text."""
+
         async def call() -> str:
+            content = ""
             try:
-                reply = await self.llm.complete(
-                    [{"role": "user", "content": "hi"}],
-                    tools=None,
-                    max_tokens=32,
-                    temperature=None,
-                    top_p=None,
-                    deadline=time.monotonic() + 60,
-                )
+                for _ in range(times):
+                    reply = await self.llm.complete(
+                        [{"role": "user", "content": "hi"}],
+                        tools=None,
+                        max_tokens=32,
+                        temperature=None,
+                        top_p=None,
+                        deadline=time.monotonic() + 60,
+                    )
+                    content = reply.content
             finally:
                 await self.llm.aclose()
-            return reply.content
+            return content
 
         return asyncio.run(call())
 
@@ -151,21 +156,7 @@ def test_what_the_check_cannot_tell_is_left_to_the_chat_call(
 
 def test_the_check_is_made_once_per_client(llm_server: ScriptedLLMServer) -> None:
     llm_server.script(text("one"), text("two"))
-    client = Client(llm_server.base_url)
-
-    async def twice() -> None:
-        for _ in range(2):
-            await client.llm.complete(
-                [{"role": "user", "content": "hi"}],
-                tools=None,
-                max_tokens=32,
-                temperature=None,
-                top_p=None,
-                deadline=time.monotonic() + 60,
-            )
-        await client.llm.aclose()
-
-    asyncio.run(twice())
+    assert Client(llm_server.base_url).ask(times=2) == "two"
     gets = [r for r in llm_server.requests if r.method == "GET"]
     assert [r.path for r in gets] == ["/v1/models"]
     assert len(llm_server.chat_requests) == 2

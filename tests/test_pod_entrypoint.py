@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from llmserver import ScriptedLLMServer, tool_call
+from llmserver import ScriptedLLMServer, slow, text, tool_call
 from sandbox_agent.execd_cmdline import execd_command
 from sandbox_agent.result import RESULT_LOG_PREFIX, TaskResult, termination_message
 
@@ -152,3 +153,44 @@ def test_a_result_too_large_for_the_termination_message_is_cut_and_flagged() -> 
     assert data["steps"] == 3
     small = TaskResult.model_validate({"phase": "Failed", "exitReason": "max_steps", "answer": "x"})
     assert "resultInLog" not in json.loads(termination_message(small))
+
+
+def test_a_sandbox_that_stops_mid_run_ends_the_run_at_once_with_what_it_spent(
+    pod_dirs: dict[str, Path], tmp_path: Path, llm_server: ScriptedLLMServer
+) -> None:
+    # The model thinks and never runs a command, so only the watch can notice the sandbox going.
+    assert pod_python(
+        "install", "--execd-dir", str(pod_dirs["bin"]), "--run-dir", str(pod_dirs["run"])
+    ).returncode == 0  # fmt: skip
+    sandbox = start_sandbox(pod_dirs)
+    llm_server.script(text("let me think"))
+    llm_server.set_default(slow(1, text("still thinking")))
+    task = write_task(tmp_path / "task.json", llm_server, maxSteps=100)
+    term = tmp_path / "termination-log"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "sandbox_agent.pod_entrypoint", "run", "--task", str(task),
+         "--run-dir", str(pod_dirs["run"]), "--termination-log", str(term)],
+        env={"PATH": os.environ["PATH"]}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(600):
+            if len(llm_server.chat_requests) >= 2:
+                break
+            time.sleep(0.05)
+        assert len(llm_server.chat_requests) >= 2, "the run never got going"
+        sandbox.kill()  # what the OOM killer does to the sandbox container's exec server
+        sandbox.wait(timeout=10)
+        _, err = agent.communicate(timeout=60)
+    finally:
+        agent.kill()
+        sandbox.kill()
+    assert agent.returncode == 0, err
+    result = json.loads(term.read_text())
+    assert (result["exitReason"], result["cause"]) == ("sandbox_error", "SandboxStopped")
+    assert result["message"].startswith("the sandbox container stopped during the run")
+    assert result["steps"] >= 1  # what was spent up to then is reported, not lost
+    assert result["usage"]["llmCalls"] >= 1
+    asked = len(llm_server.chat_requests)
+    time.sleep(1.5)
+    assert len(llm_server.chat_requests) == asked  # the model is no longer asked

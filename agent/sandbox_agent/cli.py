@@ -160,11 +160,10 @@ def add_plugin_commands(sub: Any) -> tuple[dict[str, Command], list[str]]:
     missing: list[str] = []
     for point in entry_points(group=PLUGIN_GROUP):
         try:
-            add = point.load()
+            # A plugin says it cannot work here by an ImportError, when loaded or when adding.
+            commands.update(point.load()(sub))
         except ImportError as exc:
             missing.append(f"{point.name}: {exc.name or exc} is not installed")
-            continue
-        commands.update(add(sub))
     return commands, missing
 
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -38,6 +41,12 @@ from .wire import INPUT_DIR, WORKSPACE
 
 # How long the sandbox container may take to start its exec server (image pull is already done).
 EXECD_READY_TIMEOUT = 120.0
+# How often the agent checks that the sandbox container's exec server is still there.
+SANDBOX_WATCH_SECONDS = 2.0
+SANDBOX_STOPPED = (
+    "the sandbox container stopped during the run (its exec server no longer accepts "
+    "connections); the run was ended at once"
+)
 # Input files listed for the prompt (which names the first 50 and counts the rest).
 MAX_LISTED_INPUTS = 1000
 
@@ -129,11 +138,65 @@ async def run(
     except SandboxError as exc:
         return failed(ExitReason.SANDBOX_ERROR, str(exc), cause="ExecServerNotReady")
     try:
-        result = await run_agent(task, endpoint, list_inputs, record, _log)
+        result = await _while_sandbox_runs(
+            run_agent(task, endpoint, list_inputs, record, _log), endpoint, record
+        )
     finally:
         await _shutdown(endpoint)
     record.save(result)
     return result
+
+
+async def sandbox_stopped(socket_path: str, interval: float = SANDBOX_WATCH_SECONDS) -> None:
+    """Return once the exec server's socket refuses connections (or is gone) twice in a row: its
+    process has exited, for good (restartPolicy Never). A busy server still accepts (the kernel
+    queues the connection), so load is never taken for death."""
+    misses = 0
+    while misses < 2:
+        await asyncio.sleep(interval)
+        try:
+            _, writer = await asyncio.open_unix_connection(socket_path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            misses += 1
+            continue
+        except OSError:
+            misses = 0  # a full backlog or the like: someone is there
+            continue
+        writer.close()
+        misses = 0
+
+
+async def _while_sandbox_runs(
+    work: Coroutine[Any, Any, TaskResult], endpoint: ExecEndpoint, record: RunRecord
+) -> TaskResult:
+    """`work`'s result; or, when the sandbox container stops first (OOM-killed, crashed), the run
+    ended at once as sandbox_error with what it had spent and done, rather than the model asked
+    on and on by an agent that finds out only at its next command."""
+    running = asyncio.ensure_future(work)
+    if endpoint.uds is None:
+        return await running
+    watch = asyncio.ensure_future(sandbox_stopped(endpoint.uds))
+    try:
+        await asyncio.wait({running, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if running.done():
+        return running.result()
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    ended = failed(ExitReason.SANDBOX_ERROR, SANDBOX_STOPPED, cause="SandboxStopped")
+    so_far = record.trajectory.result
+    if so_far is not None:
+        ended = so_far.model_copy(
+            update={
+                "phase": ended.phase,
+                "exit_reason": ended.exit_reason,
+                "message": ended.message,
+                "cause": ended.cause,
+            }
+        )
+    return ended
 
 
 def report(result: TaskResult, termination_log: Path) -> None:

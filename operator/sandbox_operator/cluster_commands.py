@@ -5,6 +5,7 @@ the CRD) only when one of them is run, so that `sandboxctl --help` stays quick."
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,17 @@ def _runs(name: str) -> Command:
     return run
 
 
+# What the cluster commands import when they run, besides this package: from the operator extra.
+NEEDED = ("aiohttp",)
+
+
 def add_commands(sub: Any) -> dict[str, Command]:
-    """The cluster commands' parsers go into `sub`; the returned map runs them."""
+    """The cluster commands' parsers go into `sub`; the returned map runs them. An ImportError
+    naming the module when the operator extra is not installed (sandboxctl then shows a hint),
+    found without importing it."""
+    for module in NEEDED:
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f"No module named {module!r}", name=module)
     sub.add_parser("crd", help="print the SandboxTask CustomResourceDefinition (YAML)")
 
     def cluster(name: str, help_text: str) -> argparse.ArgumentParser:

@@ -58,6 +58,7 @@ _CAUSE_REASONS = {
     for r in (
         Reason.ENDPOINT_UNREACHABLE,
         Reason.EXEC_SERVER_NOT_READY,
+        Reason.SANDBOX_STOPPED,
         Reason.FOREIGN_OBJECT,
         Reason.SECRET_NOT_ALLOWED,
     )

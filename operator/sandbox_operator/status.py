@@ -79,6 +79,8 @@ class Reason(StrEnum):
     """The pod ran past limits.activeDeadlineSeconds and the kubelet stopped it."""
     EXEC_SERVER_NOT_READY = "ExecServerNotReady"
     """The sandbox container started but its exec server never answered the agent."""
+    SANDBOX_STOPPED = "SandboxStopped"
+    """The sandbox container stopped during the run; the agent ended the run at once."""
     ENDPOINT_UNREACHABLE = "EndpointUnreachable"
     """The agent could not reach the inference endpoint (DNS, connection, TLS, network policy)."""
     POD_DELETED = "PodDeleted"
