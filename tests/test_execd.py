@@ -620,6 +620,7 @@ def test_malformed_requests_get_json_errors_and_the_server_keeps_serving(server:
         (c.post("/exec", content=b"{not json"), 400, "bad_request"),
         (c.post("/exec", content=b"[1, 2]"), 400, "bad_request"),
         (c.post("/exec", content=b"\xff\xfe"), 400, "bad_request"),
+        (c.post("/exec", content=b"[" * 100_000 + b"]" * 100_000), 400, "bad_request"),
         (c.post("/nope", json={}), 404, "not_found"),
         (c.get("/exec"), 405, "method_not_allowed"),
         (c.put("/files/read", json={}), 405, "method_not_allowed"),

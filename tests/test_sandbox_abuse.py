@@ -512,6 +512,23 @@ def test_without_a_cgroup_memory_falls_back_to_rlimit_as_and_pids_is_reported_un
     assert "survived" not in hog.stdout
 
 
+@pytest.mark.usefixtures("no_cgroups")
+def test_under_rlimit_as_the_exec_server_serves_many_requests_at_once() -> None:
+    # RLIMIT_AS counts address space: with 8 MiB thread stacks and a malloc arena per thread the
+    # server could start only a few threads under the 256 MiB cap ("can't start new thread").
+    _bwrap_only()
+
+    async def body(client: ExecClient, sandbox: Sandbox) -> list[ExecResult]:
+        assert "RLIMIT_AS" in sandbox.enforcement.enforced["memory"]
+        reads = [client.list_dir(".") for _ in range(12)]
+        listed = await asyncio.gather(*reads)
+        assert len(listed) == 12
+        return list(await asyncio.gather(*(client.exec(f"echo {i}", timeout=30) for i in range(4))))
+
+    results = run("bwrap", body, SandboxConfig(memory_bytes=MEMORY, pids_limit=PIDS))
+    assert [r.stdout.strip() for r in results] == ["0", "1", "2", "3"]
+
+
 def test_the_process_backend_says_its_disk_is_not_capped() -> None:
     sandbox = make_sandbox("process", SandboxConfig(disk_bytes=DISK))
 

@@ -1059,6 +1059,11 @@ class App:
 # The HTTP/1.1 subset we speak. Limits as in http.server: they bound a connection's memory.
 MAX_LINE_BYTES = 65536
 MAX_HEADERS = 100
+# Each of the server's threads (one per connection, the shell's pumps) gets this much stack, not
+# the 8 MiB default: under a sandbox's RLIMIT_AS (the memory cap where no cgroup is available)
+# the default stacks alone use the cap up after a few threads. Deep enough for the recursion
+# limit in JSON parsing.
+THREAD_STACK_BYTES = 2 * 1024 * 1024
 # Idle keep-alive connections and stalled uploads give up after this many seconds.
 IDLE_TIMEOUT = 300
 # Replies smaller than this leave in one write; bigger ones are not copied to prepend the headers.
@@ -1220,6 +1225,8 @@ class Handler(socketserver.StreamRequestHandler):
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise bad_request("request body is not valid JSON: %s" % exc) from exc
+        except RecursionError:
+            raise bad_request("request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise bad_request("request body must be a JSON object")
         return body
@@ -1862,6 +1869,7 @@ def main(argv: Optional[List[str]] = None) -> int:  # noqa: C901, PLR0915 - the 
         init_status = run_as_init()
         if init_status is not None:
             return init_status
+    threading.stack_size(THREAD_STACK_BYTES)
     log = Log()
     for warning in identity.warnings:
         log.write("execd: warning: %s" % warning)

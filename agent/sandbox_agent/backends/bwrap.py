@@ -398,7 +398,9 @@ class BwrapSandbox(Sandbox):
             args += ["--seccomp", str(seccomp_fd)]
         if not self.config.network:
             args.append("--unshare-net")
-        env = host_env_for_sandbox({"HOME": HOME, "USER": "sandbox"} | self.config.env)
+        env = host_env_for_sandbox(
+            {"HOME": HOME, "USER": "sandbox"} | self.limits.env() | self.config.env
+        )
         for key, value in sorted(env.items()):
             args += ["--setenv", key, value]
         commands = (SANDBOX_UID, SANDBOX_UID) if self.split_users else None

@@ -489,6 +489,12 @@ class SandboxLimits:
                 unenforced[resource] = why
         return unenforced
 
+    def env(self) -> dict[str, str]:
+        """Variables the sandbox's processes need under these limits. With RLIMIT_AS, glibc's
+        per-thread malloc arenas (64 MiB of address space each) use the cap up long before
+        memory does, and the exec server's threads then fail to allocate: two arenas suffice."""
+        return {"MALLOC_ARENA_MAX": "2"} if "as" in self.rlimits else {}
+
     def wrap(self, argv: Sequence[str]) -> list[str]:
         """`argv` run inside the cgroup and under the rlimits, joined before anything executes."""
         prefix: list[str] = []

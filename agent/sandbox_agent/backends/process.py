@@ -49,11 +49,12 @@ class ProcessSandbox(Sandbox):
 
     async def start(self) -> ExecEndpoint:
         # The caller's PATH so the host's tools are found; nothing else of its environment (no keys).
+        self.enforcement = self._enforcement(self.limits.setup())
         env = host_env_for_sandbox(
             {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.workspace)}
+            | self.limits.env()
             | self.config.env
         )
-        self.enforcement = self._enforcement(self.limits.setup())
         handoff = HandOff(self.rundir, self.token)
         parent_end, self._lifeline = os.pipe()
         command = execd_cmdline(
