@@ -8,7 +8,13 @@ same run.
 Targets (issue 11): `sandboxctl --help` within 3x of `python3 -c pass`; the 4-step run at least
 20x faster than the LLM-in-Sandbox package (0.2.0, Docker) runs the same task. Give that
 package's command line with --llm-in-sandbox (e.g. "llm-in-sandbox run --docker_image IMG")
-to measure it in this run too; without it the figure it took here is printed as recorded.
+to measure it in this run too ({base_url} in it becomes the scripted server's URL); without
+it the figure it took here is printed as recorded. For example, with the package installed in
+a virtual environment and the base image built (images/base/build.sh):
+
+    python bench/cli_startup.py --llm-in-sandbox "/tmp/lis/bin/llm-in-sandbox run \
+        'Which is larger, 2^100 or 3^63?' --llm_name scripted-model --llm_base_url {base_url} \
+        --api_key k --docker_image llm-sandbox/base:bookworm --max_steps 10"
 """
 
 from __future__ import annotations
@@ -86,7 +92,8 @@ def main() -> int:
     parser.add_argument("--backend", default="bwrap", help="sandboxctl run's backend")
     parser.add_argument(
         "--llm-in-sandbox",
-        help="the LLM-in-Sandbox package's command line for the same task, to time it here",
+        help="the LLM-in-Sandbox package's command line for the same task, to time it here "
+        "({base_url} is replaced by the scripted server's URL)",
     )
     args = parser.parse_args()
     sandboxctl = [sys.executable, "-m", "sandbox_agent.cli"]
@@ -117,7 +124,8 @@ def main() -> int:
 
             def their_run() -> None:
                 server.script(*STEPS)
-                command(shlex.split(args.llm_in_sandbox), env=env, cwd=work)
+                line = args.llm_in_sandbox.replace("{base_url}", server.base_url)
+                command(shlex.split(line), env=env, cwd=work)
 
             measured = median_wall(their_run, max(3, rounds // 5))
             theirs = (measured, measured)

@@ -19,6 +19,7 @@ import httpx
 from . import __version__
 from .errors import ContextLengthError, DeadlineError, EndpointUnreachableError, LLMError
 from .events import EventSink, LLMRetrying, Notice
+from .execclient import trusting_no_certificate
 from .protocols import Completion, ToolCallRequest
 
 _BACKOFF_BASE = 1.0
@@ -146,6 +147,8 @@ class ChatLLM:
             },
             timeout=request_timeout,
             trust_env=True,
+            # https:// is verified against the system's CAs; plain http:// needs no CA bundle.
+            verify=True if root.lower().startswith("https://") else trusting_no_certificate(),
         )
 
     async def aclose(self) -> None:
