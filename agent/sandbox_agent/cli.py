@@ -98,6 +98,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
 
     validate = sub.add_parser("validate", help="check a task file and print the parsed spec")
     validate.add_argument("task", type=Path, help="the task file (YAML)")
+    from .model_commands import add_parser as add_model_parser
+
+    add_model_parser(sub)
     return parser, sub
 
 
@@ -113,7 +116,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return validate(args)
 
 
-LOCAL_COMMANDS: dict[str, Command] = {"run": _cmd_run, "validate": _cmd_validate}
+def _cmd_model(args: argparse.Namespace) -> int:
+    from .model_commands import run
+
+    return run(args)
+
+
+LOCAL_COMMANDS: dict[str, Command] = {
+    "run": _cmd_run,
+    "validate": _cmd_validate,
+    "model": _cmd_model,
+}
 
 
 def dispatch(args: argparse.Namespace, commands: dict[str, Command], debug: bool = False) -> int:

@@ -1,0 +1,97 @@
+"""`sandboxctl model list | pull [NAME] [--from FILE] | path [NAME]`: the local models' cache."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from .cli import EXIT_OK, EXIT_TASK_FAILED
+from .errors import TaskSpecError
+from .models import CATALOGUE, DEFAULT_MODEL, ModelCache, ModelError, cache_dir, human, known
+
+
+class ProgressLine:
+    """A long step on `stream`: one line redrawn on a terminal, else a line every 10 %."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.shown: tuple[str, int] = ("", -1)
+        self.last_draw = 0.0
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        percent = 100 * done // total if total else 100
+        if self.tty:
+            now = time.monotonic()
+            if percent == self.shown[1] and now - self.last_draw < 0.5:
+                return
+            self.last_draw = now
+            end = "\n" if done >= total else ""
+            print(f"\r  {what}: {percent:3d}% of {human(total)}", end=end, file=self.stream)
+            self.stream.flush()
+        elif (what, percent // 10) != (self.shown[0], self.shown[1] // 10):
+            print(f"  {what}: {percent}% of {human(total)}", file=self.stream, flush=True)
+        self.shown = (what, percent)
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    model = sub.add_parser(
+        "model",
+        help="the local models: list them, pull one into the cache, show its path",
+        description="Local GGUF models, verified by size and sha256, in the cache directory "
+        "($LLMSANDBOX_MODELS_DIR, else $XDG_CACHE_HOME/llm-sandbox/models).",
+    )
+    actions = model.add_subparsers(
+        dest="action", required=True, metavar="ACTION", help="list, pull or path"
+    )
+    actions.add_parser("list", help="the known models, their sizes, and which are cached")
+    pull = actions.add_parser("pull", help="fetch a model into the cache and verify it")
+    pull.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
+    pull.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        help="a GGUF file you have: verified, then copied into the cache",
+    )
+    path = actions.add_parser("path", help="print a cached model's file (exit 1 if not cached)")
+    path.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
+
+
+def run(args: argparse.Namespace) -> int:
+    cache = ModelCache(cache_dir())
+    if args.action == "list":
+        print(f"{'NAME':<38} {'SIZE':>8}  {'CACHED':<6}  DESCRIPTION")
+        for model in CATALOGUE.values():
+            cached = "yes" if cache.path(model).exists() else "no"
+            mark = " (default)" if model.name == DEFAULT_MODEL else ""
+            print(
+                f"{model.name:<38} {human(model.size):>8}  {cached:<6}  {model.description}{mark}"
+            )
+        print(f"cache: {cache.directory}")
+        return EXIT_OK
+    try:
+        model = known(args.name)
+    except ModelError as exc:
+        raise TaskSpecError(str(exc)) from None
+    if args.action == "path":
+        found = cache.cached(model, ProgressLine(sys.stderr))
+        if found is None:
+            print(
+                f"sandboxctl model path: {model.name} is not cached; sandboxctl model pull "
+                f"{model.name}",
+                file=sys.stderr,
+            )
+            return EXIT_TASK_FAILED
+        print(found)
+        return EXIT_OK
+    print(f"pulling {model.name} ({human(model.size)}) into {cache.directory}", file=sys.stderr)
+    try:
+        found = cache.pull(model, args.source, ProgressLine(sys.stderr))
+    except ModelError as exc:
+        print(f"sandboxctl model pull: {exc}", file=sys.stderr)
+        return EXIT_TASK_FAILED
+    print(found)
+    return EXIT_OK
