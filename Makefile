@@ -15,7 +15,7 @@ test: setup
 
 # The edit-test loop: no containers, no emulated cluster, no setup (a few minutes, not eight).
 unit:
-	$(PYTHON) -m pytest -q -m "not container and not cluster and not emulator"
+	$(PYTHON) -m pytest -q -m "not container and not cluster and not emulator and not realmodel"
 
 lint: setup
 	ruff check . && ruff format --check . && mypy

@@ -227,3 +227,17 @@ def test_model_pull_from_a_wrong_file_is_one_line(tmp_path: Path) -> None:
         f"sandboxctl model pull: {tmp_path / 'x.gguf'} is 11 bytes, not the 491,400,064 of "
         f"{DEFAULT_MODEL}"
     )
+
+
+def test_model_serve_without_the_local_extra_says_how_to_get_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sandbox_agent import local_model
+    from sandbox_agent.cli import main
+
+    monkeypatch.setattr(local_model, "xllamacpp_installed", lambda: False)
+    assert main(["model", "serve"]) == 2
+    assert capsys.readouterr().err == (
+        "sandboxctl model: the local model needs llama.cpp's server: "
+        "pip install 'llm-sandbox-operator[local]'\n"
+    )

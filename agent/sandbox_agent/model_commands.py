@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -10,7 +11,17 @@ from typing import TextIO
 
 from .cli import EXIT_OK, EXIT_TASK_FAILED
 from .errors import TaskSpecError
-from .models import CATALOGUE, DEFAULT_MODEL, ModelCache, ModelError, cache_dir, human, known
+from .local_model import DEFAULT_CONTEXT, LOCAL_EXTRA_HINT
+from .models import (
+    CATALOGUE,
+    DEFAULT_MODEL,
+    KnownModel,
+    ModelCache,
+    ModelError,
+    cache_dir,
+    human,
+    known,
+)
 
 
 class ProgressLine:
@@ -58,6 +69,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     path = actions.add_parser("path", help="print a cached model's file (exit 1 if not cached)")
     path.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
+    serve = actions.add_parser(
+        "serve",
+        help="serve a model over the OpenAI API on 127.0.0.1 until Ctrl-C (pulled first if need be)",
+    )
+    serve.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
+    serve.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    serve.add_argument(
+        "--ctx", type=int, default=DEFAULT_CONTEXT, help=f"context size (default {DEFAULT_CONTEXT})"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,11 +107,62 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_TASK_FAILED
         print(found)
         return EXIT_OK
-    print(f"pulling {model.name} ({human(model.size)}) into {cache.directory}", file=sys.stderr)
-    try:
-        found = cache.pull(model, args.source, ProgressLine(sys.stderr))
-    except ModelError as exc:
-        print(f"sandboxctl model pull: {exc}", file=sys.stderr)
+    if args.action == "serve":
+        return _serve(cache, model, args.port, args.ctx)
+    found = _pull(cache, model, args.source, "pull")
+    if found is None:
         return EXIT_TASK_FAILED
     print(found)
     return EXIT_OK
+
+
+def _pull(cache: ModelCache, model: KnownModel, source: Path | None, command: str) -> Path | None:
+    if source is None and (found := cache.cached(model, ProgressLine(sys.stderr))) is not None:
+        return found
+    print(f"pulling {model.name} ({human(model.size)}) into {cache.directory}", file=sys.stderr)
+    try:
+        return cache.pull(model, source, ProgressLine(sys.stderr))
+    except ModelError as exc:
+        print(f"sandboxctl model {command}: {exc}", file=sys.stderr)
+        return None
+
+
+def _serve(cache: ModelCache, model: KnownModel, port: int, context: int) -> int:
+    from .local_model import LocalModelError, LocalModelServer, xllamacpp_installed
+
+    if not xllamacpp_installed():
+        raise TaskSpecError(LOCAL_EXTRA_HINT)
+    found = _pull(cache, model, None, "serve")
+    if found is None:
+        return EXIT_TASK_FAILED
+    log = cache.directory / "serve.log"
+    server = LocalModelServer(found, model.name, log_path=log, context=context, port=port)
+    stopped: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopped.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+    print(f"starting {model.name} (log: {log})", file=sys.stderr)
+    try:
+        url = server.start()
+        print(f"endpoint: {url}  model: {model.name}", flush=True)
+        print(
+            f"  use it with: OPENAI_BASE_URL={url} OPENAI_MODEL={model.name} sandboxctl run TASK",
+            file=sys.stderr,
+        )
+        while not stopped and server.running():
+            time.sleep(0.2)
+    except LocalModelError as exc:
+        print(f"sandboxctl model serve: {exc}", file=sys.stderr)
+        return EXIT_TASK_FAILED
+    except KeyboardInterrupt:
+        stopped.append(signal.SIGINT)
+    finally:
+        server.stop()
+    if not stopped:
+        print(f"sandboxctl model serve: the server exited (see {log})", file=sys.stderr)
+        return EXIT_TASK_FAILED
+    print("sandboxctl model serve: stopped", file=sys.stderr)
+    return 128 + stopped[0]

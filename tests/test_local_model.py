@@ -1,0 +1,100 @@
+"""A real model, served by llama.cpp on this machine's CPU: the default catalogue model pulled
+into the cache once (it survives between runs), served by `LocalModelServer` and by
+`sandboxctl model serve`, and asked through the agent's own model client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from sandbox_agent.llm import ChatLLM
+from sandbox_agent.local_model import LocalModelServer, xllamacpp_installed
+from sandbox_agent.models import CATALOGUE, DEFAULT_MODEL, ModelCache, ModelError, cache_dir
+
+pytestmark = [pytest.mark.realmodel, pytest.mark.timeout(600)]
+MODEL = CATALOGUE[DEFAULT_MODEL]
+
+
+@pytest.fixture(scope="module")
+def model_file() -> Path:
+    if not xllamacpp_installed():
+        pytest.skip("xllamacpp is not installed (pip install 'llm-sandbox-operator[local]')")
+    try:
+        return ModelCache(cache_dir()).pull(MODEL)
+    except ModelError as exc:
+        pytest.skip(f"the model cannot be obtained here: {exc}")
+
+
+@pytest.fixture(scope="module")
+def served(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with LocalModelServer(model_file, MODEL.name, log_path=log, context=4096) as server:
+        yield server.url
+
+
+def port_open(url: str) -> bool:
+    parts = urlsplit(url)
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((parts.hostname or "", parts.port or 0)) == 0
+
+
+def test_the_agents_client_gets_a_real_answer_at_temperature_zero(served: str) -> None:
+    async def ask() -> str:
+        llm = ChatLLM(
+            served, "none", MODEL.name, request_timeout=120, max_retries=1, on_event=print
+        )
+        try:
+            reply = await llm.complete(
+                [{"role": "user", "content": "What is 6 times 7? Answer with the number only."}],
+                tools=None,
+                max_tokens=16,
+                temperature=0,
+                top_p=None,
+                deadline=time.monotonic() + 120,
+            )
+        finally:
+            await llm.aclose()
+        assert reply.usage_reported
+        assert reply.prompt_tokens > 0
+        return reply.content
+
+    assert "42" in asyncio.run(ask())
+
+
+def test_a_stopped_server_leaves_nothing_running(model_file: Path, tmp_path: Path) -> None:
+    server = LocalModelServer(model_file, MODEL.name, log_path=tmp_path / "log", context=2048)
+    url = server.start()
+    assert port_open(url)
+    server.stop()
+    assert not port_open(url)
+    assert not server.running()
+
+
+def test_model_serve_prints_the_endpoint_and_stops_on_sigterm(model_file: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandbox_agent.cli", "model", "serve", "--ctx", "2048"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "LLMSANDBOX_MODELS_DIR": str(model_file.parent)},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("endpoint: http://127.0.0.1:"), proc.stderr.read() if proc.stderr else ""
+    url = line.split()[1]
+    assert line.strip().endswith(f"model: {MODEL.name}")
+    assert port_open(url)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().endswith("sandboxctl model serve: stopped")
+    assert not port_open(url)
