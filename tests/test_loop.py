@@ -383,6 +383,19 @@ def test_text_tool_calls_are_run_and_answered_in_text(
     assert run.trajectory.steps[0].text_tool_calls
 
 
+def test_auto_runs_a_call_a_small_model_wrote_as_bare_json() -> None:
+    # What Qwen2.5-Coder-0.5B writes when the server parses no tool calls (a brace short).
+    sandbox = InMemorySandbox(commands={"echo $((6 * 7))": shell("42\n")})
+    model = ScriptedModel(
+        reply('{"name": "execute_bash", "arguments": {"command": "echo $((6 * 7))"}'),
+        reply('```json\n{"name": "submit", "arguments": {"answer": "42"}}\n```'),
+    )
+    run = run_loop(model, sandbox, fmt=ToolCallFormat.AUTO)
+    assert run.result.answer == "42"
+    assert run.trajectory.steps[0].text_tool_calls
+    assert "[exit code 0]\n42" in str(run.model.requests[1].messages[-1]["content"])
+
+
 def test_native_mode_takes_no_tool_call_from_the_text() -> None:
     model = ScriptedModel(
         reply('<tool_call>{"name": "submit", "arguments": {"answer": "1"}}</tool_call>'),

@@ -25,7 +25,7 @@ from .protocols import Completion, CompletionModel, SandboxAPI, ToolCallRequest
 from .result import ExitReason, TaskResult, Usage, phase_for
 from .task import Limits, ToolCallFormat
 from .textcalls import TextToolCall, parse_text_tool_calls
-from .tools import TOOLS, Observation, ToolRunner
+from .tools import TOOL_NAMES, TOOLS, Observation, ToolRunner
 from .trajectory import StepRecord, ToolCallRecord, Trajectory
 
 ANSWER_FILE = "output/answer.txt"
@@ -341,7 +341,7 @@ class AgentLoop:
         fmt = self.settings.tool_call_format
         if reply.tool_calls or fmt is ToolCallFormat.NATIVE or not reply.content:
             return reply.tool_calls, False
-        parsed = parse_text_tool_calls(reply.content)
+        parsed = parse_text_tool_calls(reply.content, frozenset(TOOL_NAMES))
         calls = [_text_call(self.steps, i, p) for i, p in enumerate(parsed)]
         return calls, bool(calls)
 
