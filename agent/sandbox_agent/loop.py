@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .bashblocks import parse_bash_reply
 from .budget import TokenBudget
 from .errors import (
     ContextLengthError,
@@ -210,8 +211,14 @@ class AgentLoop:
         return result
 
     def _opening(self, prompt: str, input_listing: list[str]) -> list[dict[str, Any]]:
-        text_tools = TOOLS if self.settings.tool_call_format is ToolCallFormat.HERMES else None
-        system = system_prompt(self.workspace, self.limits.command_timeout_seconds, text_tools)
+        fmt = self.settings.tool_call_format
+        text_tools = TOOLS if fmt is ToolCallFormat.HERMES else None
+        system = system_prompt(
+            self.workspace,
+            self.limits.command_timeout_seconds,
+            text_tools,
+            bash_blocks=fmt is ToolCallFormat.BASH,
+        )
         return [
             {"role": "system", "content": system},
             {"role": "user", "content": user_message(prompt, self.workspace, input_listing)},
@@ -324,26 +331,32 @@ class AgentLoop:
 
     async def _act(self, reply: Completion, step_started: float, max_tokens: int) -> _Ending | None:
         """Record the reply, run its tool calls, append their results; an _Ending stops the loop."""
-        calls, text_mode = self._tool_calls(reply)
+        calls, text_mode, correction = self._tool_calls(reply)
         self.messages.append(reply.raw_message)
         record = _step_record(self.steps, reply, step_started, text_mode, max_tokens)
         self.trajectory.steps.append(record)
         if calls:
             ending = await self._run_calls(calls, record, text_mode)
         else:
-            self.messages.append({"role": "user", "content": continue_message(self.workspace)})
+            self.messages.append({"role": "user", "content": correction})
             ending = None
         self.trajectory.step_done(record)
         return ending
 
-    def _tool_calls(self, reply: Completion) -> tuple[list[ToolCallRequest], bool]:
-        """The reply's tool calls, and whether they were read from its text."""
+    def _tool_calls(self, reply: Completion) -> tuple[list[ToolCallRequest], bool, str]:
+        """The reply's tool calls, whether they were read from its text, and what the model is
+        told when there are none."""
         fmt = self.settings.tool_call_format
+        if fmt is ToolCallFormat.BASH:
+            blocks = parse_bash_reply(reply.content, self.workspace)
+            calls = [_text_call(self.steps, i, p) for i, p in enumerate(blocks.calls)]
+            return calls, True, blocks.correction or ""
+        nudge = continue_message(self.workspace)
         if reply.tool_calls or fmt is ToolCallFormat.NATIVE or not reply.content:
-            return reply.tool_calls, False
+            return reply.tool_calls, False, nudge
         parsed = parse_text_tool_calls(reply.content, frozenset(TOOL_NAMES))
         calls = [_text_call(self.steps, i, p) for i, p in enumerate(parsed)]
-        return calls, bool(calls)
+        return calls, bool(calls), nudge
 
     async def _run_calls(
         self, calls: list[ToolCallRequest], record: StepRecord, text_mode: bool
@@ -353,7 +366,9 @@ class AgentLoop:
         responses: list[str] = []
         for call in calls:
             obs = await self._observe(call, record, text_mode, submitted=ending is not None)
-            if text_mode:
+            if self.settings.tool_call_format is ToolCallFormat.BASH:
+                responses.append(obs.text)
+            elif text_mode:
                 responses.append(f"<tool_response>\n{obs.text}\n</tool_response>")
             else:
                 self.messages.append({"role": "tool", "tool_call_id": call.id, "content": obs.text})

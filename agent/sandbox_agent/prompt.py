@@ -23,15 +23,38 @@ a whole long file into the conversation.
 - Install what you need (`pip install --user PACKAGE`) when the network allows it; if it \
 does not, use what is installed.
 - Never hard-code an answer you have not computed or found.
-- Each execute_bash call runs in one persistent shell: `cd` and `export` carry over. \
+- {shell_unit} runs in one persistent shell: `cd` and `export` carry over. \
 Commands that run longer than {command_timeout} seconds are killed, so start long jobs in \
 the background with their output sent to a file (`cmd > log.txt 2>&1 &`). \
 A command's output is cut in the middle when it is very long.
-- Edit files with str_replace_editor rather than shell echo or heredocs.
+- {editing}
 
-When you are done, write the final answer (only the answer, in exactly the format the \
-task asks for) to {workspace}/output/answer.txt, then call submit with the same answer. \
-Files you want to hand back go under {workspace}/output as well.\
+{finishing} Files you want to hand back go under {workspace}/output as well.\
+"""
+
+# What the prompt says of the shell, of editing and of finishing, with tools and without.
+TOOLS_WORDING = {
+    "shell_unit": "Each execute_bash call",
+    "editing": "Edit files with str_replace_editor rather than shell echo or heredocs.",
+    "finishing": "When you are done, write the final answer (only the answer, in exactly the "
+    "format the task asks for) to {workspace}/output/answer.txt, then call submit with the "
+    "same answer.",
+}
+BASH_WORDING = {
+    "shell_unit": "Each ```bash block",
+    "editing": "Write files with heredocs (`cat > solve.py <<'EOF'` ... `EOF`) and run them.",
+    "finishing": "When you have computed the final answer, end your last block with a line "
+    "`submit` followed by it (only the answer, in exactly the format the task asks for); "
+    '`submit "$(python3 solve.py)"` submits what your script prints.',
+}
+
+BASH_FORMAT_PROMPT = """
+
+# How to reply
+
+Every reply: a few words on what you do next, then exactly one ```bash code block with the \
+commands to run. You will get their output in the next message. Do not write the output \
+yourself, and do not write several blocks: only one block per reply is run.\
 """
 
 TEXT_TOOLS_PROMPT = """
@@ -58,9 +81,19 @@ CONTINUE_MESSAGE = (
 
 
 def system_prompt(
-    workspace: str, command_timeout: int, text_tools: list[dict[str, Any]] | None
+    workspace: str,
+    command_timeout: int,
+    text_tools: list[dict[str, Any]] | None,
+    *,
+    bash_blocks: bool = False,
 ) -> str:
-    text = SYSTEM_PROMPT.format(workspace=workspace, command_timeout=command_timeout)
+    """The prompt for tools sent natively (no `text_tools`), tools described in the text, or
+    (`bash_blocks`) no tools at all: one ```bash block per reply."""
+    wording = BASH_WORDING if bash_blocks else TOOLS_WORDING
+    filled = {k: v.format(workspace=workspace) for k, v in wording.items()}
+    text = SYSTEM_PROMPT.format(workspace=workspace, command_timeout=command_timeout, **filled)
+    if bash_blocks:
+        return text + BASH_FORMAT_PROMPT
     if text_tools is not None:
         block = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in text_tools)
         text += TEXT_TOOLS_PROMPT.format(tools=block, workspace=workspace)

@@ -52,6 +52,7 @@ class ToolCallFormat(StrEnum):
     NATIVE = "native"  # the endpoint parses tool calls (OpenAI `tools`)
     HERMES = "hermes"  # tools described in the prompt, calls parsed from the reply text
     AUTO = "auto"  # native, and text-parsed when a reply carries no native call
+    BASH = "bash"  # no tools: one ```bash block per reply, `submit ANSWER` ends (bashblocks.py)
 
 
 class NetworkMode(StrEnum):
