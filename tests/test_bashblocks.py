@@ -10,14 +10,15 @@ import pytest
 from conftest import task_doc
 from inmemory import InMemorySandbox, ScriptedModel, reply, shell
 from llmserver import ScriptedLLMServer, text
-from sandbox_agent.bashblocks import NO_BLOCK, parse_bash_reply
+from sandbox_agent.bashblocks import NO_BLOCK, SUBMIT_NOT_ALONE, parse_bash_reply
 from sandbox_agent.task import ToolCallFormat
+from sandbox_agent.tools import EMPTY_SUBMIT
 from test_loop import run_loop
 
 W = "/workspace"
 
 
-def commands(text: str) -> list[tuple[str, dict[str, str]]]:
+def commands(text: str) -> list[tuple[str, dict[str, object]]]:
     parsed = parse_bash_reply(text, W)
     assert parsed.correction is None
     return [(c.name, json.loads(c.arguments)) for c in parsed.calls]
@@ -28,15 +29,24 @@ def test_one_bash_block_is_one_command() -> None:
     assert commands(text) == [("execute_bash", {"command": "ls input\nwc -l input/data.txt"})]
 
 
-def test_submit_ends_the_block_and_its_words_are_the_answer_as_the_shell_reads_them() -> None:
-    text = '```bash\npython3 solve.py > out.txt\nsubmit "$(cat out.txt)"\necho never\n```'
+def test_submit_alone_is_the_answer_as_the_shell_reads_its_words() -> None:
+    text = '```bash\n# done\nsubmit "$(cat out.txt)"\necho never\n```'
     write = f'set -- "$(cat out.txt)"; printf "%s\\n" "$*" > {W}/output/answer.txt'
-
     assert commands(text) == [
-        ("execute_bash", {"command": f"python3 solve.py > out.txt\n{write}"}),
-        ("submit", {}),
+        ("execute_bash", {"command": write}),
+        ("submit", {"from_answer_file": True}),
     ]
-    assert commands("```bash\nsubmit\n```") == [("submit", {})]  # the answer file's content
+    # Bare, it submits what the model wrote to the answer file itself.
+    assert commands("```bash\nsubmit\n```") == [("submit", {"from_answer_file": True})]
+
+
+def test_submit_beside_other_commands_runs_them_and_submits_nothing() -> None:
+    parsed = parse_bash_reply("```bash\npython3 solve.py\nsubmit 1234567890\n```", W)
+    assert [(c.name, c.error) for c in parsed.calls] == [
+        ("execute_bash", None),
+        ("", SUBMIT_NOT_ALONE),
+    ]
+    assert json.loads(parsed.calls[0].arguments) == {"command": "python3 solve.py"}
 
 
 def test_a_python_block_runs_with_python3() -> None:
@@ -101,3 +111,35 @@ def test_a_real_shell_computes_and_submits_the_answer(
     assert outcome.result.answer == "5050"
     assert (outcome.output_dir / "answer.txt").read_text() == "5050\n"
     assert "tools" not in (llm_server.chat_requests[0].json or {})
+
+
+def test_an_empty_answer_is_refused_and_the_model_told_why(
+    run_local: Any, llm_server: ScriptedLLMServer
+) -> None:
+    # What the small model did: copy the prompt's example, for a script it never wrote.
+    llm_server.script(
+        text('```bash\nsubmit "$(python3 solve.py)"\n```'),
+        text("```bash\nsubmit 5050\n```"),
+    )
+    outcome = run_local(task_doc(model={"toolCallFormat": "bash"}))
+    told = llm_server.chat_requests[1].json or {}
+    assert str(told["messages"][-1]["content"]).endswith(EMPTY_SUBMIT)
+    assert (outcome.result.exit_reason, outcome.result.answer) == ("submitted", "5050")
+
+
+def test_a_guessed_submit_is_refused_and_the_model_sees_the_output_first(
+    run_local: Any, llm_server: ScriptedLLMServer
+) -> None:
+    # The small model's habit: Python in a bash block, and a made-up answer in the same block.
+    llm_server.script(
+        text("```bash\nn = 2 ** 100\nprint(sum(int(d) for d in str(n)))\nsubmit 1234567890\n```"),
+        text("```python\nprint(sum(int(d) for d in str(2 ** 100)))\n```"),
+        text("```bash\nsubmit 115\n```"),
+    )
+    outcome = run_local(task_doc(model={"toolCallFormat": "bash"}))
+    assert (outcome.result.exit_reason, outcome.result.answer) == ("submitted", "115")
+    told = str((llm_server.chat_requests[1].json or {})["messages"][-1]["content"])
+    assert "syntax error" in told  # the shell's own words about the Python it was given
+    assert told.endswith(f"Error: {SUBMIT_NOT_ALONE}")
+    shown = str((llm_server.chat_requests[2].json or {})["messages"][-1]["content"])
+    assert shown == "[exit code 0]\n115"

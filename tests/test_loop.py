@@ -115,7 +115,7 @@ ENDINGS = {
         [tool_call("submit", {})],
         {},
         ExitReason.NO_ANSWER,
-        "the model called submit without an answer and /workspace/output/answer.txt does not exist",
+        "the model called submit without an answer and /workspace/output/answer.txt is empty or missing",
         steps=1,
     ),
     "max-steps": Ending(

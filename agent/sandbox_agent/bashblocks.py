@@ -1,6 +1,7 @@
 """The `bash` tool-call format: no tools are sent; every reply holds exactly one fenced code
-block (```bash, or ```python, run with python3), which runs in the persistent shell, and
-`submit ANSWER` on a line of its own ends the task. It needs no function calling at all, which
+block (```bash, or ```python, run with python3), which runs in the persistent shell, and a
+block holding only `submit ANSWER` ends the task (submitted beside other commands, an answer
+would be a guess at output not yet seen). It needs no function calling at all, which
 is what small models served without a tool-call parser manage best (the mini-swe-agent style).
 
 Pure: a reply becomes the tool calls it stands for (execute_bash, submit), or the short
@@ -56,18 +57,24 @@ def parse_bash_reply(content: str, workspace: str) -> BashReply:
         if found is None:
             continue
         before = "\n".join(lines[:i]).strip()
+        if any(_is_command(line) for line in lines[:i]):
+            # An answer submitted before its command's output was seen is a guess.
+            return BashReply([_bash(before), TextToolCall("", "", SUBMIT_NOT_ALONE)])
         words = found.group(1)
         calls = []
         if words:
             # The answer as the shell reads the words (quotes, $(...)), into the answer file the
-            # run's answer is taken from when submit carries none.
+            # submit then takes it from.
             write = f'set -- {words}; printf "%s\\n" "$*" > {workspace}/output/answer.txt'
-            before = f"{before}\n{write}" if before else write
-        if before:
-            calls.append(_bash(before))
-        calls.append(TextToolCall("submit", "{}"))
+            calls.append(_bash(write))
+        calls.append(TextToolCall("submit", '{"from_answer_file": true}'))
         return BashReply(calls)
     return BashReply([_bash(code)])
+
+
+def _is_command(line: str) -> bool:
+    text = line.strip()
+    return bool(text) and not text.startswith("#")
 
 
 def _bash(command: str) -> TextToolCall:
@@ -76,8 +83,12 @@ def _bash(command: str) -> TextToolCall:
 
 NO_BLOCK = (
     "Your reply had no ```bash block, so nothing ran. Reply with exactly one ```bash block "
-    "holding the commands to run next; once you have the final answer, run submit followed "
-    "by it."
+    "holding the commands to run next. If you already have the final answer, the block's one "
+    "line is the word submit followed by the answer."
+)
+SUBMIT_NOT_ALONE = (
+    "nothing was submitted: submit must be the only command of its block, sent once you have "
+    "seen the output that gives the answer. The commands above it ran; their output is above."
 )
 SEVERAL_BLOCKS = (
     "Your reply had {n} code blocks, so none of them ran. Put everything to run next into "

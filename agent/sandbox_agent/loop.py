@@ -26,11 +26,9 @@ from .protocols import Completion, CompletionModel, SandboxAPI, ToolCallRequest
 from .result import ExitReason, TaskResult, Usage, phase_for
 from .task import Limits, ToolCallFormat
 from .textcalls import TextToolCall, parse_text_tool_calls
-from .tools import TOOL_NAMES, TOOLS, Observation, ToolRunner
+from .tools import ANSWER_FILE, MAX_ANSWER_BYTES, TOOL_NAMES, TOOLS, Observation, ToolRunner
 from .trajectory import StepRecord, ToolCallRecord, Trajectory
 
-ANSWER_FILE = "output/answer.txt"
-MAX_ANSWER_BYTES = 1024 * 1024
 CANCELLED_MESSAGE = "interrupted before the task finished"
 CANCELLED_CALL = "[the run was stopped while this call ran]"
 NOT_RUN = "Not run: the task was already submitted."
@@ -84,7 +82,7 @@ def _no_answer(ending: _Ending, answer: str | None, workspace: str) -> _Ending:
         return ending
     return _Ending(
         ExitReason.NO_ANSWER,
-        f"the model called submit without an answer and {workspace}/{ANSWER_FILE} does not exist",
+        f"the model called submit without an answer and {workspace}/{ANSWER_FILE} is empty or missing",
     )
 
 

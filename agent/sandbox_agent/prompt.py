@@ -42,10 +42,11 @@ TOOLS_WORDING = {
 }
 BASH_WORDING = {
     "shell_unit": "Each ```bash block",
-    "editing": "Write files with heredocs (`cat > solve.py <<'EOF'` ... `EOF`) and run them.",
-    "finishing": "When you have computed the final answer, end your last block with a line "
-    "`submit` followed by it (only the answer, in exactly the format the task asks for); "
-    '`submit "$(python3 solve.py)"` submits what your script prints.',
+    "editing": "Write a file with a heredoc: `cat > NAME <<'EOF'`, its lines, then `EOF`; "
+    "run Python with python3 NAME, or put short Python straight into a ```python block.",
+    "finishing": "When a command's output has given you the final answer, reply with a block "
+    "whose only line is the word submit followed by the answer itself: only the answer, in "
+    "exactly the format the task asks for. An empty answer is refused.",
 }
 
 BASH_FORMAT_PROMPT = """

@@ -14,6 +14,13 @@ from .execclient import ExecResult
 from .protocols import SandboxAPI
 
 TOOL_NAMES = ("execute_bash", "str_replace_editor", "submit")
+# Where the answer is taken from when submit carries none (relative to the workspace).
+ANSWER_FILE = "output/answer.txt"
+MAX_ANSWER_BYTES = 1024 * 1024
+EMPTY_SUBMIT = (
+    "Error: nothing was submitted: the answer came out empty (did the command that computes it "
+    "fail?). Fix that, then submit the answer itself."
+)
 # The editor refuses to load more than this into the conversation in one view.
 _VIEW_MAX_BYTES = 2 * 1024 * 1024
 _SNIPPET_CONTEXT = 4
@@ -202,6 +209,13 @@ class ToolRunner:
         self.command_timeout = command_timeout
         self.max_observation_bytes = max_observation_bytes
 
+    async def _answer_file(self) -> str:
+        try:
+            found = await self.client.read_text(ANSWER_FILE, max_bytes=MAX_ANSWER_BYTES)
+        except ExecServerError:
+            return ""
+        return found.content.strip()
+
     def _abs(self, path: str) -> str:
         return path if path.startswith("/") else posixpath.join(self.workspace, path)
 
@@ -224,6 +238,11 @@ class ToolRunner:
                 answer = args.get("answer")
                 if answer is not None and not isinstance(answer, str):
                     answer = json.dumps(answer)
+                if answer is None and args.get("from_answer_file") is True:
+                    # The bash format's `submit WORDS`: the words were written to the file.
+                    answer = await self._answer_file()
+                    if not answer:
+                        return Observation(EMPTY_SUBMIT, ok=False, summary="empty answer")
                 return Observation("Submitted.", ok=True, submitted=True, answer=answer)
             raise ToolInputError(f"unknown tool {name!r}; the tools are {', '.join(TOOL_NAMES)}")
         except ToolInputError as exc:
