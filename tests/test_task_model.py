@@ -68,7 +68,7 @@ def test_wire_names_are_camel_case_and_round_trip() -> None:
         ({"prompt": "p", "bogus": 1}, "spec.bogus: unknown field"),
         (
             {"prompt": "p", "model": {"toolCallFormat": "json"}},
-            "spec.model.toolCallFormat: Input should be 'native', 'hermes' or 'auto'",
+            "spec.model.toolCallFormat: Input should be 'native', 'hermes', 'auto' or 'bash'",
         ),
         (
             {"prompt": "p", "model": {"baseURL": "vllm:8000"}},
