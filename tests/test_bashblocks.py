@@ -10,7 +10,12 @@ import pytest
 from conftest import task_doc
 from inmemory import InMemorySandbox, ScriptedModel, reply, shell
 from llmserver import ScriptedLLMServer, text
-from sandbox_agent.bashblocks import NO_BLOCK, SUBMIT_NOT_ALONE, parse_bash_reply
+from sandbox_agent.bashblocks import (
+    NO_BLOCK,
+    SEVERAL_BLOCKS,
+    SUBMIT_NOT_ALONE,
+    parse_bash_reply,
+)
 from sandbox_agent.task import ToolCallFormat
 from sandbox_agent.tools import EMPTY_SUBMIT
 from test_loop import run_loop
@@ -65,13 +70,20 @@ def test_output_fences_are_not_code_and_a_reply_without_code_gets_a_correction()
 @pytest.mark.parametrize(
     "text", ["```bash\nls\n```\n```bash\npwd\n```", "```bash\nls\n```\n```python\nprint(1)\n```"]
 )
-def test_several_blocks_run_nothing_and_say_so(text: str) -> None:
+def test_of_several_blocks_only_the_first_runs_and_the_model_is_told(text: str) -> None:
     parsed = parse_bash_reply(text, W)
-    assert parsed.calls == []
-    assert parsed.correction == (
-        "Your reply had 2 code blocks, so none of them ran. Put everything to run next into "
-        "one ```bash block."
-    )
+    assert parsed.correction is None
+    assert [(c.name, c.error) for c in parsed.calls] == [
+        ("execute_bash", None),
+        ("", SEVERAL_BLOCKS.format(n=2)),
+    ]
+    assert json.loads(parsed.calls[0].arguments) == {"command": "ls"}
+
+
+def test_a_guess_submitted_in_a_later_block_is_not_run() -> None:
+    # The 1.5B model's habit: look, compute, and submit a guess, all in one reply.
+    text = "```bash\nls -la\n```\n```bash\npython3 x.py\n```\n```bash\nsubmit 70\n```"
+    assert [c.name for c in parse_bash_reply(text, W).calls] == ["execute_bash", ""]
 
 
 def test_the_loop_runs_blocks_shows_plain_output_and_ends_on_submit() -> None:

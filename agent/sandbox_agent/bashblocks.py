@@ -5,7 +5,7 @@ would be a guess at output not yet seen). It needs no function calling at all, w
 is what small models served without a tool-call parser manage best (the mini-swe-agent style).
 
 Pure: a reply becomes the tool calls it stands for (execute_bash, submit), or the short
-correction the model gets instead.
+correction the model gets instead. Of several blocks only the first runs, and the model is told.
 """
 
 from __future__ import annotations
@@ -44,9 +44,14 @@ def parse_bash_reply(content: str, workspace: str) -> BashReply:
     blocks = _blocks(content)
     if not blocks:
         return BashReply(correction=NO_BLOCK)
+    first = _block_calls(*blocks[0], workspace)
     if len(blocks) > 1:
-        return BashReply(correction=SEVERAL_BLOCKS.format(n=len(blocks)))
-    lang, code = blocks[0]
+        # Refusing them all would make a model at temperature 0 send the same reply again.
+        first.calls.append(TextToolCall("", "", SEVERAL_BLOCKS.format(n=len(blocks))))
+    return first
+
+
+def _block_calls(lang: str, code: str, workspace: str) -> BashReply:
     if lang == "python":
         if _PY_END in code:
             return BashReply(correction=f"Your python block contains {_PY_END}; nothing ran.")
@@ -91,6 +96,6 @@ SUBMIT_NOT_ALONE = (
     "seen the output that gives the answer. The commands above it ran; their output is above."
 )
 SEVERAL_BLOCKS = (
-    "Your reply had {n} code blocks, so none of them ran. Put everything to run next into "
-    "one ```bash block."
+    "only the first of your {n} code blocks ran (its output is above); send one block per "
+    "reply, and decide the next one from what this one printed."
 )

@@ -53,9 +53,10 @@ BASH_FORMAT_PROMPT = """
 
 # How to reply
 
-Every reply: a few words on what you do next, then exactly one ```bash code block with the \
-commands to run. You will get their output in the next message. Do not write the output \
-yourself, and do not write several blocks: only one block per reply is run.\
+Every reply is a sentence on what you do next, then exactly one ```bash code block with the \
+commands to run now. You get their output in the next message. Never write the output \
+yourself, never guess a result you have not seen, and never write more than one block: only \
+the first one runs.\
 """
 
 TEXT_TOOLS_PROMPT = """
