@@ -16,6 +16,7 @@ from sandbox_agent.bashblocks import (
     SUBMIT_NOT_ALONE,
     parse_bash_reply,
 )
+from sandbox_agent.loop import REPEATED_BLOCK
 from sandbox_agent.task import ToolCallFormat
 from sandbox_agent.tools import EMPTY_SUBMIT
 from test_loop import run_loop
@@ -155,3 +156,21 @@ def test_a_guessed_submit_is_refused_and_the_model_sees_the_output_first(
     assert told.endswith(f"Error: {SUBMIT_NOT_ALONE}")
     shown = str((llm_server.chat_requests[2].json or {})["messages"][-1]["content"])
     assert shown == "[exit code 0]\n115"
+
+
+def test_a_block_resent_with_the_same_output_gets_told_so() -> None:
+    failing = shell("", exit_code=1, stderr="ValueError: invalid literal for int()")
+    sandbox = InMemorySandbox(commands={"python3 x.py": failing, "python3 y.py": shell("115\n")})
+    model = ScriptedModel(
+        reply("```bash\npython3 x.py\n```"),
+        reply("```bash\npython3 x.py\n```"),
+        reply("```bash\npython3 y.py\n```"),
+        reply("```bash\nsubmit 115\n```"),
+    )
+    sandbox.files["output/answer.txt"] = "115\n"
+    run = run_loop(model, sandbox, fmt=ToolCallFormat.BASH)
+    shown = [str(r.messages[-1]["content"]) for r in run.model.requests[1:4]]
+    assert not shown[0].endswith(REPEATED_BLOCK)
+    assert shown[1].endswith("\n" + REPEATED_BLOCK)
+    assert not shown[2].endswith(REPEATED_BLOCK)
+    assert run.result.answer == "115"

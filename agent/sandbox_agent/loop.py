@@ -100,6 +100,12 @@ def _llm_ending(exc: LLMError, limits: Limits) -> _Ending:
     return _Ending(ExitReason.LLM_ERROR, str(exc))
 
 
+REPEATED_BLOCK = (
+    "This is the same block as your previous reply, and it printed the same output again. "
+    "Running it once more will not change that: read the output, then change the command."
+)
+
+
 def _text_call(step: int, index: int, parsed: TextToolCall) -> ToolCallRequest:
     """A call read from the reply's text; one that could not be read carries why, and no name."""
     call_id = f"text_{step}_{index}"
@@ -190,6 +196,8 @@ class AgentLoop:
         self.call_cap = settings.max_tokens_per_call
         self.messages: list[dict[str, Any]] = []
         self.deadline = 0.0
+        # The bash format's last step: its calls and what they printed.
+        self._last_exchange: tuple[list[tuple[str, str]], list[str]] | None = None
 
     async def run(self, prompt: str, input_listing: list[str]) -> TaskResult:
         started = self.clock()
@@ -372,6 +380,12 @@ class AgentLoop:
                 self.messages.append({"role": "tool", "tool_call_id": call.id, "content": obs.text})
             if obs.submitted:
                 ending = _Ending(ExitReason.SUBMITTED, answer=(obs.answer or "").strip() or None)
+        if self.settings.tool_call_format is ToolCallFormat.BASH:
+            # A small model at temperature 0 resends a failing block for ever unless told.
+            exchange = ([(c.name, c.arguments) for c in calls], list(responses))
+            if ending is None and exchange == self._last_exchange:
+                responses.append(REPEATED_BLOCK)
+            self._last_exchange = exchange
         if text_mode:
             self.messages.append({"role": "user", "content": "\n".join(responses)})
         return ending
