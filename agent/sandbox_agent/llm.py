@@ -69,10 +69,9 @@ class _Refusal:
     status: int
     message: str
     code: str | None
-    headers: httpx.Headers
 
     @classmethod
-    def of(cls, status: int, body: bytes, headers: httpx.Headers) -> _Refusal:
+    def of(cls, status: int, body: bytes) -> _Refusal:
         text = body.decode("utf-8", "replace").strip()
         message, code = text[:_MAX_ERROR_CHARS], None
         try:
@@ -88,7 +87,7 @@ class _Refusal:
                 code = str(inner["code"]) if inner.get("code") is not None else None
             elif isinstance(inner, str):
                 message = inner[:_MAX_ERROR_CHARS]
-        return cls(status, message or f"HTTP {status}", code, headers)
+        return cls(status, message or f"HTTP {status}", code)
 
     @property
     def context_length(self) -> bool:
@@ -191,12 +190,15 @@ class ChatLLM:
 
     async def _send(self, method: str, url: str, timeout: float, body: bytes | None) -> _Reply:
         """One request, its reply read to at most _MAX_REPLY_BYTES; transport errors as httpx
-        raises them."""
+        raises them, a URL httpx cannot use as EndpointUnreachableError."""
         headers = {"Content-Type": "application/json"} if body is not None else None
-        request = self._http.build_request(
-            method, url, content=body, headers=headers, timeout=timeout
-        )
-        response = await self._http.send(request, stream=True)
+        try:
+            request = self._http.build_request(
+                method, url, content=body, headers=headers, timeout=timeout
+            )
+            response = await self._http.send(request, stream=True)
+        except httpx.InvalidURL as exc:
+            raise EndpointUnreachableError(f"{self.base_url} is not a valid URL: {exc}") from None
         try:
             data = bytearray()
             async for chunk in response.aiter_bytes():
@@ -227,7 +229,7 @@ class ChatLLM:
                     "POST", self._chat_url, min(self.request_timeout, remaining), body
                 )
                 if reply.status >= 400:
-                    refusal = _Refusal.of(reply.status, reply.body, reply.headers)
+                    refusal = _Refusal.of(reply.status, reply.body)
                     if reply.status == 400 and refusal.context_length:
                         raise ContextLengthError(refusal.message)
                     if not _worth_retrying(reply.status):
@@ -250,10 +252,6 @@ class ChatLLM:
                         "the task deadline passed while waiting for the model"
                     ) from None
                 reason = f"no reply from {self.base_url} within {self.request_timeout:.0f}s"
-            except httpx.InvalidURL as exc:
-                raise EndpointUnreachableError(
-                    f"{self.base_url} is not a valid URL: {exc}"
-                ) from None
             except httpx.TransportError as exc:
                 reason = f"cannot reach {self.base_url}: {_cause(exc)}"
                 if attempt >= self.max_retries:
@@ -291,10 +289,6 @@ class ChatLLM:
                 reply = await self._send("GET", self._models_url, timeout, None)
             except (httpx.TimeoutException, _UnusableReplyError):
                 return
-            except httpx.InvalidURL as exc:
-                raise EndpointUnreachableError(
-                    f"{self.base_url} is not a valid URL: {exc}"
-                ) from None
             except httpx.TransportError as exc:
                 problem = _connection_problem(exc, self.base_url)
                 if problem is None:
@@ -306,7 +300,7 @@ class ChatLLM:
                 await self._sleep(pause)
                 continue
             if reply.status in (401, 403):
-                refusal = _Refusal.of(reply.status, reply.body, reply.headers)
+                refusal = _Refusal.of(reply.status, reply.body)
                 raise LLMError(self._describe_refusal(refusal))
             if reply.status < 400:
                 self._check_models(reply.body)
@@ -506,8 +500,8 @@ def _cause(exc: BaseException) -> str:
 
 def _connection_problem(exc: BaseException, base_url: str) -> tuple[bool, str] | None:
     """(refused?, message) when a failed connection shows the endpoint cannot work as given;
-    None for failures worth retrying. Told by the exceptions the HTTP library was raised from,
-    by type and name, as the transport raised them."""
+    None for failures worth retrying. Told by the exceptions the transport error was raised
+    from."""
     for inner in _chain(exc):
         if isinstance(inner, ConnectionRefusedError):
             return True, (
@@ -524,6 +518,6 @@ def _connection_problem(exc: BaseException, base_url: str) -> tuple[bool, str] |
                 f"TLS with {base_url} failed ({inner.reason or inner}): check http:// against "
                 "https:// in the base URL, and the server's certificate"
             )
-        if type(inner).__name__ == "UnsupportedProtocol":
+        if isinstance(inner, httpx.UnsupportedProtocol):
             return False, f"{base_url} is not an http:// or https:// URL: check the base URL"
     return None

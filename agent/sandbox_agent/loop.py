@@ -26,7 +26,14 @@ from .protocols import Completion, CompletionModel, SandboxAPI, ToolCallRequest
 from .result import ExitReason, TaskResult, Usage, phase_for
 from .task import Limits, ToolCallFormat
 from .textcalls import TextToolCall, parse_text_tool_calls
-from .tools import ANSWER_FILE, MAX_ANSWER_BYTES, TOOL_NAMES, TOOLS, Observation, ToolRunner
+from .tools import (
+    ANSWER_FILE,
+    TOOL_NAMES,
+    TOOLS,
+    Observation,
+    ToolRunner,
+    read_answer_file,
+)
 from .trajectory import StepRecord, ToolCallRecord, Trajectory
 
 CANCELLED_MESSAGE = "interrupted before the task finished"
@@ -244,11 +251,11 @@ class AgentLoop:
         )
 
     async def _answer_file(self) -> str | None:
+        # At the end a sandbox that has failed altogether simply has no answer to give.
         try:
-            content = await self.sandbox.read_text(ANSWER_FILE, max_bytes=MAX_ANSWER_BYTES)
+            return await read_answer_file(self.sandbox)
         except SandboxError:
             return None
-        return content.content.strip() or None
 
     async def _conversation(self) -> _Ending:
         """Steps until one ends the task, or the steps run out; a failing sandbox ends it too."""

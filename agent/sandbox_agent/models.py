@@ -134,6 +134,10 @@ class ModelCache:
     def _stamp(self, model: KnownModel) -> Path:
         return self.directory / f".{model.file_name}.verified"
 
+    def _stamp_text(self, model: KnownModel, info: os.stat_result) -> str:
+        """What the stamp says of a verified file: it holds while size and mtime do."""
+        return f"{info.st_size} {info.st_mtime_ns} {model.sha256}"
+
     def cached(self, model: KnownModel, progress: Progress = no_progress) -> Path | None:
         """The model's file when it is here and is the catalogue's; else None (a file that is
         not is removed: it can only be a leftover or damage)."""
@@ -142,7 +146,7 @@ class ModelCache:
             info = path.stat()
         except FileNotFoundError:
             return None
-        stamp = f"{info.st_size} {info.st_mtime_ns} {model.sha256}"
+        stamp = self._stamp_text(model, info)
         try:
             if self._stamp(model).read_text() == stamp:
                 return path
@@ -177,8 +181,8 @@ class ModelCache:
                     tried.append(f"{source}: {exc}")
                     continue
                 os.replace(target, self.path(model))
-            info = self.path(model).stat()
-            self._stamp(model).write_text(f"{info.st_size} {info.st_mtime_ns} {model.sha256}")
+            stamp = self._stamp_text(model, self.path(model).stat())
+            self._stamp(model).write_text(stamp)
             return self.path(model)
         raise ModelError(f"could not get {model.name}: " + "; ".join(tried))
 

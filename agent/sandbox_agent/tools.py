@@ -194,6 +194,16 @@ def _numbered(lines: list[str], first: int) -> str:
     return "\n".join(f"{n:6d}\t{line}" for n, line in enumerate(lines, start=first))
 
 
+async def read_answer_file(client: SandboxAPI) -> str | None:
+    """The answer file's text, stripped; None when it is missing, unreadable or empty. A sandbox
+    that fails altogether raises (SandboxError)."""
+    try:
+        found = await client.read_text(ANSWER_FILE, max_bytes=MAX_ANSWER_BYTES)
+    except ExecServerError:
+        return None
+    return found.content.strip() or None
+
+
 class ToolRunner:
     """Runs tool calls against one exec server; never raises for the model's mistakes."""
 
@@ -208,13 +218,6 @@ class ToolRunner:
         self.workspace = workspace
         self.command_timeout = command_timeout
         self.max_observation_bytes = max_observation_bytes
-
-    async def _answer_file(self) -> str:
-        try:
-            found = await self.client.read_text(ANSWER_FILE, max_bytes=MAX_ANSWER_BYTES)
-        except ExecServerError:
-            return ""
-        return found.content.strip()
 
     def _abs(self, path: str) -> str:
         return path if path.startswith("/") else posixpath.join(self.workspace, path)
@@ -240,7 +243,7 @@ class ToolRunner:
                     answer = json.dumps(answer)
                 if answer is None and args.get("from_answer_file") is True:
                     # The bash format's `submit WORDS`: the words were written to the file.
-                    answer = await self._answer_file()
+                    answer = await read_answer_file(self.client)
                     if not answer:
                         return Observation(EMPTY_SUBMIT, ok=False, summary="empty answer")
                 return Observation("Submitted.", ok=True, submitted=True, answer=answer)
