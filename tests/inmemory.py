@@ -119,6 +119,7 @@ class ScriptedModel:
         temperature: float | None,
         top_p: float | None,
         deadline: float,
+        stop: list[str] | None = None,
     ) -> Completion:
         # A copy: the loop goes on appending to its own list.
         self.requests.append(Request(list(messages), tools, max_tokens, deadline))

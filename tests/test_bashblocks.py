@@ -14,6 +14,7 @@ from sandbox_agent.bashblocks import (
     NO_BLOCK,
     SEVERAL_BLOCKS,
     SUBMIT_NOT_ALONE,
+    closed,
     parse_bash_reply,
 )
 from sandbox_agent.loop import REPEATED_BLOCK
@@ -55,6 +56,16 @@ def test_submit_beside_other_commands_runs_them_and_submits_nothing() -> None:
     assert json.loads(parsed.calls[0].arguments) == {"command": "python3 solve.py"}
 
 
+def test_submit_beside_commands_counts_when_an_earlier_output_showed_that_answer() -> None:
+    block = "```bash\npython3 -c 'print(6 * 7)'\nsubmit 42\n```"
+    shown = {"42"}
+    parsed = parse_bash_reply(block, W, shown.__contains__)
+    assert [c.name for c in parsed.calls] == ["execute_bash", "execute_bash", "submit"]
+    assert json.loads(parsed.calls[0].arguments) == {"command": "python3 -c 'print(6 * 7)'"}
+    # Not seen: still a guess.
+    assert parse_bash_reply(block, W, {"41"}.__contains__).calls[-1].error == SUBMIT_NOT_ALONE
+
+
 def test_a_python_block_runs_with_python3() -> None:
     ((name, args),) = commands("```python\nprint(2**20)\n```")
     assert name == "execute_bash"
@@ -66,6 +77,35 @@ def test_output_fences_are_not_code_and_a_reply_without_code_gets_a_correction()
     text = "```bash\necho 100\n```\nIt prints:\n```\n100\n```"
     assert commands(text) == [("execute_bash", {"command": "echo 100"})]
     assert parse_bash_reply("The answer is 100.", W).correction == NO_BLOCK
+
+
+# Real replies of Qwen2.5-Coder 1.5B at temperature 0 that dropped the fence.
+@pytest.mark.parametrize(
+    ("text", "command"),
+    [
+        ('grep "vault 17" /workspace/input/notes.txt | head -n 1',
+         'grep "vault 17" /workspace/input/notes.txt | head -n 1'),
+        ('python3 -c "print(sum(int(d) for d in str(2**100)))"\n```',
+         'python3 -c "print(sum(int(d) for d in str(2**100)))"'),
+        ("I count the lines first.\n$ wc -l /workspace/input/app.log",
+         "wc -l /workspace/input/app.log"),
+    ],
+)  # fmt: skip
+def test_commands_written_without_a_fence_still_run(text: str, command: str) -> None:
+    assert commands(text) == [("execute_bash", {"command": command})]
+
+
+def test_a_bare_submit_line_is_a_submit() -> None:
+    assert commands("The output shows it.\nsubmit 115") == [
+        ("execute_bash", {"command": f'set -- 115; printf "%s\\n" "$*" > {W}/output/answer.txt'}),
+        ("submit", {"from_answer_file": True}),
+    ]
+
+
+def test_a_reply_cut_at_its_blocks_closing_fence_is_kept_closed() -> None:
+    assert closed("Run it.\n```bash\nls") == "Run it.\n```bash\nls\n```"
+    assert closed("```bash\nls\n```") == "```bash\nls\n```"
+    assert closed("no block") == "no block"
 
 
 @pytest.mark.parametrize(
@@ -116,14 +156,20 @@ def test_a_real_shell_computes_and_submits_the_answer(
     run_local: Any, llm_server: ScriptedLLMServer
 ) -> None:
     llm_server.script(
-        text("```bash\ncat > solve.py <<'EOF'\nprint(sum(range(101)))\nEOF\n```"),
+        # As an endpoint sends it back: cut before the closing fence (the stop string).
+        text("```bash\ncat > solve.py <<'EOF'\nprint(sum(range(101)))\nEOF"),
         text('Now submit it.\n```bash\nsubmit "$(python3 solve.py)"\n```'),
     )
     outcome = run_local(task_doc(model={"toolCallFormat": "bash"}))
+    shown = (llm_server.chat_requests[1].json or {})["messages"][2]
+    assert shown["content"].endswith("EOF\n```"), shown
     assert outcome.result.exit_reason == "submitted", outcome.result.message
     assert outcome.result.answer == "5050"
     assert (outcome.output_dir / "answer.txt").read_text() == "5050\n"
-    assert "tools" not in (llm_server.chat_requests[0].json or {})
+    first = llm_server.chat_requests[0].json or {}
+    assert "tools" not in first
+    # The reply ends at the first block's closing fence: no imagined output, no second block.
+    assert first["stop"] == ["\n```\n"]
 
 
 def test_an_empty_answer_is_refused_and_the_model_told_why(
@@ -156,6 +202,21 @@ def test_a_guessed_submit_is_refused_and_the_model_sees_the_output_first(
     assert told.endswith(f"Error: {SUBMIT_NOT_ALONE}")
     shown = str((llm_server.chat_requests[2].json or {})["messages"][-1]["content"])
     assert shown == "[exit code 0]\n115"
+
+
+def test_a_resent_command_with_the_answer_it_printed_before_is_submitted(
+    run_local: Any, llm_server: ScriptedLLMServer
+) -> None:
+    # Qwen2.5-Coder 0.5B at temperature 0: the command and its answer in one block, each time;
+    # the first is a guess (refused), the second submits what the first printed.
+    llm_server.script(
+        text('```bash\npython3 -c "print(48271 * 1103515245)"\nsubmit 48271 * 1103515245\n```'),
+        text('```bash\npython3 -c "print(53267784391395)"\nsubmit 53267784391395\n```'),
+    )
+    outcome = run_local(task_doc(model={"toolCallFormat": "bash"}))
+    assert (outcome.result.exit_reason, outcome.result.answer) == ("submitted", "53267784391395")
+    told = str((llm_server.chat_requests[1].json or {})["messages"][-1]["content"])
+    assert told == f"[exit code 0]\n53267784391395\nError: {SUBMIT_NOT_ALONE}"
 
 
 def test_a_block_resent_with_the_same_output_gets_told_so() -> None:

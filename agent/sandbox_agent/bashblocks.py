@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .textcalls import TextToolCall
@@ -22,6 +23,11 @@ _PYTHON = {"python", "python3", "py"}
 _SUBMIT = re.compile(r"^\s*submit(?:\s+(.*?))?\s*$")
 # The heredoc word a python block is fed to python3 with; a block holding it is refused.
 _PY_END = "LLMSANDBOX_PY_END"
+
+
+# Asked of the endpoint in this format: the reply ends at the first block's closing fence, so
+# a small model does not go on to write the output it imagines, or a second block.
+STOP_AFTER_BLOCK = ["\n```\n"]
 
 
 @dataclass(frozen=True)
@@ -40,18 +46,103 @@ def _blocks(content: str) -> list[tuple[str, str]]:
     return found
 
 
-def parse_bash_reply(content: str, workspace: str) -> BashReply:
+# What a line of commands written without a fence starts with (small models drop the fence,
+# most of all for `submit 115` or a one-line grep); prose never starts with these in lower case.
+_BARE_COMMANDS = frozenset(
+    {
+        "submit",
+        "python3",
+        "python",
+        "grep",
+        "egrep",
+        "cat",
+        "ls",
+        "head",
+        "tail",
+        "awk",
+        "sed",
+        "echo",
+        "printf",
+        "wc",
+        "sort",
+        "uniq",
+        "find",
+        "cut",
+        "tr",
+        "bc",
+        "cd",
+        "pip",
+        "pip3",
+        "mkdir",
+        "cp",
+        "mv",
+        "touch",
+        "expr",
+        "seq",
+        "date",
+        "pwd",
+        "which",
+        "file",
+        "du",
+        "diff",
+        "tee",
+        "xargs",
+        "nl",
+        "rev",
+        "factor",
+        "test",
+        "export",
+    }
+)
+
+
+def bare_commands(content: str) -> str | None:
+    """The lines of a reply without any fenced block that are commands (their first word a
+    common command's), as a block; None when no line is. Prose lines around them are dropped,
+    and so are stray fence lines (a closing fence with no opening one)."""
+    lines = []
+    for line in content.splitlines():
+        text = line.strip().removeprefix("$ ")
+        if text.startswith("```"):
+            continue
+        if text.split(" ", 1)[0] in _BARE_COMMANDS:
+            lines.append(text)
+    return "\n".join(lines) if lines else None
+
+
+def closed(content: str) -> str:
+    """The reply as the conversation keeps it: a block cut at STOP_AFTER_BLOCK gets back its
+    closing fence, so that the model's own earlier replies show the format it is asked for."""
+    if content.count("```") % 2 == 1:
+        return content.rstrip("\n") + "\n```"
+    return content
+
+
+def never_seen(answer: str) -> bool:
+    return False
+
+
+def parse_bash_reply(
+    content: str, workspace: str, seen: Callable[[str], bool] = never_seen
+) -> BashReply:
+    """The calls `content` stands for; `seen(answer)` tells whether an answer submitted beside
+    other commands was already in an output the model has been shown (then it is no guess)."""
     blocks = _blocks(content)
     if not blocks:
-        return BashReply(correction=NO_BLOCK)
-    first = _block_calls(*blocks[0], workspace)
+        bare = bare_commands(content)
+        if bare is None:
+            return BashReply(correction=NO_BLOCK)
+        return _block_calls("bash", bare, workspace, seen)
+    first = _block_calls(*blocks[0], workspace, seen)
     if len(blocks) > 1:
         # Refusing them all would make a model at temperature 0 send the same reply again.
         first.calls.append(TextToolCall("", "", SEVERAL_BLOCKS.format(n=len(blocks))))
     return first
 
 
-def _block_calls(lang: str, code: str, workspace: str) -> BashReply:
+def _block_calls(
+    lang: str, code: str, workspace: str, seen: Callable[[str], bool] = never_seen
+) -> BashReply:
     if lang == "python":
         if _PY_END in code:
             return BashReply(correction=f"Your python block contains {_PY_END}; nothing ran.")
@@ -62,11 +153,14 @@ def _block_calls(lang: str, code: str, workspace: str) -> BashReply:
         if found is None:
             continue
         before = "\n".join(lines[:i]).strip()
-        if any(_is_command(line) for line in lines[:i]):
-            # An answer submitted before its command's output was seen is a guess.
-            return BashReply([_bash(before), TextToolCall("", "", SUBMIT_NOT_ALONE)])
         words = found.group(1)
         calls = []
+        if any(_is_command(line) for line in lines[:i]):
+            # An answer submitted before its command's output was seen is a guess, unless an
+            # earlier output already showed it (small models resend the command beside it).
+            if not words or not seen(words.strip().strip("'\"")):
+                return BashReply([_bash(before), TextToolCall("", "", SUBMIT_NOT_ALONE)])
+            calls.append(_bash(before))
         if words:
             # The answer as the shell reads the words (quotes, $(...)), into the answer file the
             # submit then takes it from.
@@ -87,9 +181,9 @@ def _bash(command: str) -> TextToolCall:
 
 
 NO_BLOCK = (
-    "Your reply had no ```bash block, so nothing ran. Reply with exactly one ```bash block "
-    "holding the commands to run next. If you already have the final answer, the block's one "
-    "line is the word submit followed by the answer."
+    "Your reply had no ```bash block, so nothing ran. Reply with one ```bash block holding the "
+    "commands to run next; once a command's output has shown you the answer, submit it in a "
+    "block of its own."
 )
 SUBMIT_NOT_ALONE = (
     "nothing was submitted: submit must be the only command of its block, sent once you have "

@@ -173,9 +173,12 @@ class ChatLLM:
         temperature: float | None,
         top_p: float | None,
         deadline: float,
+        stop: list[str] | None = None,
     ) -> Completion:
         """One completion; LLMError messages never carry the API key."""
         kwargs = self._request_args(messages, tools, max_tokens, temperature, top_p)
+        if stop:
+            kwargs["stop"] = stop
         try:
             if not self._checked:
                 self._checked = True

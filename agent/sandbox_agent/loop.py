@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .bashblocks import parse_bash_reply
+from .bashblocks import STOP_AFTER_BLOCK, closed, parse_bash_reply
 from .budget import TokenBudget
 from .errors import (
     ContextLengthError,
@@ -205,6 +206,8 @@ class AgentLoop:
         self.deadline = 0.0
         # The bash format's last step: its calls and what they printed.
         self._last_exchange: tuple[list[tuple[str, str]], list[str]] | None = None
+        # What the sandbox printed that the model has been shown (the bash format's submit).
+        self._outputs: list[str] = []
 
     async def run(self, prompt: str, input_listing: list[str]) -> TaskResult:
         started = self.clock()
@@ -297,6 +300,9 @@ class AgentLoop:
                 temperature=self.settings.temperature,
                 top_p=self.settings.top_p,
                 deadline=self.deadline,
+                stop=STOP_AFTER_BLOCK
+                if self.settings.tool_call_format is ToolCallFormat.BASH
+                else None,
             )
         except ContextLengthError as exc:
             return self._shrink(max_tokens, exc)
@@ -345,7 +351,10 @@ class AgentLoop:
     async def _act(self, reply: Completion, step_started: float, max_tokens: int) -> _Ending | None:
         """Record the reply, run its tool calls, append their results; an _Ending stops the loop."""
         calls, text_mode, correction = self._tool_calls(reply)
-        self.messages.append(reply.raw_message)
+        message = reply.raw_message
+        if self.settings.tool_call_format is ToolCallFormat.BASH and message.get("content"):
+            message = {**message, "content": closed(str(message["content"]))}
+        self.messages.append(message)
         record = _step_record(self.steps, reply, step_started, text_mode, max_tokens)
         self.trajectory.steps.append(record)
         if calls:
@@ -356,12 +365,20 @@ class AgentLoop:
         self.trajectory.step_done(record)
         return ending
 
+    def _shown_before(self, answer: str) -> bool:
+        """Whether `answer` stood alone (not inside a longer word or number) in an output the
+        model has already been shown."""
+        if not answer or len(answer) > 1000:
+            return False
+        alone = re.compile(rf"(?<![\w.]){re.escape(answer)}(?![\w]|\.\w)")
+        return any(alone.search(text) for text in self._outputs)
+
     def _tool_calls(self, reply: Completion) -> tuple[list[ToolCallRequest], bool, str]:
         """The reply's tool calls, whether they were read from its text, and what the model is
         told when there are none."""
         fmt = self.settings.tool_call_format
         if fmt is ToolCallFormat.BASH:
-            blocks = parse_bash_reply(reply.content, self.workspace)
+            blocks = parse_bash_reply(reply.content, self.workspace, self._shown_before)
             calls = [_text_call(self.steps, i, p) for i, p in enumerate(blocks.calls)]
             return calls, True, blocks.correction or ""
         nudge = continue_message(self.workspace)
@@ -388,6 +405,7 @@ class AgentLoop:
             if obs.submitted:
                 ending = _Ending(ExitReason.SUBMITTED, answer=(obs.answer or "").strip() or None)
         if self.settings.tool_call_format is ToolCallFormat.BASH:
+            self._outputs.extend(responses)
             # A small model at temperature 0 resends a failing block for ever unless told.
             exchange = ([(c.name, c.arguments) for c in calls], list(responses))
             if ending is None and exchange == self._last_exchange:

@@ -32,7 +32,7 @@ A command's output is cut in the middle when it is very long.
 {finishing} Files you want to hand back go under {workspace}/output as well.\
 """
 
-# What the prompt says of the shell, of editing and of finishing, with tools and without.
+# What the prompt says of the shell, of editing and of finishing, with tools.
 TOOLS_WORDING = {
     "shell_unit": "Each execute_bash call",
     "editing": "Edit files with str_replace_editor rather than shell echo or heredocs.",
@@ -40,23 +40,25 @@ TOOLS_WORDING = {
     "format the task asks for) to {workspace}/output/answer.txt, then call submit with the "
     "same answer.",
 }
-BASH_WORDING = {
-    "shell_unit": "Each ```bash block",
-    "editing": "Write a file with a heredoc: `cat > NAME <<'EOF'`, its lines, then `EOF`; "
-    "run Python with python3 NAME, or put short Python straight into a ```python block.",
-    "finishing": "When a command's output has given you the final answer, reply with a block "
-    "whose only line is the word submit followed by the answer itself: only the answer, in "
-    "exactly the format the task asks for. An empty answer is refused.",
-}
+# The bash format's whole prompt: short, because the small models this format is for lose the
+# format under the long one (Qwen2.5-Coder 0.5B answered in prose or submitted at once), and
+# with no example command or answer, which such a model copies as it stands.
+BASH_SYSTEM_PROMPT = """\
+You solve tasks on a Linux computer of your own (bash, Python 3, files) by running commands \
+on it, even when the task is not about programming.
 
-BASH_FORMAT_PROMPT = """
+Every reply: one short sentence on what you do next, then exactly one ```bash code block \
+with the commands to run now. You see their output in the next message, and only then \
+decide the next block.
 
-# How to reply
-
-Every reply is a sentence on what you do next, then exactly one ```bash code block with the \
-commands to run now. You get their output in the next message. Never write the output \
-yourself, never guess a result you have not seen, and never write more than one block: only \
-the first one runs.\
+- Compute, do not guess: for arithmetic, counting or search, run python3 (a script written \
+with a heredoc, or python3 -c). Never write a result you have not seen printed.
+- The task's input files are under {workspace}/input. Search long files with grep or a \
+script instead of printing them whole.
+- Every block runs in the same shell; a command running longer than {command_timeout} \
+seconds is killed. Files to hand back go under {workspace}/output.
+- When a command's output has shown you the final answer, reply with a block whose only \
+line is submit followed by the answer, in exactly the format the task asks for.\
 """
 
 TEXT_TOOLS_PROMPT = """
@@ -91,11 +93,10 @@ def system_prompt(
 ) -> str:
     """The prompt for tools sent natively (no `text_tools`), tools described in the text, or
     (`bash_blocks`) no tools at all: one ```bash block per reply."""
-    wording = BASH_WORDING if bash_blocks else TOOLS_WORDING
-    filled = {k: v.format(workspace=workspace) for k, v in wording.items()}
-    text = SYSTEM_PROMPT.format(workspace=workspace, command_timeout=command_timeout, **filled)
     if bash_blocks:
-        return text + BASH_FORMAT_PROMPT
+        return BASH_SYSTEM_PROMPT.format(workspace=workspace, command_timeout=command_timeout)
+    filled = {k: v.format(workspace=workspace) for k, v in TOOLS_WORDING.items()}
+    text = SYSTEM_PROMPT.format(workspace=workspace, command_timeout=command_timeout, **filled)
     if text_tools is not None:
         block = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in text_tools)
         text += TEXT_TOOLS_PROMPT.format(tools=block, workspace=workspace)

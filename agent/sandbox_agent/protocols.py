@@ -46,8 +46,9 @@ class CompletionModel(Protocol):
         temperature: float | None,
         top_p: float | None,
         deadline: float,
+        stop: list[str] | None = None,
     ) -> Completion:
-        """One reply; an LLMError subclass when there is none (DeadlineError once the
+        """One reply (cut before the first of the `stop` strings); an LLMError subclass when there is none (DeadlineError once the
         time.monotonic() `deadline` has passed, ContextLengthError when the request is too long)."""
 
 
