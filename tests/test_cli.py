@@ -161,8 +161,11 @@ def test_validate_checks_that_file_inputs_exist(tmp_path: Path) -> None:
     assert sandboxctl("validate", "task.yaml", cwd=tmp_path).returncode == 0
 
 
-def test_no_model_anywhere_is_a_clear_error(tmp_path: Path) -> None:
-    proc = sandboxctl("run", "--prompt", "hi", "--backend", "process", cwd=tmp_path)
+def test_an_endpoint_without_a_model_is_a_clear_error(tmp_path: Path) -> None:
+    proc = sandboxctl(
+        "run", "--prompt", "hi", "--backend", "process", "--base-url", "http://127.0.0.1:9/v1",
+        cwd=tmp_path,
+    )  # fmt: skip
     assert proc.returncode == 2
     assert "spec.model.name: no model given" in proc.stderr
 

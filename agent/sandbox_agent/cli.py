@@ -69,7 +69,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         help="where the sandbox runs: bwrap (bubblewrap), docker, or process (no isolation); "
         "auto (the default) is bwrap if installed, else Docker if reachable",
     )
-    run.add_argument("--model", help="model name (overrides OPENAI_MODEL and the task)")
+    run.add_argument(
+        "--model",
+        help="model name (overrides OPENAI_MODEL and the task); with no endpoint configured, a "
+        "name from `sandboxctl model list` picks the local model",
+    )
     run.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
     run.add_argument(
         "--image",
@@ -86,6 +90,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         "--overwrite",
         action="store_true",
         help="replace the result, trajectory and outputs of an earlier run in --out",
+    )
+    run.add_argument(
+        "--max-steps",
+        type=int,
+        metavar="N",
+        help="at most N model replies (overrides spec.limits.maxSteps)",
     )
     run.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")

@@ -61,6 +61,8 @@ class EndpointChosen:
     model: str
     # No base URL was given anywhere, so OpenAI's own API is asked.
     default: bool = False
+    # The built-in local model, served on this machine for the run.
+    local: bool = False
 
 
 Event: TypeAlias = (

@@ -31,7 +31,7 @@ from .taskfile import load_task_file, missing_input_files, task_from_prompt
 
 if TYPE_CHECKING:
     from .result import TaskResult
-    from .runner import RunOutcome
+    from .runner import RunOptions, RunOutcome
 
 T = TypeVar("T")
 
@@ -70,7 +70,9 @@ class ProgressPrinter:
             return f"  note: {event.message}"
         if isinstance(event, EndpointChosen):
             line = f"endpoint: {event.base_url}  model: {event.model}"
-            if event.default:
+            if event.local:
+                line += "  (the local model, stopped when the run ends)"
+            elif event.default:
                 line += "  (no base URL given: --base-url, OPENAI_BASE_URL or spec.model.baseURL)"
             return line
         return ""
@@ -132,6 +134,7 @@ def _load(args: argparse.Namespace) -> tuple[SandboxTask, Path, Path | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .local_model import LocalModelError
     from .procenv import hide_from_environ
     from .result import Phase
     from .runner import RunOptions, run_task
@@ -140,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     # /proc/PID/environ (`ps e`); os.environ, which the run reads, keeps it.
     hide_from_environ("OPENAI_API_KEY")
     task, task_dir, task_file = _load(args)
+    if args.max_steps is not None:
+        task = with_max_steps(task, args.max_steps)
     opts = RunOptions(
         backend=args.backend,
         model=args.model,
@@ -150,8 +155,13 @@ def run(args: argparse.Namespace) -> int:
         allow_host_network=args.allow_host_network,
     )
     progress = ProgressPrinter(sys.stderr, quiet=args.quiet)
+    if not with_local_model(task, opts, progress):
+        return EXIT_TASK_FAILED
     try:
         outcome = asyncio.run(until_signalled(run_task(task, task_dir, opts, progress, task_file)))
+    except LocalModelError as exc:
+        print(for_terminal(f"sandboxctl run: {exc}"), file=sys.stderr)
+        return EXIT_TASK_FAILED
     except TerminatedError as stop:
         name = signal.Signals(stop.signum).name
         print(
@@ -173,6 +183,45 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(status_block(outcome))
     return EXIT_OK if outcome.result.phase is Phase.SUCCEEDED else EXIT_TASK_FAILED
+
+
+def with_max_steps(task: SandboxTask, steps: int) -> SandboxTask:
+    """The task with spec.limits.maxSteps replaced, checked as the task file's is."""
+    from pydantic import ValidationError
+
+    from .task import Limits
+
+    try:
+        limits = Limits.model_validate(
+            {**task.spec.limits.model_dump(by_alias=True), "maxSteps": steps}
+        )
+    except ValidationError as exc:
+        raise TaskSpecError(f"--max-steps: {exc.errors()[0]['msg']}") from None
+    return task.model_copy(update={"spec": task.spec.model_copy(update={"limits": limits})})
+
+
+def with_local_model(task: SandboxTask, opts: RunOptions, progress: ProgressPrinter) -> bool:
+    """When no endpoint is configured, say so, pull the built-in model (with progress) and set
+    opts.local_model; False when it cannot be had (the reason printed)."""
+    from .local_model import LOCAL_EXTRA_HINT, xllamacpp_installed
+    from .model_commands import ProgressLine, pull
+    from .models import ModelCache, cache_dir
+    from .runner import LocalModel, local_model_note, local_model_wanted
+
+    model = local_model_wanted(task, opts)
+    if model is None:
+        return True
+    progress(Notice(local_model_note(task, opts, model)))
+    if not xllamacpp_installed():
+        raise TaskSpecError(
+            f"{LOCAL_EXTRA_HINT}, or give an endpoint (--base-url URL, or OPENAI_BASE_URL)"
+        )
+    cache = ModelCache(cache_dir(opts.env))
+    found = pull(cache, model, None, "run", ProgressLine(sys.stderr, quiet=progress.quiet))
+    if found is None:
+        return False
+    opts.local_model = LocalModel(model, found)
+    return True
 
 
 class TerminatedError(Exception):

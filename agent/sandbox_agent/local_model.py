@@ -18,6 +18,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -73,7 +74,9 @@ class LocalModelServer:
         self.url = ""
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> str:
+    def start(self, abandon: threading.Event | None = None) -> str:
+        """Start the child and wait until it serves; `abandon` set (from another thread) gives
+        up the wait: the child is stopped and LocalModelError raised."""
         if not xllamacpp_installed():
             raise LocalModelError(LOCAL_EXTRA_HINT)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +92,9 @@ class LocalModelServer:
         deadline = time.monotonic() + self.ready_timeout
         line = b""
         while time.monotonic() < deadline and not line.endswith(b"\n"):
+            if abandon is not None and abandon.is_set():
+                self.stop()
+                raise LocalModelError("the local model server's start was abandoned")
             ready, _, _ = select.select([self._proc.stdout], [], [], 0.2)
             if ready:
                 chunk = os.read(self._proc.stdout.fileno(), 4096)

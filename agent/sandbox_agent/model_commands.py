@@ -27,13 +27,16 @@ from .models import (
 class ProgressLine:
     """A long step on `stream`: one line redrawn on a terminal, else a line every 10 %."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, quiet: bool = False) -> None:
         self.stream = stream
+        self.quiet = quiet
         self.tty = stream.isatty()
         self.shown: tuple[str, int] = ("", -1)
         self.last_draw = 0.0
 
     def __call__(self, what: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
         percent = 100 * done // total if total else 100
         if self.tty:
             now = time.monotonic()
@@ -109,21 +112,31 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.action == "serve":
         return _serve(cache, model, args.port, args.ctx)
-    found = _pull(cache, model, args.source, "pull")
+    found = pull(cache, model, args.source, "model pull")
     if found is None:
         return EXIT_TASK_FAILED
     print(found)
     return EXIT_OK
 
 
-def _pull(cache: ModelCache, model: KnownModel, source: Path | None, command: str) -> Path | None:
-    if source is None and (found := cache.cached(model, ProgressLine(sys.stderr))) is not None:
+def pull(
+    cache: ModelCache,
+    model: KnownModel,
+    source: Path | None,
+    command: str,
+    progress: ProgressLine | None = None,
+) -> Path | None:
+    """The model's verified file, pulled if need be with progress on stderr; None (the reason
+    printed, naming `command`) when it cannot be had."""
+    progress = progress or ProgressLine(sys.stderr)
+    if source is None and (found := cache.cached(model, progress)) is not None:
         return found
-    print(f"pulling {model.name} ({human(model.size)}) into {cache.directory}", file=sys.stderr)
+    if not progress.quiet:
+        print(f"pulling {model.name} ({human(model.size)}) into {cache.directory}", file=sys.stderr)
     try:
-        return cache.pull(model, source, ProgressLine(sys.stderr))
+        return cache.pull(model, source, progress)
     except ModelError as exc:
-        print(f"sandboxctl model {command}: {exc}", file=sys.stderr)
+        print(f"sandboxctl {command}: {exc}", file=sys.stderr)
         return None
 
 
@@ -132,7 +145,7 @@ def _serve(cache: ModelCache, model: KnownModel, port: int, context: int) -> int
 
     if not xllamacpp_installed():
         raise TaskSpecError(LOCAL_EXTRA_HINT)
-    found = _pull(cache, model, None, "serve")
+    found = pull(cache, model, None, "model serve")
     if found is None:
         return EXIT_TASK_FAILED
     log = cache.directory / "serve.log"

