@@ -1,0 +1,173 @@
+"""Whole runs against a real model: the default test model (Qwen2.5-Coder 0.5B) served by llama.cpp
+on this machine's CPU, asked through `sandboxctl run` as a user would, at temperature 0, in the
+bash format and in auto. What is held is the mechanics (commands really ran in the sandbox, the
+run ends with a named exitReason, the trajectory is complete, the endpoint is gone afterwards)
+and that an easy task that needs code is answered right; the built-in endpoint is run too."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from sandbox_agent.local_model import LocalModelServer, xllamacpp_installed
+from sandbox_agent.models import CATALOGUE, ModelCache, ModelError, cache_dir
+from sandbox_agent.result import ExitReason
+
+pytestmark = [pytest.mark.realmodel, pytest.mark.timeout(900)]
+# The small one: these tests are about mechanics, and it is quick on two cores.
+MODEL = CATALOGUE["qwen2.5-coder-0.5b-instruct-q4_k_m"]
+NAMED = {reason.value for reason in ExitReason}
+# Easy, and each needs the computer: a product too long for the head, a count, a file's line.
+EASY = [
+    ("Use python3 to compute 48271 * 1103515245, then submit the product.", "53267784391395"),
+    ("How many lines does the file /etc/passwd have in this sandbox? Count them with wc -l, "
+     "then submit the number.", None),
+    ("Use python3 to compute 2**64, then submit the number.", "18446744073709551616"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_file() -> Path:
+    if not xllamacpp_installed():
+        pytest.skip("xllamacpp is not installed (pip install 'llm-sandbox-operator[local]')")
+    try:
+        return ModelCache(cache_dir()).pull(MODEL)
+    except ModelError as exc:
+        pytest.skip(f"the model cannot be obtained here: {exc}")
+
+
+@pytest.fixture(scope="module")
+def served(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with LocalModelServer(model_file, MODEL.name, log_path=log, context=8192) as server:
+        yield server.url
+
+
+def port_open(url: str) -> bool:
+    parts = urlsplit(url)
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((parts.hostname or "", parts.port or 0)) == 0
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    return env | extra
+
+
+def run_task(
+    where: Path, prompt: str, fmt: str, *args: str, env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], dict[str, Any]]:
+    """`sandboxctl run` of one task at temperature 0: the process, result.json, trajectory.json."""
+    where.mkdir(parents=True, exist_ok=True)
+    task = {
+        "apiVersion": "llmsandbox.io/v1alpha1",
+        "kind": "SandboxTask",
+        "metadata": {"name": "real"},
+        "spec": {
+            "prompt": prompt,
+            "model": {"temperature": 0, "maxTokensPerCall": 512, "toolCallFormat": fmt},
+            "limits": {"maxSteps": 4, "maxTokens": 8192, "commandTimeoutSeconds": 30},
+        },
+    }
+    (where / "task.yaml").write_text(json.dumps(task))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sandbox_agent.cli", "run", "task.yaml", "--out", "out", *args],
+        cwd=where, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    out = where / "out"
+    assert (out / "result.json").is_file(), proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    trajectory = json.loads((out / "trajectory.json").read_text())
+    assert not (out / "trajectory.jsonl").exists()  # the journal goes once the whole is written
+    return proc, result, trajectory
+
+
+def assert_mechanics(result: dict[str, Any], trajectory: dict[str, Any], fmt: str) -> None:
+    """A named ending, a trajectory that holds every step, and sandbox output for every command."""
+    assert result["exitReason"] in NAMED, result
+    assert len(trajectory["steps"]) == result["steps"] >= 1, result
+    assert trajectory["result"]["exitReason"] == result["exitReason"]
+    assert trajectory["tool_call_format"] == fmt
+    for step in trajectory["steps"]:
+        assert step["completion_tokens"] > 0, step
+        for call in step["tool_calls"]:
+            if call["name"] == "execute_bash" and call["ok"]:
+                # Only the sandbox's exec server writes this line.
+                assert call["observation"].startswith("[exit code "), call
+
+
+def bash_calls(trajectory: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        call
+        for step in trajectory["steps"]
+        for call in step["tool_calls"]
+        if call["name"] == "execute_bash"
+    ]
+
+
+def test_the_bash_format_runs_commands_and_answers_an_easy_task_right(
+    served: str, tmp_path: Path
+) -> None:
+    env = clean_env(OPENAI_API_KEY="none")
+    right = []
+    for i, (prompt, expected) in enumerate(EASY):
+        proc, result, trajectory = run_task(
+            tmp_path / str(i), prompt, "bash", "--base-url", served, "--model", MODEL.name,
+            env=env,
+        )  # fmt: skip
+        assert proc.returncode in (0, 1), proc.stderr
+        assert_mechanics(result, trajectory, "bash")
+        assert bash_calls(trajectory), "no command ran"
+        if expected is None:  # the sandbox's own count: what wc printed
+            printed = [c["observation"].split("\n")[1] for c in bash_calls(trajectory)
+                       if c["observation"].startswith("[exit code 0]\n")]  # fmt: skip
+            expected = next((p.split()[0] for p in printed if p.split()), "?")
+        right.append(result["exitReason"] == "submitted" and result["answer"] == expected)
+    assert any(right), right
+
+
+def test_auto_runs_to_a_named_ending_with_a_complete_trajectory(
+    served: str, tmp_path: Path
+) -> None:
+    proc, result, trajectory = run_task(
+        tmp_path, EASY[0][0], "auto", "--base-url", served, "--model", MODEL.name,
+        env=clean_env(OPENAI_API_KEY="none"),
+    )  # fmt: skip
+    assert proc.returncode in (0, 1), proc.stderr
+    assert_mechanics(result, trajectory, "auto")
+    assert port_open(served)  # the served endpoint is the fixture's: still there
+
+
+def test_with_no_endpoint_the_local_model_is_served_for_the_run_and_stopped(
+    model_file: Path, tmp_path: Path
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sandbox_agent.cli", "run", "--prompt", EASY[0][0],
+         "--model", MODEL.name, "--max-steps", "3", "--out", "out"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+        env=clean_env(LLMSANDBOX_MODELS_DIR=str(model_file.parent)),
+    )  # fmt: skip
+    assert proc.returncode in (0, 1), proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("  note: no endpoint configured"), proc.stderr
+    endpoint = next(line for line in lines if line.startswith("endpoint: "))
+    assert endpoint.endswith(f"model: {MODEL.name}  (the local model, stopped when the run ends)")
+    url = endpoint.split()[1]
+    assert urlsplit(url).hostname == "127.0.0.1"
+    assert not port_open(url), "the local model server outlived the run"
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["exitReason"] in NAMED
+    trajectory = json.loads((tmp_path / "out" / "trajectory.json").read_text())
+    assert trajectory["model"] == MODEL.name
+    assert trajectory["tool_call_format"] == MODEL.tool_call_format
+    assert (tmp_path / "out" / "local-model.log").stat().st_size > 0
