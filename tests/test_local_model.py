@@ -7,33 +7,25 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
+from realmodel import TEST_MODEL, obtain_test_model, port_open
 from sandbox_agent.llm import ChatLLM
-from sandbox_agent.local_model import LocalModelServer, xllamacpp_installed
-from sandbox_agent.models import CATALOGUE, ModelCache, ModelError, cache_dir
+from sandbox_agent.local_model import LocalModelServer
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.timeout(600)]
-# The small one, quick to load: what is tested is the serving, not the model.
-MODEL = CATALOGUE["qwen2.5-coder-0.5b-instruct-q4_k_m"]
+MODEL = TEST_MODEL
 
 
 @pytest.fixture(scope="module")
 def model_file() -> Path:
-    if not xllamacpp_installed():
-        pytest.skip("xllamacpp is not installed (pip install 'llm-sandbox-operator[local]')")
-    try:
-        return ModelCache(cache_dir()).pull(MODEL)
-    except ModelError as exc:
-        pytest.skip(f"the model cannot be obtained here: {exc}")
+    return obtain_test_model()
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +33,6 @@ def served(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with LocalModelServer(model_file, MODEL.name, log_path=log, context=4096) as server:
         yield server.url
-
-
-def port_open(url: str) -> bool:
-    parts = urlsplit(url)
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex((parts.hostname or "", parts.port or 0)) == 0
 
 
 def test_the_agents_client_gets_a_real_answer_at_temperature_zero(served: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,13 +17,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from sandbox_agent.local_model import LocalModelServer, xllamacpp_installed
-from sandbox_agent.models import CATALOGUE, ModelCache, ModelError, cache_dir
+from realmodel import TEST_MODEL, obtain_test_model, port_open
+from sandbox_agent.local_model import LocalModelServer
 from sandbox_agent.result import ExitReason
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.timeout(900)]
-# The small one: these tests are about mechanics, and it is quick on two cores.
-MODEL = CATALOGUE["qwen2.5-coder-0.5b-instruct-q4_k_m"]
+MODEL = TEST_MODEL
 NAMED = {reason.value for reason in ExitReason}
 # Easy, and each needs the computer: a product too long for the head, a count, a file's line.
 EASY = [
@@ -37,12 +35,7 @@ EASY = [
 
 @pytest.fixture(scope="module")
 def model_file() -> Path:
-    if not xllamacpp_installed():
-        pytest.skip("xllamacpp is not installed (pip install 'llm-sandbox-operator[local]')")
-    try:
-        return ModelCache(cache_dir()).pull(MODEL)
-    except ModelError as exc:
-        pytest.skip(f"the model cannot be obtained here: {exc}")
+    return obtain_test_model()
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +43,6 @@ def served(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with LocalModelServer(model_file, MODEL.name, log_path=log, context=8192) as server:
         yield server.url
-
-
-def port_open(url: str) -> bool:
-    parts = urlsplit(url)
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex((parts.hostname or "", parts.port or 0)) == 0
 
 
 def clean_env(**extra: str) -> dict[str, str]:
