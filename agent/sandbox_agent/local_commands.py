@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -30,6 +31,7 @@ from .task import SandboxTask, format_validation_error
 from .taskfile import load_task_file, missing_input_files, task_from_prompt
 
 if TYPE_CHECKING:
+    from .models import KnownModel
     from .result import TaskResult
     from .runner import RunOptions, RunOutcome
 
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from .local_model import LocalModelError
     from .procenv import hide_from_environ
     from .result import Phase
-    from .runner import RunOptions, run_task
+    from .runner import RunOptions, local_model_wanted, plan_run, run_task
 
     # The process backend's commands run as this user and could read the key from
     # /proc/PID/environ (`ps e`); os.environ, which the run reads, keeps it.
@@ -155,10 +157,26 @@ def run(args: argparse.Namespace) -> int:
         allow_host_network=args.allow_host_network,
     )
     progress = ProgressPrinter(sys.stderr, quiet=args.quiet)
-    if not with_local_model(task, opts, progress):
-        return EXIT_TASK_FAILED
+    wanted = local_model_wanted(task, opts)
+    # Everything that can be refused is, before a model is pulled.
+    out_existed = opts.out_dir is not None and opts.out_dir.exists()
+    plan = plan_run(task, task_dir, opts, task_file, local=wanted is not None)
+    if wanted is not None:
+        try:
+            pulled = with_local_model(task, opts, wanted, progress)
+        finally:
+            if opts.local_model is None and not out_existed:
+                # Made by the plan and still empty (with sandboxctl-runs/ when that is too).
+                for made in (plan.run_dir, plan.run_dir.parent if opts.out_dir is None else None):
+                    if made is not None:
+                        with contextlib.suppress(OSError):
+                            made.rmdir()
+        if not pulled:
+            return EXIT_TASK_FAILED
     try:
-        outcome = asyncio.run(until_signalled(run_task(task, task_dir, opts, progress, task_file)))
+        outcome = asyncio.run(
+            until_signalled(run_task(task, task_dir, opts, progress, task_file, plan))
+        )
     except LocalModelError as exc:
         print(for_terminal(f"sandboxctl run: {exc}"), file=sys.stderr)
         return EXIT_TASK_FAILED
@@ -200,17 +218,16 @@ def with_max_steps(task: SandboxTask, steps: int) -> SandboxTask:
     return task.model_copy(update={"spec": task.spec.model_copy(update={"limits": limits})})
 
 
-def with_local_model(task: SandboxTask, opts: RunOptions, progress: ProgressPrinter) -> bool:
-    """When no endpoint is configured, say so, pull the built-in model (with progress) and set
+def with_local_model(
+    task: SandboxTask, opts: RunOptions, model: KnownModel, progress: ProgressPrinter
+) -> bool:
+    """No endpoint is configured: say so, pull `model` (with progress) and set
     opts.local_model; False when it cannot be had (the reason printed)."""
     from .local_model import LOCAL_EXTRA_HINT, xllamacpp_installed
     from .model_commands import ProgressLine, pull
     from .models import ModelCache, cache_dir
-    from .runner import LocalModel, local_model_note, local_model_wanted
+    from .runner import LocalModel, local_model_note
 
-    model = local_model_wanted(task, opts)
-    if model is None:
-        return True
     progress(Notice(local_model_note(task, opts, model)))
     if not xllamacpp_installed():
         raise TaskSpecError(

@@ -339,24 +339,54 @@ def agent_task(task: SandboxTask, endpoint: LLMEndpoint) -> AgentTask:
     return AgentTask(task.metadata.name or "", spec.prompt, endpoint, spec.model, spec.limits)
 
 
-async def run_task(
+@dataclass(frozen=True)
+class RunPlan:
+    """A run checked and ready: everything that can be refused has been, and the run directory
+    exists. `endpoint` is None when the built-in local model is to answer."""
+
+    files: list[tuple[str, bytes]]
+    config: SandboxConfig
+    backend_cls: type[Sandbox]
+    run_dir: Path
+    endpoint: LLMEndpoint | None
+
+
+def plan_run(
     task: SandboxTask,
     task_dir: Path,
     opts: RunOptions,
-    on_event: EventSink = ignore,
     task_file: Path | None = None,
-) -> RunOutcome:
-    """Run the task to an end; every ending, including Ctrl-C, leaves result.json and
-    trajectory.json. With opts.local_model the model is served here for the run and stopped
-    after it; a server that does not start raises LocalModelError (nothing ran)."""
-    local = opts.local_model
-    endpoint = None if local else resolve_endpoint(task, opts)
+    *,
+    local: bool = False,
+) -> RunPlan:
+    """Check the task and the options (errors name the field or flag) and make the run
+    directory; `local`: the endpoint will be the built-in local model (none is resolved)."""
+    endpoint = None if local or opts.local_model else resolve_endpoint(task, opts)
     check_network(task, opts)
     files = collect_inputs(task, task_dir)
     config = sandbox_config(task, opts.image)
     backend_cls = choose_backend(opts.backend)
     run_dir = opts.out_dir or default_run_dir(task, task_file)
     prepare_run_dir(run_dir, overwrite=opts.overwrite)
+    return RunPlan(files, config, backend_cls, run_dir, endpoint)
+
+
+async def run_task(
+    task: SandboxTask,
+    task_dir: Path,
+    opts: RunOptions,
+    on_event: EventSink = ignore,
+    task_file: Path | None = None,
+    plan: RunPlan | None = None,
+) -> RunOutcome:
+    """Run the task to an end (planned here unless `plan` is given); every ending, including
+    Ctrl-C, leaves result.json and trajectory.json. With opts.local_model the model is served
+    here for the run and stopped after it; a server that does not start raises
+    LocalModelError (nothing ran)."""
+    plan = plan or plan_run(task, task_dir, opts, task_file)
+    local = opts.local_model
+    endpoint, backend_cls, run_dir = plan.endpoint, plan.backend_cls, plan.run_dir
+    config, files = plan.config, plan.files
     if task.spec.sandbox.network.mode is NetworkMode.ALLOW_LIST:
         on_event(Notice(ALLOW_LIST_NOTE))
     if opts.image is not None and backend_cls.name != "docker":
