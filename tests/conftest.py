@@ -16,6 +16,7 @@ import yaml
 
 from k8s.fixtures import arun_operator, k8s, kubelet, run_operator
 from llmserver import ScriptedLLMServer, llm_server
+from realmodel import served_test_model, test_model_file
 from sandbox_agent.backends import choose_backend
 from sandbox_agent.backends.bwrap import bwrap_path
 from sandbox_agent.backends.docker import docker_reachable
@@ -23,7 +24,15 @@ from sandbox_agent.runner import RunOptions, RunOutcome, run_task
 from sandbox_agent.taskfile import load_task_file
 from sandbox_operator.settings import OperatorSettings, SettingsError, load_settings
 
-__all__ = ["arun_operator", "k8s", "kubelet", "llm_server", "run_operator"]
+__all__ = [
+    "arun_operator",
+    "k8s",
+    "kubelet",
+    "llm_server",
+    "run_operator",
+    "served_test_model",
+    "test_model_file",
+]
 
 # The image container tests run the docker backend with (built by images/base/build.sh).
 TEST_IMAGE = "llm-sandbox/base:bookworm"

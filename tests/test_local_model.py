@@ -1,5 +1,5 @@
-"""A real model, served by llama.cpp on this machine's CPU: the default catalogue model pulled
-into the cache once (it survives between runs), served by `LocalModelServer` and by
+"""A real model, served by llama.cpp on this machine's CPU: the test model (the small catalogue
+one) pulled into the cache once (it survives between runs), served by `LocalModelServer` and by
 `sandboxctl model serve`, and asked through the agent's own model client."""
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from realmodel import TEST_MODEL, obtain_test_model, port_open
+from realmodel import TEST_MODEL, port_open
 from sandbox_agent.llm import ChatLLM
 from sandbox_agent.local_model import LocalModelServer
 
@@ -23,22 +22,15 @@ pytestmark = [pytest.mark.realmodel, pytest.mark.timeout(600)]
 MODEL = TEST_MODEL
 
 
-@pytest.fixture(scope="module")
-def model_file() -> Path:
-    return obtain_test_model()
-
-
-@pytest.fixture(scope="module")
-def served(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with LocalModelServer(model_file, MODEL.name, log_path=log, context=4096) as server:
-        yield server.url
-
-
-def test_the_agents_client_gets_a_real_answer_at_temperature_zero(served: str) -> None:
+def test_the_agents_client_gets_a_real_answer_at_temperature_zero(served_test_model: str) -> None:
     async def ask() -> str:
         llm = ChatLLM(
-            served, "none", MODEL.name, request_timeout=120, max_retries=1, on_event=print
+            served_test_model,
+            "none",
+            MODEL.name,
+            request_timeout=120,
+            max_retries=1,
+            on_event=print,
         )
         try:
             reply = await llm.complete(
@@ -58,8 +50,8 @@ def test_the_agents_client_gets_a_real_answer_at_temperature_zero(served: str) -
     assert "42" in asyncio.run(ask())
 
 
-def test_a_stopped_server_leaves_nothing_running(model_file: Path, tmp_path: Path) -> None:
-    server = LocalModelServer(model_file, MODEL.name, log_path=tmp_path / "log", context=2048)
+def test_a_stopped_server_leaves_nothing_running(test_model_file: Path, tmp_path: Path) -> None:
+    server = LocalModelServer(test_model_file, MODEL.name, log_path=tmp_path / "log", context=2048)
     url = server.start()
     assert port_open(url)
     server.stop()
@@ -67,11 +59,11 @@ def test_a_stopped_server_leaves_nothing_running(model_file: Path, tmp_path: Pat
     assert not server.running()
 
 
-def test_model_serve_prints_the_endpoint_and_stops_on_sigterm(model_file: Path) -> None:
+def test_model_serve_prints_the_endpoint_and_stops_on_sigterm(test_model_file: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "sandbox_agent.cli", "model", "serve", MODEL.name, "--ctx", "2048"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "LLMSANDBOX_MODELS_DIR": str(model_file.parent)},
+        env={**os.environ, "LLMSANDBOX_MODELS_DIR": str(test_model_file.parent)},
     )  # fmt: skip
     assert proc.stdout is not None
     line = proc.stdout.readline()

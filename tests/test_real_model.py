@@ -1,4 +1,4 @@
-"""Whole runs against a real model: the default test model (Qwen2.5-Coder 0.5B) served by llama.cpp
+"""Whole runs against a real model: the test model (Qwen2.5-Coder 0.5B) served by llama.cpp
 on this machine's CPU, asked through `sandboxctl run` as a user would, at temperature 0, in the
 bash format and in auto. What is held is the mechanics (commands really ran in the sandbox, the
 run ends with a named exitReason, the trajectory is complete, the endpoint is gone afterwards)
@@ -10,15 +10,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from realmodel import TEST_MODEL, obtain_test_model, port_open
-from sandbox_agent.local_model import LocalModelServer
+from realmodel import TEST_MODEL, port_open
 from sandbox_agent.result import ExitReason
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.timeout(900)]
@@ -31,18 +29,6 @@ EASY = [
      "then submit the number.", None),
     ("Use python3 to compute 2**64, then submit the number.", "18446744073709551616"),
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def model_file() -> Path:
-    return obtain_test_model()
-
-
-@pytest.fixture(scope="module")
-def served(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with LocalModelServer(model_file, MODEL.name, log_path=log, context=8192) as server:
-        yield server.url
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -102,13 +88,13 @@ def bash_calls(trajectory: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_the_bash_format_runs_commands_and_answers_an_easy_task_right(
-    served: str, tmp_path: Path
+    served_test_model: str, tmp_path: Path
 ) -> None:
     env = clean_env(OPENAI_API_KEY="none")
     right = []
     for i, (prompt, expected) in enumerate(EASY):
         proc, result, trajectory = run_task(
-            tmp_path / str(i), prompt, "bash", "--base-url", served, "--model", MODEL.name,
+            tmp_path / str(i), prompt, "bash", "--base-url", served_test_model, "--model", MODEL.name,
             env=env,
         )  # fmt: skip
         assert proc.returncode in (0, 1), proc.stderr
@@ -123,25 +109,26 @@ def test_the_bash_format_runs_commands_and_answers_an_easy_task_right(
 
 
 def test_auto_runs_to_a_named_ending_with_a_complete_trajectory(
-    served: str, tmp_path: Path
+    served_test_model: str, tmp_path: Path
 ) -> None:
     proc, result, trajectory = run_task(
-        tmp_path, EASY[0][0], "auto", "--base-url", served, "--model", MODEL.name,
+        tmp_path, EASY[0][0], "auto", "--base-url", served_test_model, "--model", MODEL.name,
         env=clean_env(OPENAI_API_KEY="none"),
     )  # fmt: skip
     assert proc.returncode in (0, 1), proc.stderr
     assert_mechanics(result, trajectory, "auto")
-    assert port_open(served)  # the served endpoint is the fixture's: still there
+    # The session's server, which the run only used: still there.
+    assert port_open(served_test_model)
 
 
 def test_with_no_endpoint_the_local_model_is_served_for_the_run_and_stopped(
-    model_file: Path, tmp_path: Path
+    test_model_file: Path, tmp_path: Path
 ) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "sandbox_agent.cli", "run", "--prompt", EASY[0][0],
          "--model", MODEL.name, "--max-steps", "3", "--out", "out"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
-        env=clean_env(LLMSANDBOX_MODELS_DIR=str(model_file.parent)),
+        env=clean_env(LLMSANDBOX_MODELS_DIR=str(test_model_file.parent)),
     )  # fmt: skip
     assert proc.returncode in (0, 1), proc.stderr
     lines = proc.stderr.splitlines()
