@@ -384,19 +384,17 @@ async def run_task(
     here for the run and stopped after it; a server that does not start raises
     LocalModelError (nothing ran)."""
     plan = plan or plan_run(task, task_dir, opts, task_file)
-    local = opts.local_model
-    endpoint, backend_cls, run_dir = plan.endpoint, plan.backend_cls, plan.run_dir
-    config, files = plan.config, plan.files
+    local, endpoint = opts.local_model, plan.endpoint
     if task.spec.sandbox.network.mode is NetworkMode.ALLOW_LIST:
         on_event(Notice(ALLOW_LIST_NOTE))
-    if opts.image is not None and backend_cls.name != "docker":
-        on_event(Notice(image_unused_note(backend_cls.name)))
+    if opts.image is not None and plan.backend_cls.name != "docker":
+        on_event(Notice(image_unused_note(plan.backend_cls.name)))
     server: LocalModelServer | None = None
     try:
         if local is not None:
             task = for_local_model(task, local.model)
             server = LocalModelServer(
-                local.file, local.model.name, log_path=run_dir / LOCAL_MODEL_LOG,
+                local.file, local.model.name, log_path=plan.run_dir / LOCAL_MODEL_LOG,
                 context=local_context(task),
             )  # fmt: skip
             url = await start_local_model(server)
@@ -410,29 +408,22 @@ async def run_task(
                 local=local is not None,
             )
         )
-        return await _run_and_record(task, endpoint, backend_cls, config, files, run_dir, opts,
-                                     on_event)  # fmt: skip
+        return await _run_and_record(task, endpoint, plan, opts, on_event)
     finally:
         if server is not None:
             server.stop()
 
 
 async def _run_and_record(
-    task: SandboxTask,
-    endpoint: LLMEndpoint,
-    backend_cls: type[Sandbox],
-    config: SandboxConfig,
-    files: list[tuple[str, bytes]],
-    run_dir: Path,
-    opts: RunOptions,
-    on_event: EventSink,
+    task: SandboxTask, endpoint: LLMEndpoint, plan: RunPlan, opts: RunOptions, on_event: EventSink
 ) -> RunOutcome:
+    backend_cls, run_dir = plan.backend_cls, plan.run_dir
     agent = agent_task(task, endpoint)
     record = RunRecord(agent, run_dir)
-    sandbox = backend_cls(config)
+    sandbox = backend_cls(plan.config)
     result: TaskResult | None = None
     try:
-        result = await _run_in(sandbox, agent, record, files, opts, on_event)
+        result = await _run_in(sandbox, agent, record, plan.files, opts, on_event)
         return RunOutcome(result, run_dir, backend_cls.name, endpoint)
     except asyncio.CancelledError:
         # The loop's own account (steps, usage, tool calls so far) when it got that far.
