@@ -140,9 +140,7 @@ def parse_bash_reply(
     return first
 
 
-def _block_calls(
-    lang: str, code: str, workspace: str, seen: Callable[[str], bool] = never_seen
-) -> BashReply:
+def _block_calls(lang: str, code: str, workspace: str, seen: Callable[[str], bool]) -> BashReply:
     if lang == "python":
         if _PY_END in code:
             return BashReply(correction=f"Your python block contains {_PY_END}; nothing ran.")

@@ -167,10 +167,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if opts.local_model is None and not out_existed:
                 # Made by the plan and still empty (with sandboxctl-runs/ when that is too).
-                for made in (plan.run_dir, plan.run_dir.parent if opts.out_dir is None else None):
-                    if made is not None:
-                        with contextlib.suppress(OSError):
-                            made.rmdir()
+                made = [plan.run_dir] + ([plan.run_dir.parent] if opts.out_dir is None else [])
+                remove_if_empty(made)
         if not pulled:
             return EXIT_TASK_FAILED
     try:
@@ -201,6 +199,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(status_block(outcome))
     return EXIT_OK if outcome.result.phase is Phase.SUCCEEDED else EXIT_TASK_FAILED
+
+
+def remove_if_empty(directories: list[Path]) -> None:
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only an empty one goes
 
 
 def with_max_steps(task: SandboxTask, steps: int) -> SandboxTask:

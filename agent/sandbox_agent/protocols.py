@@ -48,8 +48,9 @@ class CompletionModel(Protocol):
         deadline: float,
         stop: list[str] | None = None,
     ) -> Completion:
-        """One reply (cut before the first of the `stop` strings); an LLMError subclass when there is none (DeadlineError once the
-        time.monotonic() `deadline` has passed, ContextLengthError when the request is too long)."""
+        """One reply, cut before the first of the `stop` strings; an LLMError subclass when there
+        is none (DeadlineError once the time.monotonic() `deadline` has passed,
+        ContextLengthError when the request is too long)."""
 
 
 class SandboxAPI(Protocol):
