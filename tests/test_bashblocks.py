@@ -12,9 +12,11 @@ from inmemory import InMemorySandbox, ScriptedModel, reply, shell
 from llmserver import ScriptedLLMServer, text
 from sandbox_agent.bashblocks import (
     NO_BLOCK,
+    PYTHON_C_HINT,
     SEVERAL_BLOCKS,
     SUBMIT_NOT_ALONE,
     closed,
+    hint,
     parse_bash_reply,
 )
 from sandbox_agent.loop import REPEATED_BLOCK
@@ -64,6 +66,37 @@ def test_submit_beside_commands_counts_when_an_earlier_output_showed_that_answer
     assert json.loads(parsed.calls[0].arguments) == {"command": "python3 -c 'print(6 * 7)'"}
     # Not seen: still a guess.
     assert parse_bash_reply(block, W, {"41"}.__contains__).calls[-1].error == SUBMIT_NOT_ALONE
+
+
+def test_submit_fenced_as_python_is_still_the_submit_command() -> None:
+    assert commands("```python\nsubmit 42\n```") == [
+        ("execute_bash", {"command": f'set -- 42; printf "%s\\n" "$*" > {W}/output/answer.txt'}),
+        ("submit", {"from_answer_file": True}),
+    ]
+
+
+def test_a_bare_submit_hands_in_the_line_just_printed_unless_the_answer_file_was_written() -> None:
+    parsed = parse_bash_reply("submit", W, last_line="it's 79207")
+    assert [(c.name, json.loads(c.arguments)) for c in parsed.calls] == [
+        ("execute_bash", {"command": f"[ -s {W}/output/answer.txt ] || printf '%s\\n' "
+                          f"'it'\"'\"'s 79207' > {W}/output/answer.txt"}),
+        ("submit", {"from_answer_file": True}),
+    ]  # fmt: skip
+    # Beside other commands it is still refused: the line would be from before them.
+    beside = parse_bash_reply("```bash\nls\nsubmit\n```", W, last_line="79207")
+    assert beside.calls[-1].error == SUBMIT_NOT_ALONE
+
+
+def test_python_c_with_a_statement_after_a_semicolon_gets_the_python_block_hint() -> None:
+    # The 1.5B model's reply, resent unchanged seven times before this hint existed.
+    command = (
+        "python3 -c \"import csv; with open('/workspace/input/prices.csv', 'r') as f: "
+        "reader = csv.reader(f); for row in reader: if row[0] == 'widget-1337': print(row[1])\""
+    )
+    error = '[exit code 1]\n[stderr]\n  File "<string>", line 1\nSyntaxError: invalid syntax'
+    assert hint(command, error) == PYTHON_C_HINT
+    assert hint("python3 solve.py", error) is None
+    assert hint(command, "[exit code 1]\n[stderr]\nNameError: name 'x' is not defined") is None
 
 
 def test_a_python_block_runs_with_python3() -> None:
@@ -138,7 +171,7 @@ def test_the_loop_runs_blocks_shows_plain_output_and_ends_on_submit() -> None:
     run = run_loop(model, sandbox, fmt=ToolCallFormat.BASH)
     first = run.model.requests[0]
     assert first.tools is None
-    assert "exactly one ```bash code block" in first.messages[0]["content"]
+    assert "exactly one code block to run now: ```bash" in first.messages[0]["content"]
     assert "str_replace_editor" not in first.messages[0]["content"]
     assert run.model.requests[1].messages[-1] == {"role": "user", "content": NO_BLOCK}
     assert run.model.requests[2].messages[-1] == {"role": "user", "content": "[exit code 0]\n42"}
@@ -235,3 +268,56 @@ def test_a_block_resent_with_the_same_output_gets_told_so() -> None:
     assert shown[1].endswith("\n" + REPEATED_BLOCK)
     assert not shown[2].endswith(REPEATED_BLOCK)
     assert run.result.answer == "115"
+
+
+def test_the_loop_adds_the_hint_after_the_failing_python_c_and_not_after_the_next_block() -> None:
+    one_line = "python3 -c 'import sys; for a in sys.argv: print(a)'"
+    failing = shell("", exit_code=1, stderr="SyntaxError: invalid syntax")
+    sandbox = InMemorySandbox(commands={one_line: failing, "python3 y.py": shell("7\n")})
+    sandbox.files["output/answer.txt"] = "7\n"
+    model = ScriptedModel(
+        reply(f"```bash\n{one_line}\n```"),
+        reply("```bash\npython3 y.py\n```"),
+        reply("```bash\nsubmit 7\n```"),
+    )
+    run = run_loop(model, sandbox, fmt=ToolCallFormat.BASH)
+    shown = [str(r.messages[-1]["content"]) for r in run.model.requests[1:3]]
+    assert shown[0] == "[exit code 1]\n[stderr]\nSyntaxError: invalid syntax\n" + PYTHON_C_HINT
+    assert shown[1] == "[exit code 0]\n7"
+
+
+def test_a_bare_submit_after_one_printed_line_submits_that_line_in_a_real_shell(
+    run_local: Any, llm_server: ScriptedLLMServer
+) -> None:
+    # The 1.5B model printed the value, then replied `submit` alone (refused, before).
+    llm_server.script(
+        text('```bash\npython3 -c "print(pow(7, 777, 10**6))"\n```'),
+        text("submit"),
+    )
+    outcome = run_local(task_doc(model={"toolCallFormat": "bash"}))
+    assert (outcome.result.exit_reason, outcome.result.answer) == ("submitted", "979207")
+
+
+def test_a_bare_submit_keeps_the_answer_file_the_model_wrote(
+    run_local: Any, llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.script(
+        text("```bash\necho 6 > output/answer.txt; echo written\n```"),
+        text("```bash\nsubmit\n```"),
+    )
+    outcome = run_local(task_doc(model={"toolCallFormat": "bash"}))
+    assert (outcome.result.exit_reason, outcome.result.answer) == ("submitted", "6")
+
+
+def test_a_bare_submit_after_several_lines_is_refused_as_empty(
+    run_local: Any, llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.script(
+        text("```bash\nprintf '1\\n2\\n'\n```"),
+        text("```bash\nsubmit\n```"),
+        text("```bash\nsubmit 2\n```"),
+    )
+    outcome = run_local(task_doc(model={"toolCallFormat": "bash"}))
+    told = str((llm_server.chat_requests[2].json or {})["messages"][-1]["content"])
+    assert told.endswith(EMPTY_SUBMIT)
+    assert outcome.result.answer == "2"

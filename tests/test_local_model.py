@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from realmodel import TEST_MODEL, port_open
@@ -50,11 +51,32 @@ def test_the_agents_client_gets_a_real_answer_at_temperature_zero(served_test_mo
     assert "42" in asyncio.run(ask())
 
 
-def test_a_stopped_server_leaves_nothing_running(test_model_file: Path, tmp_path: Path) -> None:
-    server = LocalModelServer(test_model_file, MODEL.name, log_path=tmp_path / "log", context=2048)
+def test_a_keyed_server_answers_only_with_its_key_and_stopped_leaves_nothing_running(
+    test_model_file: Path, tmp_path: Path
+) -> None:
+    key = "k-" + "7" * 40
+    server = LocalModelServer(
+        test_model_file, MODEL.name, log_path=tmp_path / "log", context=2048, api_key=key
+    )
     url = server.start()
-    assert port_open(url)
-    server.stop()
+    try:
+        assert server._proc is not None
+        assert key not in Path(f"/proc/{server._proc.pid}/cmdline").read_text()
+        ask = {
+            "model": MODEL.name,
+            "max_tokens": 1,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        with httpx.Client(timeout=60) as http:
+            assert http.post(f"{url}/chat/completions", json=ask).status_code == 401
+            wrong = {"Authorization": "Bearer nope"}
+            assert http.post(f"{url}/chat/completions", json=ask, headers=wrong).status_code == 401
+            right = {"Authorization": f"Bearer {key}"}
+            assert http.post(f"{url}/chat/completions", json=ask, headers=right).status_code == 200
+            slots = http.get(url.removesuffix("/v1") + "/slots", headers=right)
+            assert slots.status_code != 200, slots.text[:200]
+    finally:
+        server.stop()
     assert not port_open(url)
     assert not server.running()
 

@@ -1,7 +1,8 @@
 """The `bash` tool-call format: no tools are sent; every reply holds exactly one fenced code
 block (```bash, or ```python, run with python3), which runs in the persistent shell, and a
 block holding only `submit ANSWER` ends the task (submitted beside other commands, an answer
-would be a guess at output not yet seen). It needs no function calling at all, which
+would be a guess at output not yet seen; `submit` alone hands in the answer file, else the one
+line the previous block printed). It needs no function calling at all, which
 is what small models served without a tool-call parser manage best (the mini-swe-agent style).
 
 Pure: a reply becomes the tool calls it stands for (execute_bash, submit), or the short
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -123,24 +125,33 @@ def never_seen(answer: str) -> bool:
 
 
 def parse_bash_reply(
-    content: str, workspace: str, seen: Callable[[str], bool] = never_seen
+    content: str,
+    workspace: str,
+    seen: Callable[[str], bool] = never_seen,
+    last_line: str | None = None,
 ) -> BashReply:
     """The calls `content` stands for; `seen(answer)` tells whether an answer submitted beside
-    other commands was already in an output the model has been shown (then it is no guess)."""
+    other commands was already in an output the model has been shown (then it is no guess);
+    `last_line` is what the previous block printed when that was one line, which a bare
+    `submit` hands in unless the model wrote the answer file itself."""
     blocks = _blocks(content)
     if not blocks:
         bare = bare_commands(content)
         if bare is None:
             return BashReply(correction=NO_BLOCK)
-        return _block_calls("bash", bare, workspace, seen)
-    first = _block_calls(*blocks[0], workspace, seen)
+        return _block_calls("bash", bare, workspace, seen, last_line)
+    first = _block_calls(*blocks[0], workspace, seen, last_line)
     if len(blocks) > 1:
         # Refusing them all would make a model at temperature 0 send the same reply again.
         first.calls.append(TextToolCall("", "", SEVERAL_BLOCKS.format(n=len(blocks))))
     return first
 
 
-def _block_calls(lang: str, code: str, workspace: str, seen: Callable[[str], bool]) -> BashReply:
+def _block_calls(
+    lang: str, code: str, workspace: str, seen: Callable[[str], bool], last_line: str | None
+) -> BashReply:
+    if lang == "python" and _SUBMIT.match(code.strip()) and "\n" not in code.strip():
+        lang = "bash"  # submit, fenced as python: it is still the submit command
     if lang == "python":
         if _PY_END in code:
             return BashReply(correction=f"Your python block contains {_PY_END}; nothing ran.")
@@ -159,14 +170,29 @@ def _block_calls(lang: str, code: str, workspace: str, seen: Callable[[str], boo
             if not words or not seen(words.strip().strip("'\"")):
                 return BashReply([_bash(before), TextToolCall("", "", SUBMIT_NOT_ALONE)])
             calls.append(_bash(before))
+        answer_file = f"{workspace}/output/answer.txt"
         if words:
             # The answer as the shell reads the words (quotes, $(...)), into the answer file the
             # submit then takes it from.
-            write = f'set -- {words}; printf "%s\\n" "$*" > {workspace}/output/answer.txt'
-            calls.append(_bash(write))
+            calls.append(_bash(f'set -- {words}; printf "%s\\n" "$*" > {answer_file}'))
+        elif last_line is not None and not calls:
+            # Bare: what the model wrote to the answer file, else the line it was just shown.
+            quoted = shlex.quote(last_line)
+            calls.append(_bash(f"[ -s {answer_file} ] || printf '%s\\n' {quoted} > {answer_file}"))
         calls.append(TextToolCall("submit", '{"from_answer_file": true}'))
         return BashReply(calls)
     return BashReply([_bash(code)])
+
+
+_PYTHON_C = re.compile(r"\bpython3?\s+-c\b")
+
+
+def hint(command: str, output: str) -> str | None:
+    """A line for the model after a command that failed in a way small models repeat; None
+    when there is nothing to add."""
+    if _PYTHON_C.search(command) and "SyntaxError" in output:
+        return PYTHON_C_HINT
+    return None
 
 
 def _is_command(line: str) -> bool:
@@ -190,4 +216,8 @@ SUBMIT_NOT_ALONE = (
 SEVERAL_BLOCKS = (
     "only the first of your {n} code blocks ran (its output is above); send one block per "
     "reply, and decide the next one from what this one printed."
+)
+PYTHON_C_HINT = (
+    "python3 -c takes a one-line program: with, for, if and def cannot follow a semicolon "
+    "there. Write the script as a ```python block instead."
 )

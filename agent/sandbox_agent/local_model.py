@@ -2,10 +2,14 @@
 `[local]` extra), in a child process of its own: on 127.0.0.1, a free port, one thread per core,
 prompt caching on. `LocalModelServer` starts it, waits until it answers, and stops it; the child
 also stops when its parent dies however it dies (its stdin, a pipe from the parent, closes).
+Given a key, the server answers only requests that carry it (a run's own server gets a fresh one,
+so that nothing else on this machine, a sandbox with the host's network included, can use it);
+the slots endpoint, which would show the conversation, is off.
 
     python -m sandbox_agent.local_model --model FILE --alias NAME [--ctx N] [--port N]
 
-is the child: it prints one JSON line {"url": ...} once the server is healthy.
+is the child: it prints one JSON line {"url": ...} once the server is healthy. The key, if any,
+comes in the environment variable LLMSANDBOX_LOCAL_MODEL_KEY, never on the command line.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ LOCAL_EXTRA_HINT = (
 )
 DEFAULT_CONTEXT = 16384
 
+KEY_VARIABLE = "LLMSANDBOX_LOCAL_MODEL_KEY"
 READY_TIMEOUT = 180.0
 STOP_GRACE = 10.0
 
@@ -64,6 +69,7 @@ class LocalModelServer:
         context: int = DEFAULT_CONTEXT,
         port: int = 0,
         ready_timeout: float = READY_TIMEOUT,
+        api_key: str = "",
     ) -> None:
         self.model_file = model_file
         self.alias = alias
@@ -71,6 +77,7 @@ class LocalModelServer:
         self.context = context
         self.port = port
         self.ready_timeout = ready_timeout
+        self.api_key = api_key
         self.url = ""
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -80,12 +87,15 @@ class LocalModelServer:
         if not xllamacpp_installed():
             raise LocalModelError(LOCAL_EXTRA_HINT)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != KEY_VARIABLE}
+        if self.api_key:
+            env[KEY_VARIABLE] = self.api_key
         with self.log_path.open("wb") as log:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "sandbox_agent.local_model", "--model",
                  str(self.model_file), "--alias", self.alias, "--ctx", str(self.context),
                  "--port", str(self.port)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
                 start_new_session=True,
             )  # fmt: skip
         assert self._proc.stdout is not None
@@ -158,6 +168,7 @@ def _serve(model: Path, alias: str, context: int, port: int) -> int:
     """The child: serve until stdin closes or SIGTERM/SIGINT comes."""
     import xllamacpp
 
+    key = os.environ.pop(KEY_VARIABLE, "")
     params = xllamacpp.CommonParams()
     params.model.path = str(model)
     params.model_alias = {alias}  # a set of names
@@ -169,6 +180,9 @@ def _serve(model: Path, alias: str, context: int, port: int) -> int:
     params.cpuparams_batch.n_threads = threads()
     params.cache_prompt = True
     params.use_jinja = True  # the model's own chat template, tool calls included
+    params.endpoint_slots = False
+    if key:
+        params.api_keys = [key]  # /health and /v1/models stay open, the rest needs the key
     server = xllamacpp.Server(params)
     base = str(server.listening_address).rstrip("/")
     deadline = time.monotonic() + READY_TIMEOUT

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .bashblocks import STOP_AFTER_BLOCK, closed, parse_bash_reply
+from .bashblocks import STOP_AFTER_BLOCK, closed, hint, parse_bash_reply
 from .budget import TokenBudget
 from .errors import (
     ContextLengthError,
@@ -29,6 +29,7 @@ from .task import Limits, ToolCallFormat
 from .textcalls import TextToolCall, parse_text_tool_calls
 from .tools import (
     ANSWER_FILE,
+    NO_OUTPUT,
     TOOL_NAMES,
     TOOLS,
     Observation,
@@ -151,11 +152,15 @@ def _call_record(call: ToolCallRequest, obs: Observation, seconds: float) -> Too
     )
 
 
+def _command_of(arguments: str) -> str:
+    """An execute_bash call's command (its arguments as they came, when they are not JSON)."""
+    with contextlib.suppress(ValueError, AttributeError):
+        return str(json.loads(arguments).get("command", arguments))
+    return arguments
+
+
 def _summarize(name: str, arguments: str) -> str:
-    text = arguments
-    if name == "execute_bash":
-        with contextlib.suppress(ValueError, AttributeError):
-            text = str(json.loads(arguments).get("command", arguments))
+    text = _command_of(arguments) if name == "execute_bash" else arguments
     line = " ".join(text.split())
     return line[:117] + "..." if len(line) > 120 else line
 
@@ -373,12 +378,28 @@ class AgentLoop:
         alone = re.compile(rf"(?<![\w.]){re.escape(answer)}(?![\w]|\.\w)")
         return any(alone.search(text) for text in self._outputs)
 
+    def _last_line(self) -> str | None:
+        """What the previous block printed, when it was one command that succeeded and printed
+        one short line (a bare submit hands it in)."""
+        if self._last_exchange is None:
+            return None
+        calls, responses = self._last_exchange
+        if len(calls) != 1 or calls[0][0] != "execute_bash" or len(responses) != 1:
+            return None
+        head, _, line = responses[0].partition("\n")
+        line = line.strip()
+        if head != "[exit code 0]" or not line or "\n" in line or len(line) > 200:
+            return None
+        return None if line == NO_OUTPUT else line
+
     def _tool_calls(self, reply: Completion) -> tuple[list[ToolCallRequest], bool, str]:
         """The reply's tool calls, whether they were read from its text, and what the model is
         told when there are none."""
         fmt = self.settings.tool_call_format
         if fmt is ToolCallFormat.BASH:
-            blocks = parse_bash_reply(reply.content, self.workspace, self._shown_before)
+            blocks = parse_bash_reply(
+                reply.content, self.workspace, self._shown_before, self._last_line()
+            )
             calls = [_text_call(self.steps, i, p) for i, p in enumerate(blocks.calls)]
             return calls, True, blocks.correction or ""
         nudge = continue_message(self.workspace)
@@ -394,10 +415,15 @@ class AgentLoop:
         """Each call's observation back to the model; calls after a submit are not run."""
         ending: _Ending | None = None
         responses: list[str] = []
+        hints: list[str] = []
         for call in calls:
             obs = await self._observe(call, record, text_mode, submitted=ending is not None)
             if self.settings.tool_call_format is ToolCallFormat.BASH:
                 responses.append(obs.text)
+                if call.name == "execute_bash" and (
+                    line := hint(_command_of(call.arguments), obs.text)
+                ):
+                    hints.append(line)
             elif text_mode:
                 responses.append(f"<tool_response>\n{obs.text}\n</tool_response>")
             else:
@@ -408,9 +434,10 @@ class AgentLoop:
             self._outputs.extend(responses)
             # A small model at temperature 0 resends a failing block for ever unless told.
             exchange = ([(c.name, c.arguments) for c in calls], list(responses))
-            if ending is None and exchange == self._last_exchange:
+            self._last_exchange, repeated = exchange, exchange == self._last_exchange
+            responses += hints
+            if ending is None and repeated:
                 responses.append(REPEATED_BLOCK)
-            self._last_exchange = exchange
         if text_mode:
             self.messages.append({"role": "user", "content": "\n".join(responses)})
         return ending

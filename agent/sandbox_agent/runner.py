@@ -393,12 +393,15 @@ async def run_task(
     try:
         if local is not None:
             task = for_local_model(task, local.model)
+            # A key of the run's own: a sandbox sharing the host's network (the process backend,
+            # --allow-host-network) can reach 127.0.0.1, but cannot use the model.
+            key = secrets.token_urlsafe(32)
             server = LocalModelServer(
                 local.file, local.model.name, log_path=plan.run_dir / LOCAL_MODEL_LOG,
-                context=local_context(task),
+                context=local_context(task), api_key=key,
             )  # fmt: skip
             url = await start_local_model(server)
-            endpoint = LLMEndpoint(base_url=url, api_key="EMPTY", model=local.model.name)
+            endpoint = LLMEndpoint(base_url=url, api_key=key, model=local.model.name)
         assert endpoint is not None
         on_event(
             EndpointChosen(

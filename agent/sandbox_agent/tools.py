@@ -16,6 +16,7 @@ from .protocols import SandboxAPI
 TOOL_NAMES = ("execute_bash", "str_replace_editor", "submit")
 # Where the answer is taken from when submit carries none (relative to the workspace).
 ANSWER_FILE = "output/answer.txt"
+NO_OUTPUT = "(no output)"  # what a command that printed nothing shows
 MAX_ANSWER_BYTES = 1024 * 1024
 EMPTY_SUBMIT = (
     "Error: nothing was submitted: the answer came out empty (did the command that computes it "
@@ -278,7 +279,7 @@ class ToolRunner:
         if stderr:
             parts.append("[stderr]\n" + stderr)
         if not res.stdout and not res.stderr:
-            parts.append("(no output)")
+            parts.append(NO_OUTPUT)
         summary = f"exit {res.exit_code} in {time.monotonic() - started:.1f}s"
         if res.timed_out:
             summary = f"timed out after {timeout:.0f}s"
