@@ -54,7 +54,7 @@ class Run:
     right: bool
     answer: str | None
     ending: str
-    steps: int
+    steps: int | None  # None: not known (a run killed before it wrote its record)
     seconds: float
     prompt_tokens: int
     completion_tokens: int
@@ -70,6 +70,8 @@ class CountingProxy:
         self.prefix = parts.path.rstrip("/")
         self.usage = [0, 0]
         self.lock = threading.Lock()
+        self.busy = 0  # requests in flight upstream
+        self.idle = threading.Condition(self.lock)
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -82,10 +84,17 @@ class CountingProxy:
                 path = self.path.removeprefix("/v1")
                 upstream = http.client.HTTPConnection(proxy.host, proxy.port, timeout=RUN_TIMEOUT)
                 headers = {"Content-Type": self.headers.get("Content-Type", "application/json")}
-                upstream.request(self.command, proxy.prefix + path, body, headers)
-                reply = upstream.getresponse()
-                data = reply.read()
-                upstream.close()
+                with proxy.lock:
+                    proxy.busy += 1
+                try:
+                    upstream.request(self.command, proxy.prefix + path, body, headers)
+                    reply = upstream.getresponse()
+                    data = reply.read()
+                finally:
+                    upstream.close()
+                    with proxy.lock:
+                        proxy.busy -= 1
+                        proxy.idle.notify_all()
                 proxy.count(data)
                 self.send_response(reply.status)
                 self.send_header("Content-Type", reply.getheader("Content-Type") or "")
@@ -114,7 +123,11 @@ class CountingProxy:
             self.usage[1] += int(usage.get("completion_tokens") or 0)
 
     def take(self) -> tuple[int, int]:
+        """The usage since the last take, once no request is in flight: a run killed on its
+        timeout leaves the server generating a reply nobody reads, which must neither count
+        for the next run nor take its time."""
         with self.lock:
+            self.idle.wait_for(lambda: self.busy == 0, timeout=RUN_TIMEOUT)
             taken = (self.usage[0], self.usage[1])
             self.usage = [0, 0]
         return taken
@@ -171,14 +184,14 @@ def run_ours(problem: Problem, fmt: str, model: str, url: str, max_steps: int, w
             argv, cwd=here, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT + 60
         )
     except subprocess.TimeoutExpired:
-        return Run(fmt, problem.id, False, None, "timeout", 0, time.monotonic() - started, 0, 0)
+        return Run(fmt, problem.id, False, None, "timeout", None, time.monotonic() - started, 0, 0)
     seconds = time.monotonic() - started
     try:
         result = json.loads(done.stdout)["result"]
     except (ValueError, KeyError):
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:120]
         return Run(
-            fmt, problem.id, False, None, f"exit {done.returncode}: {tail}", 0, seconds, 0, 0
+            fmt, problem.id, False, None, f"exit {done.returncode}: {tail}", None, seconds, 0, 0
         )
     answer = result.get("answer")
     return Run(fmt, problem.id, is_right(problem, answer), answer, str(result["exitReason"]),
@@ -210,7 +223,7 @@ def run_peer(
     seconds = time.monotonic() - started
     answers = sorted(out.glob("*/files/answer.txt"))
     answer = answers[-1].read_text(errors="replace").strip() if answers else None
-    steps = 0
+    steps: int | None = None
     for trajectory in sorted(out.glob("*/trajectory.json"))[-1:]:
         with contextlib.suppress(ValueError):
             steps = len(json.loads(trajectory.read_text()).get("steps") or [])
@@ -226,6 +239,17 @@ def run_peer(
                steps, seconds, 0, 0)  # fmt: skip
 
 
+def _steps(run: Run) -> str:
+    return "?" if run.steps is None else str(run.steps)
+
+
+def _mean_steps(runs: list[Run]) -> str:
+    """The mean over the runs whose steps are known, and how many are not."""
+    known = [r.steps for r in runs if r.steps is not None]
+    mean = f"{sum(known) / len(known):.1f}" if known else "?"
+    return mean if len(known) == len(runs) else f"{mean}*"
+
+
 def summary(runs: list[Run], runners: list[str], problems: list[Problem]) -> list[str]:
     lines = [f"{'runner':<16} {'solved':>8} {'steps':>6} {'wall':>8} {'tokens':>10}  endings"]
     for runner in runners:
@@ -236,10 +260,12 @@ def summary(runs: list[Run], runners: list[str], problems: list[Problem]) -> lis
         solved = sum(r.right for r in mine)
         shown = ", ".join(f"{k} {v}" for k, v in sorted(endings.items(), key=lambda kv: -kv[1]))
         lines.append(
-            f"{runner:<16} {solved:>3}/{len(mine):<4} {sum(r.steps for r in mine) / max(1, len(mine)):>6.1f}"
+            f"{runner:<16} {solved:>3}/{len(mine):<4} {_mean_steps(mine):>6}"
             f" {sum(r.seconds for r in mine):>7.0f}s"
             f" {sum(r.prompt_tokens + r.completion_tokens for r in mine):>10}  {shown}"
         )
+    if any(r.steps is None for r in runs):
+        lines.append("* steps: the mean of the runs that left a record (a killed one leaves none)")
     lines.append("")
     lines.append(f"{'problem':<24} " + " ".join(f"{r:>16}" for r in runners))
     for problem in problems:
@@ -247,7 +273,7 @@ def summary(runs: list[Run], runners: list[str], problems: list[Problem]) -> lis
         for runner in runners:
             found = [r for r in runs if r.runner == runner and r.problem == problem.id]
             cells.append(
-                f"{('right' if found[0].right else 'wrong') + f' ({found[0].steps})':>16}"
+                f"{('right' if found[0].right else 'wrong') + f' ({_steps(found[0])})':>16}"
                 if found
                 else f"{'-':>16}"
             )
@@ -281,7 +307,7 @@ def run_all(
                     runs.append(run)
                     print(
                         f"[{len(runs)}/{total}] {runner} {problem.id}: "
-                        f"{'right' if run.right else 'wrong'} ({run.ending}, {run.steps} steps, "
+                        f"{'right' if run.right else 'wrong'} ({run.ending}, {_steps(run)} steps, "
                         f"{run.seconds:.0f}s) answer={run.answer!r:.60}",
                         file=sys.stderr,
                         flush=True,
