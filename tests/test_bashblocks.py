@@ -12,6 +12,7 @@ from inmemory import InMemorySandbox, ScriptedModel, reply, shell
 from llmserver import ScriptedLLMServer, text
 from sandbox_agent.bashblocks import (
     NO_BLOCK,
+    NOT_A_COMMAND,
     PYTHON_C_HINT,
     SEVERAL_BLOCKS,
     SUBMIT_NOT_ALONE,
@@ -85,6 +86,29 @@ def test_a_bare_submit_hands_in_the_line_just_printed_unless_the_answer_file_was
     # Beside other commands it is still refused: the line would be from before them.
     beside = parse_bash_reply("```bash\nls\nsubmit\n```", W, last_line="79207")
     assert beside.calls[-1].error == SUBMIT_NOT_ALONE
+
+
+def test_a_command_on_the_fence_line_itself_runs() -> None:
+    # The 1.5B model's reply, eight times over, before it did (each got the no-block correction).
+    text = '```bash grep "widget-1337" /workspace/input/prices.csv\n```'
+    assert commands(text) == [
+        ("execute_bash", {"command": 'grep "widget-1337" /workspace/input/prices.csv'})
+    ]
+    assert str(commands("```Python print(6 * 7)\n```")[0][1]["command"]).endswith(
+        "\nprint(6 * 7)\nLLMSANDBOX_PY_END"
+    )
+    assert commands("```bash\nls\n```") == [("execute_bash", {"command": "ls"})]
+
+
+def test_a_command_that_is_not_found_gets_a_hint_naming_it() -> None:
+    # The 1.5B model called a shell function it never defined, seven times.
+    output = (
+        "[exit code 0]\n2\n[stderr]\n/dev/shm/execd-07583828e99e023d/command.sh: line 1: "
+        "is_prime: command not found"
+    )
+    command = "for i in {2..1000}; do if ! is_prime $i; then echo $i; break; fi; done"
+    assert hint(command, output) == NOT_A_COMMAND.format(name="is_prime")
+    assert hint("ls", "[exit code 0]\nfile.txt") is None
 
 
 def test_python_c_with_a_statement_after_a_semicolon_gets_the_python_block_hint() -> None:
@@ -232,7 +256,8 @@ def test_a_guessed_submit_is_refused_and_the_model_sees_the_output_first(
     assert (outcome.result.exit_reason, outcome.result.answer) == ("submitted", "115")
     told = str((llm_server.chat_requests[1].json or {})["messages"][-1]["content"])
     assert "syntax error" in told  # the shell's own words about the Python it was given
-    assert told.endswith(f"Error: {SUBMIT_NOT_ALONE}")
+    assert f"Error: {SUBMIT_NOT_ALONE}\n" in told
+    assert told.endswith("\n" + NOT_A_COMMAND.format(name="n"))  # `n = 2 ** 100` in bash
     shown = str((llm_server.chat_requests[2].json or {})["messages"][-1]["content"])
     assert shown == "[exit code 0]\n115"
 

@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 from .textcalls import TextToolCall
 
 _FENCE = re.compile(r"```([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+# A command written on the fence line itself ("```bash grep x file"): moved to a line of its own.
+_ON_FENCE_LINE = re.compile(
+    r"```(bash|sh|shell|console|python3?|py)[ \t]+(?=[^\s`])", re.IGNORECASE
+)
 _SHELL = {"bash", "sh", "shell", "console"}
 _PYTHON = {"python", "python3", "py"}
 _SUBMIT = re.compile(r"^\s*submit(?:\s+(.*?))?\s*$")
@@ -41,7 +45,7 @@ class BashReply:
 def _blocks(content: str) -> list[tuple[str, str]]:
     """The runnable blocks, as (language, code); other fences (output, text) are left alone."""
     found = []
-    for lang, code in _FENCE.findall(content):
+    for lang, code in _FENCE.findall(_ON_FENCE_LINE.sub(lambda m: f"```{m[1]}\n", content)):
         lang = lang.lower()
         if lang in _SHELL or lang in _PYTHON:
             found.append(("python" if lang in _PYTHON else "bash", code.rstrip("\n")))
@@ -185,6 +189,7 @@ def _block_calls(
 
 
 _PYTHON_C = re.compile(r"\bpython3?\s+-c\b")
+_NOT_FOUND = re.compile(r"line \d+: ([\w.-]+): command not found")
 
 
 def hint(command: str, output: str) -> str | None:
@@ -192,6 +197,8 @@ def hint(command: str, output: str) -> str | None:
     when there is nothing to add."""
     if _PYTHON_C.search(command) and "SyntaxError" in output:
         return PYTHON_C_HINT
+    if missing := _NOT_FOUND.search(output):
+        return NOT_A_COMMAND.format(name=missing[1][:40])
     return None
 
 
@@ -220,4 +227,8 @@ SEVERAL_BLOCKS = (
 PYTHON_C_HINT = (
     "python3 -c takes a one-line program: with, for, if and def cannot follow a semicolon "
     "there. Write the script as a ```python block instead."
+)
+NOT_A_COMMAND = (
+    "{name} is not a command on this computer: define it first, or write the script as a "
+    "```python block."
 )
