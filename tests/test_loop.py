@@ -485,13 +485,12 @@ def as_the_exec_server_returns(stdout: bytes, limit: int) -> ExecResult:
 
 @pytest.mark.parametrize("limit", [1024, 16384])
 def test_output_cut_by_the_exec_server_and_again_here_carries_one_true_count(limit: int) -> None:
-    # `yes | head -c 100000`: the exec server keeps `limit` bytes and marks the rest; the
-    # observation must fit too, and its one marker must count everything left out.
-    printed = b"y\n" * 50_000
-    sandbox = InMemorySandbox(
-        commands={"yes | head -c 100000": as_the_exec_server_returns(printed, limit)}
-    )
-    model = ScriptedModel(tool_call("execute_bash", {"command": "yes | head -c 100000"}))
+    # `seq 0 49999 | sed 's/.*\(.\)$/\1/'` (no line twice in a row, or the run would be
+    # collapsed): the exec server keeps `limit` bytes and marks the rest; the observation must
+    # fit too, and its one marker must count everything left out.
+    printed = "".join(f"{i % 10}\n" for i in range(50_000)).encode()
+    sandbox = InMemorySandbox(commands={"digits": as_the_exec_server_returns(printed, limit)})
+    model = ScriptedModel(tool_call("execute_bash", {"command": "digits"}))
     run = run_loop(model, sandbox, maxObservationBytes=limit)
     seen = run.model.last_seen(1)
     markers = re.findall(r"\n\[\.\.\. (\d+) bytes omitted \.\.\.\]\n", seen)
@@ -499,7 +498,7 @@ def test_output_cut_by_the_exec_server_and_again_here_carries_one_true_count(lim
     header = "[exit code 0]\n"
     assert seen.startswith(header)
     shown = seen.removeprefix(header).replace(f"\n[... {markers[0]} bytes omitted ...]\n", "")
-    assert set(shown) <= {"y", "\n"}
+    assert set(shown) <= set("0123456789\n")
     assert int(markers[0]) + len(shown.encode()) == len(printed.rstrip(b"\n"))
     assert len(seen.encode()) <= limit
 
@@ -548,3 +547,30 @@ def test_the_trajectory_holds_every_message_and_step() -> None:
     roles = [m["role"] for m in run.trajectory.messages]
     assert roles == ["system", "user", "assistant", "tool", "assistant", "tool"]
     assert run.result.usage.total_tokens == 270
+
+
+def test_yes_cut_by_the_exec_server_is_one_line_a_count_and_the_servers_marker() -> None:
+    printed = b"y\n" * 50_000
+    sandbox = InMemorySandbox(commands={"yes": as_the_exec_server_returns(printed, 1024)})
+    model = ScriptedModel(tool_call("execute_bash", {"command": "yes"}))
+    seen = run_loop(model, sandbox, maxObservationBytes=1024).model.last_seen(1)
+    assert re.fullmatch(
+        r"\[exit code 0\]\ny\n\[\.\.\. the line above \d+ more times \.\.\.\]"
+        r"\n\n\[\.\.\. \d+ bytes omitted \.\.\.\]\n"  # the head's own last newline, then it
+        r"y\n\[\.\.\. the line above \d+ more times \.\.\.\]",
+        seen,
+    ), seen
+
+
+def test_a_line_printed_over_and_over_reaches_the_model_once_with_a_count() -> None:
+    # A 1.5B model's loop called a function it never defined 999 times: 16 KiB of one error,
+    # which took its server over three minutes to read on this machine's CPU.
+    error = "/dev/shm/execd-1/command.sh: line 1: is_prime: command not found"
+    sandbox = InMemorySandbox(
+        commands={"loop": shell("2\n3\n3\n", stderr=(error + "\n") * 999 + "done\n")}
+    )
+    model = ScriptedModel(tool_call("execute_bash", {"command": "loop"}))
+    run = run_loop(model, sandbox)
+    assert run.model.last_seen(1) == (
+        f"[exit code 0]\n2\n3\n3\n[stderr]\n{error}\n[... the line above 998 more times ...]\ndone"
+    )

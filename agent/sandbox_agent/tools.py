@@ -114,6 +114,32 @@ def omitted_marker(cut: int) -> str:
 _MARKER_ROOM = len(omitted_marker(10**15).encode())
 
 
+def repeated_marker(times: int) -> str:
+    return f"[... the line above {times} more times ...]"
+
+
+def collapse_repeats(text: str, least: int = 3) -> str:
+    """Each run of `least` or more identical lines as the line once and a marker saying how many
+    more there were: a loop printing one error a thousand times costs the model a line, not
+    16 KiB it must read (minutes of prompt processing for a small model on a CPU)."""
+    lines = text.split("\n")
+    if len(lines) < least or len(set(lines)) == len(lines):
+        return text
+    kept: list[str] = []
+    i = 0
+    while i < len(lines):
+        j = i
+        while j + 1 < len(lines) and lines[j + 1] == lines[i]:
+            j += 1
+        kept.append(lines[i])
+        if j - i + 1 >= least:
+            kept.append(repeated_marker(j - i))
+        else:
+            kept.extend(lines[i + 1 : j + 1])
+        i = j + 1
+    return "\n".join(kept)
+
+
 def cap_text(text: str, limit: int, already_cut: int = 0) -> str:
     """Keep the head and the tail of text within `limit` bytes (plus one marker), with one marker
     that counts every byte cut. `already_cut`: the exec server already cut that many bytes
@@ -287,9 +313,10 @@ class ToolRunner:
         return Observation("\n".join(parts), ok=ok, summary=summary)
 
     def _fit_streams(self, res: ExecResult, header: list[str]) -> tuple[str, str]:
-        """stdout and stderr cut so that the whole observation fits, each with one marker that
-        counts what the exec server cut and what is cut here."""
-        out, err = res.stdout.rstrip("\n"), res.stderr.rstrip("\n")
+        """stdout and stderr, runs of one line collapsed, cut so that the whole observation fits,
+        each with one marker that counts what the exec server cut and what is cut here."""
+        out = collapse_repeats(res.stdout.rstrip("\n"))
+        err = collapse_repeats(res.stderr.rstrip("\n"))
         fixed = sum(len(p.encode()) + 1 for p in header) + len("[stderr]\n") + 2 * _MARKER_ROOM
         avail = max(0, self.max_observation_bytes - fixed)
         sizes = (len(out.encode()), len(err.encode()))
