@@ -51,8 +51,8 @@ Every reply: one short sentence on what you do next, then exactly one code block
 ```bash for shell commands, or ```python for a Python 3 script. You see its output in the \
 next message, and only then decide the next block.
 
-- Compute, do not guess: for arithmetic, counting or search, write a script that prints the \
-result. Never write a result you have not seen printed.
+- Compute, do not guess: for arithmetic, counting or search, write a ```python block that \
+prints the result. Never write a result you have not seen printed.
 - The task's input files are under {workspace}/input. Search long files with grep or a \
 script instead of printing them whole.
 - Every block runs in the same shell; a command running longer than {command_timeout} \
