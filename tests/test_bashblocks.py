@@ -11,6 +11,7 @@ from conftest import task_doc
 from inmemory import InMemorySandbox, ScriptedModel, reply, shell
 from llmserver import ScriptedLLMServer, text
 from sandbox_agent.bashblocks import (
+    NO_BARE_PYTHON,
     NO_BLOCK,
     NOT_A_COMMAND,
     PYTHON_C_HINT,
@@ -98,6 +99,27 @@ def test_a_command_on_the_fence_line_itself_runs() -> None:
         "\nprint(6 * 7)\nLLMSANDBOX_PY_END"
     )
     assert commands("```bash\nls\n```") == [("execute_bash", {"command": "ls"})]
+
+
+def test_a_script_under_a_line_naming_python_runs_with_python3() -> None:
+    # The 1.5B model's reply, eight times over (bash ran `python`, not found, then the script).
+    text = (
+        "```bash\npython\nprint(sum(i for i in range(1, 10001) if i % 3 == 0 or i % 5 == 0))\n```"
+    )
+    ((_, args),) = commands(text)
+    assert args["command"] == (
+        "python3 - <<'LLMSANDBOX_PY_END'\n"
+        "print(sum(i for i in range(1, 10001) if i % 3 == 0 or i % 5 == 0))\nLLMSANDBOX_PY_END"
+    )
+    assert commands("```bash\npython3\n```") == [("execute_bash", {"command": "python3"})]
+
+
+def test_python_or_pip_not_found_gets_the_python3_hint() -> None:
+    output = (
+        "[exit code 127]\n[stderr]\n/dev/shm/execd-b5/command.sh: line 1: python: command not found"
+    )
+    assert hint('python -c "print(1)"', output) == NO_BARE_PYTHON
+    assert hint("pip install x", output.replace("python:", "pip:")) == NO_BARE_PYTHON
 
 
 def test_a_command_that_is_not_found_gets_a_hint_naming_it() -> None:

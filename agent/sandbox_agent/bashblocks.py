@@ -156,6 +156,10 @@ def _block_calls(
 ) -> BashReply:
     if lang == "python" and _SUBMIT.match(code.strip()) and "\n" not in code.strip():
         lang = "bash"  # submit, fenced as python: it is still the submit command
+    first, _, rest = code.strip("\n").partition("\n")
+    if lang == "bash" and first.strip() in {"python", "python3"} and rest.strip():
+        # A script under a line naming its interpreter: in bash that line would read stdin.
+        lang, code = "python", rest
     if lang == "python":
         if _PY_END in code:
             return BashReply(correction=f"Your python block contains {_PY_END}; nothing ran.")
@@ -198,6 +202,8 @@ def hint(command: str, output: str) -> str | None:
     if _PYTHON_C.search(command) and "SyntaxError" in output:
         return PYTHON_C_HINT
     if missing := _NOT_FOUND.search(output):
+        if missing[1] in {"python", "pip"}:
+            return NO_BARE_PYTHON
         return NOT_A_COMMAND.format(name=missing[1][:40])
     return None
 
@@ -231,4 +237,8 @@ PYTHON_C_HINT = (
 NOT_A_COMMAND = (
     "{name} is not a command on this computer: define it first, or write the script as a "
     "```python block."
+)
+NO_BARE_PYTHON = (
+    "There is no python or pip command on this computer: write python3 (and python3 -m pip), "
+    "or put the script in a ```python block."
 )

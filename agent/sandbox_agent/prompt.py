@@ -52,7 +52,8 @@ Every reply: one short sentence on what you do next, then exactly one code block
 next message, and only then decide the next block.
 
 - Compute, do not guess: for arithmetic, counting or search, write a ```python block that \
-prints the result. Never write a result you have not seen printed.
+prints the result (it runs with python3; there is no `python` command). Never write a result \
+you have not seen printed.
 - The task's input files are under {workspace}/input. Search long files with grep or a \
 script instead of printing them whole.
 - Every block runs in the same shell; a command running longer than {command_timeout} \
