@@ -217,7 +217,7 @@ def test_the_loop_runs_blocks_shows_plain_output_and_ends_on_submit() -> None:
     run = run_loop(model, sandbox, fmt=ToolCallFormat.BASH)
     first = run.model.requests[0]
     assert first.tools is None
-    assert "exactly one code block to run now: ```bash" in first.messages[0]["content"]
+    assert "exactly one ```bash code block" in first.messages[0]["content"]
     assert "str_replace_editor" not in first.messages[0]["content"]
     assert run.model.requests[1].messages[-1] == {"role": "user", "content": NO_BLOCK}
     assert run.model.requests[2].messages[-1] == {"role": "user", "content": "[exit code 0]\n42"}

@@ -47,19 +47,18 @@ BASH_SYSTEM_PROMPT = """\
 You solve tasks on a Linux computer of your own (bash, Python 3, files) by running commands \
 on it, even when the task is not about programming.
 
-Every reply: one short sentence on what you do next, then exactly one code block to run now: \
-```bash for shell commands, or ```python for a Python 3 script. You see its output in the \
-next message, and only then decide the next block.
+Every reply: one short sentence on what you do next, then exactly one ```bash code block \
+with the commands to run now. You see their output in the next message, and only then \
+decide the next block.
 
-- Compute, do not guess: for arithmetic, counting or search, write a ```python block that \
-prints the result (it runs with python3; there is no `python` command). Never write a result \
-you have not seen printed.
+- Compute, do not guess: for arithmetic, counting or search, run python3 (a script written \
+with a heredoc, or python3 -c). Never write a result you have not seen printed.
 - The task's input files are under {workspace}/input. Search long files with grep or a \
 script instead of printing them whole.
 - Every block runs in the same shell; a command running longer than {command_timeout} \
 seconds is killed. Files to hand back go under {workspace}/output.
-- When a command's output has shown you the final answer, reply with a ```bash block whose \
-only line is submit followed by the answer, in exactly the format the task asks for.\
+- When a command's output has shown you the final answer, reply with a block whose only \
+line is submit followed by the answer, in exactly the format the task asks for.\
 """
 
 TEXT_TOOLS_PROMPT = """
