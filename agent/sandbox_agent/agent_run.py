@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .artifacts import ArtifactWriter
 from .backends.base import ExecEndpoint
 from .errors import SandboxError
 from .events import EventSink, Notice, ignore
@@ -23,11 +24,8 @@ from .outputs import KEEP_FILE, with_outputs
 from .result import ExitReason, TaskResult, phase_for
 from .task import Limits
 from .trajectory import Trajectory
-from .wire import OUTPUT_DIR
+from .wire import JOURNAL_FILE, OUTPUT_DIR, TRAJECTORY_FILE
 
-TRAJECTORY_FILE = "trajectory.json"
-# Each finished step, appended as the run goes; gone once trajectory.json is written.
-JOURNAL_FILE = "trajectory.jsonl"
 # The first retry of a model call waits about this long, doubling up to a minute (a server's
 # Retry-After wins when sent).
 DEFAULT_RETRY_BACKOFF_SECONDS = 1.0
@@ -75,8 +73,11 @@ class RunRecord:
     """What a run leaves behind, timed from when it began: the trajectory, and the output files,
     in `directory` (None: nothing is written, outputs are only listed)."""
 
-    def __init__(self, task: AgentTask, directory: Path | None) -> None:
+    def __init__(
+        self, task: AgentTask, directory: Path | None, artifacts: ArtifactWriter | None = None
+    ) -> None:
         self.directory = directory
+        self.artifacts = artifacts
         self.started = time.monotonic()
         self.trajectory = Trajectory(
             task_name=task.name,
@@ -86,6 +87,8 @@ class RunRecord:
         )
         if directory is not None:
             self.trajectory.keep_journal(directory / JOURNAL_FILE)
+        if artifacts is not None:
+            self.trajectory.send_journal_to(artifacts.step)
 
     @property
     def output_dir(self) -> Path | None:
@@ -100,6 +103,12 @@ class RunRecord:
         if self.directory is not None:
             self.trajectory.write(self.directory / TRAJECTORY_FILE)
             (self.directory / JOURNAL_FILE).unlink(missing_ok=True)
+
+    async def store(self, result: TaskResult) -> None:
+        """The saved record and the output files copied to the artifact store, if there is one;
+        the result then names where (and what failed). Never raises for the store."""
+        if self.artifacts is not None and self.directory is not None:
+            await self.artifacts.finish(self.directory, self.output_dir, result)
 
 
 async def run_agent(

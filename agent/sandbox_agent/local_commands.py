@@ -136,6 +136,7 @@ def _load(args: argparse.Namespace) -> tuple[SandboxTask, Path, Path | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .artifacts import StoreOptions
     from .local_model import LocalModelError
     from .procenv import hide_from_environ
     from .result import Phase
@@ -155,6 +156,13 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         overwrite=args.overwrite,
         allow_host_network=args.allow_host_network,
+        artifacts_url=args.artifacts_url,
+        store_options=StoreOptions(
+            endpoint=args.artifacts_endpoint,
+            region=args.artifacts_region,
+            path_style=True if args.artifacts_path_style else None,
+            profile=args.artifacts_profile,
+        ),
     )
     progress = ProgressPrinter(sys.stderr, quiet=args.quiet)
     wanted = local_model_wanted(task, opts)

@@ -96,6 +96,10 @@ class TaskResult(WireModel):
     tool_calls: dict[str, int] = Field(default_factory=dict)
     outputs: list[OutputFile] = Field(default_factory=list)
     duration_seconds: float = 0.0
+    # Where the artifact store keeps this run (result.json there has the whole answer), and
+    # the first thing it failed to store.
+    artifacts_url: str | None = Field(default=None, alias="artifactsURL")
+    artifacts_error: str | None = None
 
     def to_json(self) -> str:
         # ASCII-escaped: the result is one log line whatever the answer holds (no raw U+2028,

@@ -18,12 +18,21 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .agent_run import (
     DEFAULT_RETRY_BACKOFF_SECONDS,
-    TRAJECTORY_FILE,
     AgentTask,
     LLMEndpoint,
     RunRecord,
     failed,
     run_agent,
+)
+from .artifacts import (
+    ArtifactStore,
+    ArtifactStoreError,
+    ArtifactWriter,
+    StoreOptions,
+    attempt_id,
+    open_store,
+    parse_store_url,
+    run_prefix,
 )
 from .backends import Sandbox, SandboxConfig, choose_backend
 from .errors import SandboxError, TaskSpecError
@@ -36,10 +45,11 @@ from .quantity import parse_quantity
 from .result import ExitReason, Phase, TaskResult
 from .task import NetworkMode, SandboxTask, ToolCallFormat, valid_image
 from .taskfile import input_source, missing_input_files
-from .wire import INPUT_DIR, OUTPUT_DIR
+from .wire import INPUT_DIR, OUTPUT_DIR, RESULT_FILE, TRAJECTORY_FILE
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-RESULT_FILE = "result.json"
+# Local runs' namespace in the artifact store's layout (a cluster's are its namespaces).
+LOCAL_NAMESPACE = "local"
 LOCAL_MODEL_LOG = "local-model.log"
 # A local input file larger than this is almost certainly a mistake in the task file.
 MAX_INPUT_FILE_BYTES = 512 * 1024 * 1024
@@ -62,6 +72,9 @@ class RunOptions:
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     # Serve this model here and ask it (local_model_wanted said so, and its file was pulled).
     local_model: LocalModel | None = None
+    # Also keep the run in this artifact store (s3://, gs://, az://, file://).
+    artifacts_url: str | None = None
+    store_options: StoreOptions = field(default_factory=StoreOptions)
 
 
 @dataclass(frozen=True)
@@ -286,16 +299,17 @@ def _read_input(path: Path, where: str) -> bytes:
     return path.read_bytes()
 
 
+def run_name(task: SandboxTask, task_file: Path | None) -> str:
+    """The task's name as a file name: metadata.name, else the file's stem, else `prompt`."""
+    name = task.metadata.name or (task_file.stem if task_file else "prompt")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).lstrip("._-")[:80] or "task"
+
+
 def default_run_dir(task: SandboxTask, task_file: Path | None) -> Path:
     """`sandboxctl-runs/NAME-YYYYmmdd-HHMMSS-mmm-XXXXXXXX`: two runs started together never
     share one (milliseconds and 32 random bits: 16 gave 50 runs in one millisecond a 2% chance
     of two sharing, which a test saw)."""
-    name = task.metadata.name or (task_file.stem if task_file else "prompt")
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:80]
-    now = time.time()
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    millis = int(now * 1000) % 1000
-    return Path("sandboxctl-runs") / f"{name}-{stamp}-{millis:03d}-{secrets.token_hex(4)}"
+    return Path("sandboxctl-runs") / f"{run_name(task, task_file)}-{attempt_id()}"
 
 
 def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
@@ -350,6 +364,9 @@ class RunPlan:
     backend_cls: type[Sandbox]
     run_dir: Path
     endpoint: LLMEndpoint | None
+    # The run's place in the artifact store (`local/NAME/ATTEMPT`), when one was given.
+    store: ArtifactStore | None = None
+    store_prefix: str = ""
 
 
 def plan_run(
@@ -367,9 +384,22 @@ def plan_run(
     files = collect_inputs(task, task_dir)
     config = sandbox_config(task, opts.image)
     backend_cls = choose_backend(opts.backend)
+    store = artifact_store(opts)
     run_dir = opts.out_dir or default_run_dir(task, task_file)
     prepare_run_dir(run_dir, overwrite=opts.overwrite)
-    return RunPlan(files, config, backend_cls, run_dir, endpoint)
+    prefix = run_prefix(LOCAL_NAMESPACE, run_name(task, task_file), attempt_id())
+    return RunPlan(files, config, backend_cls, run_dir, endpoint, store, prefix)
+
+
+def artifact_store(opts: RunOptions) -> ArtifactStore | None:
+    """The store --artifacts-url names (None without one); its URL and settings checked."""
+    if opts.artifacts_url is None:
+        return None
+    try:
+        url = parse_store_url(opts.artifacts_url, "--artifacts-url")
+        return open_store(url, opts.store_options, opts.env)
+    except ArtifactStoreError as exc:
+        raise TaskSpecError(str(exc)) from None
 
 
 async def run_task(
@@ -423,7 +453,11 @@ async def _run_and_record(
 ) -> RunOutcome:
     backend_cls, run_dir = plan.backend_cls, plan.run_dir
     agent = agent_task(task, endpoint)
-    record = RunRecord(agent, run_dir)
+    writer = None
+    if plan.store is not None:
+        deadline = time.monotonic() + task.spec.limits.active_deadline_seconds
+        writer = ArtifactWriter(plan.store, plan.store_prefix, deadline, on_event)
+    record = RunRecord(agent, run_dir, writer)
     sandbox = backend_cls(plan.config)
     result: TaskResult | None = None
     try:
@@ -437,6 +471,7 @@ async def _run_and_record(
         await asyncio.shield(sandbox.stop())
         record.save(result)
         if result is not None:
+            await asyncio.shield(record.store(result))
             (run_dir / RESULT_FILE).write_text(result.to_json() + "\n")
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +62,21 @@ class Trajectory(BaseModel):
     result: TaskResult | None = None
     _journal: Path | None = PrivateAttr(default=None)
     _journaled_messages: int = PrivateAttr(default=0)
+    # Also handed each step's journal lines (the artifact store's copy).
+    _journal_sink: Callable[[str], None] | None = PrivateAttr(default=None)
 
     def keep_journal(self, path: Path) -> None:
         """Append each finished step to `path` from now on (see the module's docstring)."""
         self._journal = path
         self._journaled_messages = 0
 
+    def send_journal_to(self, sink: Callable[[str], None]) -> None:
+        """Hand each finished step's journal lines to `sink` too, from now on."""
+        self._journal_sink = sink
+
     def step_done(self, step: StepRecord) -> None:
         """`step` has finished (its tool calls run, their results in the messages)."""
-        if self._journal is None:
+        if self._journal is None and self._journal_sink is None:
             return
         lines: list[dict[str, Any]] = []
         if self._journaled_messages == 0:
@@ -78,6 +85,11 @@ class Trajectory(BaseModel):
         new = self.messages[self._journaled_messages :]
         lines.append({"record": "step", "step": step.model_dump(mode="json"), "messages": new})
         text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        self._journaled_messages = len(self.messages)
+        if self._journal_sink is not None:
+            self._journal_sink(text)
+        if self._journal is None:
+            return
         try:
             self._journal.parent.mkdir(parents=True, exist_ok=True)
             with self._journal.open("a", encoding="utf-8") as fh:
@@ -86,8 +98,6 @@ class Trajectory(BaseModel):
             # The journal is insurance; a full disk must not end the run (trajectory.json,
             # written at the end, reports it).
             self._journal = None
-            return
-        self._journaled_messages = len(self.messages)
 
     @classmethod
     def from_journal(cls, path: Path) -> Trajectory:

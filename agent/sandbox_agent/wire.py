@@ -20,6 +20,14 @@ INPUT_DIR = "input"  # below WORKSPACE: the task's inputs
 OUTPUT_DIR = "output"  # below WORKSPACE: files collected when the task ends
 INPUT_PATH = f"{WORKSPACE}/{INPUT_DIR}"
 
+# What a run leaves beside OUTPUT_DIR, in its directory and under its artifact-store prefix.
+RESULT_FILE = "result.json"
+TRAJECTORY_FILE = "trajectory.json"
+# Each finished step, appended as the run goes; gone once trajectory.json is written. The
+# artifact store keeps one object per step instead, STEPS_DIR/NNNNNN.jsonl (no appends there).
+JOURNAL_FILE = "trajectory.jsonl"
+STEPS_DIR = "steps"
+
 # Labels and annotations on the objects the operator makes for a task.
 MANAGED_BY = "llm-sandbox-operator"
 LABEL_NAME = "app.kubernetes.io/name"
