@@ -5,6 +5,7 @@ that fails never costing the run its result."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ from sandbox_agent.artifacts import (
 )
 from sandbox_agent.result import ExitReason, Phase
 from sandbox_agent.runner import RunOutcome
-from sandbox_agent.trajectory import Trajectory
+from sandbox_agent.trajectory import StepRecord, Trajectory
 
 __all__ = ["s3_server"]
 
@@ -232,3 +233,87 @@ def test_a_bad_artifacts_url_is_one_line_naming_the_flag_and_runs_nothing(
         "gs://, az://, file://)"
     )
     assert not (tmp_path / "o").exists()
+
+
+def fetch(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox_agent.cli", "artifacts", *args],
+        cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+
+
+def test_a_killed_runs_steps_are_fetched_as_its_journal(tmp_path: Path) -> None:
+    # What a pod killed after two steps leaves: steps/, no trajectory.json, no result.json.
+    run = tmp_path / "store" / "default" / "t" / "1"
+    (run / "steps").mkdir(parents=True)
+    journal = Trajectory(task_name="t")
+    lines: list[str] = []
+    journal.send_journal_to(lines.append)
+    for n in (1, 2):
+        journal.messages.append({"role": "assistant", "content": f"step {n}"})
+        journal.step_done(StepRecord(
+            step=n, started_at=0, llm_seconds=0, llm_retries=0, prompt_tokens=1,
+            completion_tokens=1, usage_reported=True, finish_reason="stop", content=f"step {n}",
+        ))  # fmt: skip
+    for n, text in enumerate(lines, 1):
+        (run / "steps" / f"{n:06d}.jsonl").write_text(text)
+    got = fetch("--url", f"file://{run}", "-o", "got", cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    assert "(no trajectory.json: the run's steps are joined in trajectory.jsonl)" in got.stdout
+    back = Trajectory.from_journal(tmp_path / "got" / "trajectory.jsonl")
+    assert [s.content for s in back.steps] == ["step 1", "step 2"]
+    assert back.task_name == "t"
+
+
+def test_fetching_refuses_a_full_directory_and_an_empty_prefix_in_one_line(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "store").mkdir()
+    empty = fetch("--url", f"file://{tmp_path}/store", "-o", "got", cwd=tmp_path)
+    assert empty.returncode == 1
+    assert (
+        empty.stderr.strip()
+        == f"sandboxctl artifacts: file://{tmp_path}/store: nothing is stored there"
+    )
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("mine")
+    full = fetch("--url", f"file://{tmp_path}/store", "-o", "full", cwd=tmp_path)
+    assert full.returncode == 2
+    assert full.stderr.strip().endswith(
+        "-o full: exists and is not an empty directory; give a new one"
+    )
+    both = fetch("t1", "--url", "s3://b/x", cwd=tmp_path)
+    assert both.returncode == 2
+    assert both.stderr.strip().endswith("give a task name, or --url URL (not both)")
+    assert (tmp_path / "full" / "x").read_text() == "mine"
+
+
+STORE_ROUND_TRIP = """
+import asyncio, sys
+from sandbox_agent.artifacts import StoreOptions, open_store, parse_store_url
+
+async def main() -> None:
+    store = open_store(parse_store_url(sys.argv[1], "url"), StoreOptions(), {})
+    await store.put("a/b.txt", b"x")
+    assert [o.key for o in await store.list_under("a")] == ["a/b.txt"]
+    assert await store.get("a/b.txt") == b"x"
+    await store.delete(["a/b.txt"])
+
+asyncio.run(main())
+sys.exit(7)
+"""
+
+
+def test_a_process_that_used_the_store_exits_with_its_own_code(tmp_path: Path) -> None:
+    # obstore's asyncio calls made about one such process in eight abort at exit (SIGABRT).
+    codes = [
+        subprocess.run(
+            [sys.executable, "-c", STORE_ROUND_TRIP, f"file://{tmp_path}/s{i}"],
+            capture_output=True, timeout=60, check=False,
+        ).returncode
+        for i in range(12)
+    ]  # fmt: skip
+    assert codes == [7] * 12

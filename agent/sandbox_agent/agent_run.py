@@ -20,7 +20,7 @@ from .events import EventSink, Notice, ignore
 from .execclient import ExecClient
 from .llm import ChatLLM
 from .loop import AgentLoop, AgentSettings, ModelOptions
-from .outputs import KEEP_FILE, with_outputs
+from .outputs import DEFAULT_CAPS, KEEP_FILE, OutputCaps, with_outputs
 from .result import ExitReason, TaskResult, phase_for
 from .task import Limits
 from .trajectory import Trajectory
@@ -74,10 +74,15 @@ class RunRecord:
     in `directory` (None: nothing is written, outputs are only listed)."""
 
     def __init__(
-        self, task: AgentTask, directory: Path | None, artifacts: ArtifactWriter | None = None
+        self,
+        task: AgentTask,
+        directory: Path | None,
+        artifacts: ArtifactWriter | None = None,
+        caps: OutputCaps = DEFAULT_CAPS,
     ) -> None:
         self.directory = directory
         self.artifacts = artifacts
+        self.caps = caps
         self.started = time.monotonic()
         self.trajectory = Trajectory(
             task_name=task.name,
@@ -136,7 +141,7 @@ async def run_agent(
             result = await loop.run(task.prompt, listing)
         finally:
             await llm.aclose()
-        return await with_outputs(result, client, record.output_dir, on_event)
+        return await with_outputs(result, client, record.output_dir, on_event, record.caps)
 
 
 async def _make_output_dir(client: ExecClient, on_event: EventSink) -> None:

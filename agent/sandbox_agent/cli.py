@@ -106,18 +106,33 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         "its loopback, local network and cloud metadata, unlike on a cluster)",
     )
 
-    store = run.add_argument_group(
-        "artifact store",
+    add_store_arguments(
+        run,
         "keep the result, trajectory (step by step as the run goes) and output files in a store "
-        "too, under URL/local/NAME/ATTEMPT/; S3 credentials, endpoint, region and profile come "
-        "from the environment as for the AWS CLI (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, "
-        "AWS_REGION, AWS_PROFILE), overridden by these flags",
-    )
-    store.add_argument(
+        "too, under URL/local/NAME/ATTEMPT/",
         "--artifacts-url",
-        metavar="URL",
-        help="s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX or file:///DIR",
+        "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX or file:///DIR",
     )
+
+    validate = sub.add_parser("validate", help="check a task file and print the parsed spec")
+    validate.add_argument("task", type=Path, help="the task file (YAML)")
+    from .model_commands import add_parser as add_model_parser
+
+    add_model_parser(sub)
+    return parser, sub
+
+
+def add_store_arguments(
+    parser: argparse.ArgumentParser, what: str, url_flag: str, url_help: str
+) -> None:
+    """The store's URL and how to reach it, for `run` and `artifacts` alike (StoreOptions)."""
+    store = parser.add_argument_group(
+        "artifact store",
+        f"{what}; S3 credentials, endpoint, region and profile come from the environment as for "
+        "the AWS CLI (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION, "
+        "AWS_PROFILE), overridden by these flags",
+    )
+    store.add_argument(url_flag, metavar="URL", help=url_help)
     store.add_argument(
         "--artifacts-endpoint", metavar="URL", help="an S3-compatible endpoint (MinIO, Ceph RGW)"
     )
@@ -128,13 +143,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         help="path-style S3 requests (ENDPOINT/BUCKET/KEY), as most S3-compatible stores need",
     )
     store.add_argument("--artifacts-profile", metavar="NAME", help="an AWS profile (needs boto3)")
-
-    validate = sub.add_parser("validate", help="check a task file and print the parsed spec")
-    validate.add_argument("task", type=Path, help="the task file (YAML)")
-    from .model_commands import add_parser as add_model_parser
-
-    add_model_parser(sub)
-    return parser, sub
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -136,7 +136,7 @@ def _load(args: argparse.Namespace) -> tuple[SandboxTask, Path, Path | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .artifacts import StoreOptions
+    from .artifacts import store_options_from
     from .local_model import LocalModelError
     from .procenv import hide_from_environ
     from .result import Phase
@@ -157,12 +157,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         allow_host_network=args.allow_host_network,
         artifacts_url=args.artifacts_url,
-        store_options=StoreOptions(
-            endpoint=args.artifacts_endpoint,
-            region=args.artifacts_region,
-            path_style=True if args.artifacts_path_style else None,
-            profile=args.artifacts_profile,
-        ),
+        store_options=store_options_from(args),
     )
     progress = ProgressPrinter(sys.stderr, quiet=args.quiet)
     wanted = local_model_wanted(task, opts)

@@ -42,6 +42,9 @@ class OutputCaps:
     max_total_bytes: int = 256 * MIB
 
 
+DEFAULT_CAPS = OutputCaps()
+
+
 class UnsafeOutputError(SandboxError):
     """The exec server named an output path that could leave the output directory."""
 
@@ -148,7 +151,7 @@ class ConfinedDir:
 async def collect_outputs(
     client: ExecClient,
     dest: Path | None,
-    caps: OutputCaps = OutputCaps(),
+    caps: OutputCaps = DEFAULT_CAPS,
     on_event: EventSink = ignore,
 ) -> list[OutputFile]:
     """The files in the sandbox's output/, copied beneath `dest` (or only listed when None).
@@ -190,13 +193,17 @@ async def collect_outputs(
 
 
 async def with_outputs(
-    result: TaskResult, client: ExecClient, dest: Path | None, on_event: EventSink = ignore
+    result: TaskResult,
+    client: ExecClient,
+    dest: Path | None,
+    on_event: EventSink = ignore,
+    caps: OutputCaps = DEFAULT_CAPS,
 ) -> TaskResult:
     """`result` with the sandbox's output files collected into `dest`: failed as compromised
     when the exec server names an unsafe path, as it was (with a Notice) when the sandbox can no
     longer be read."""
     try:
-        result.outputs = await collect_outputs(client, dest, on_event=on_event)
+        result.outputs = await collect_outputs(client, dest, caps, on_event)
     except UnsafeOutputError as exc:
         return compromised(result, exc)
     except SandboxError as exc:

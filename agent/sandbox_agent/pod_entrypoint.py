@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -28,11 +29,19 @@ from typing import Any
 from pydantic import ValidationError
 
 from .agent_run import AgentTask, LLMEndpoint, RunRecord, failed, run_agent
+from .artifacts import (
+    ArtifactStoreError,
+    ArtifactWriter,
+    StoreOptions,
+    open_store,
+    parse_store_url,
+)
 from .backends.base import ExecEndpoint, execd_source
 from .errors import SandboxError
 from .events import Event, LLMRetrying, Notice
 from .execclient import ExecClient
 from .execd_cmdline import PRIVATE_DIR, READY_FILE, SOCKET_FILE, TOKEN_FILE
+from .outputs import DEFAULT_CAPS
 from .podconfig import PodTaskConfig
 from .procenv import hide_from_environ
 from .result import RESULT_LOG_PREFIX, ExitReason, TaskResult, termination_message
@@ -130,21 +139,52 @@ async def run(
     run_dir: Path,
     artifacts: Path | None,
     execd_timeout: float = EXECD_READY_TIMEOUT,
+    artifacts_prefix: str | None = None,
 ) -> TaskResult:
+    """The run, recorded in `artifacts` (a directory) and in the operator's artifact store
+    (config.artifacts, under `artifacts_prefix`) whatever its ending."""
     task = agent_task(config)
-    record = RunRecord(task, artifacts)
+    with tempfile.TemporaryDirectory(prefix="run-") as scratch:
+        writer, store_error = _artifact_writer(config, artifacts_prefix, task)
+        directory = artifacts if artifacts is not None or writer is None else Path(scratch)
+        caps = config.artifacts.caps if config.artifacts is not None else DEFAULT_CAPS
+        record = RunRecord(task, directory, writer, caps)
+        result = await _run_recorded(task, run_dir, execd_timeout, record)
+        record.save(result)
+        await record.store(result)
+    if store_error is not None:
+        result.artifacts_error = store_error
+    return result
+
+
+def _artifact_writer(
+    config: PodTaskConfig, prefix: str | None, task: AgentTask
+) -> tuple[ArtifactWriter | None, str | None]:
+    """The writer for the operator's store (None without one), or why it cannot be opened."""
+    if config.artifacts is None or prefix is None:
+        return None, None
+    deadline = time.monotonic() + task.limits.active_deadline_seconds
+    try:
+        url = parse_store_url(config.artifacts.url, "artifacts.url")
+        store = open_store(url, StoreOptions(), os.environ)
+    except ArtifactStoreError as exc:
+        return None, str(exc)
+    return ArtifactWriter(store, prefix, deadline, _log), None
+
+
+async def _run_recorded(
+    task: AgentTask, run_dir: Path, execd_timeout: float, record: RunRecord
+) -> TaskResult:
     try:
         endpoint = await _wait_for_execd(run_dir, execd_timeout)
     except SandboxError as exc:
         return failed(ExitReason.SANDBOX_ERROR, str(exc), cause="ExecServerNotReady")
     try:
-        result = await _while_sandbox_runs(
+        return await _while_sandbox_runs(
             run_agent(task, endpoint, list_inputs, record, _log), endpoint, record
         )
     finally:
         await _shutdown(endpoint)
-    record.save(result)
-    return result
 
 
 async def sandbox_stopped(socket_path: str, interval: float = SANDBOX_WATCH_SECONDS) -> None:
@@ -228,12 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--termination-log", type=Path, default=Path("/dev/termination-log"))
     run_p.add_argument("--artifacts", type=Path, default=None)
     run_p.add_argument("--execd-timeout", type=float, default=EXECD_READY_TIMEOUT)
+    run_p.add_argument(
+        "--artifacts-prefix", default=None, help="this attempt's place in the artifact store"
+    )
     args = parser.parse_args(argv)
     if args.command == "install":
         install(args.execd_dir, args.run_dir)
         return 0
     config = load_config(args.task)
-    result = asyncio.run(run(config, args.run_dir, args.artifacts, args.execd_timeout))
+    result = asyncio.run(
+        run(config, args.run_dir, args.artifacts, args.execd_timeout, args.artifacts_prefix)
+    )
     report(result, args.termination_log)
     return 0
 

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from pydantic import Field
 
+from .outputs import DEFAULT_CAPS, OutputCaps
 from .task import (
     BASE_URL,
     MODEL_NAME,
@@ -31,6 +32,19 @@ class PodModelConfig(ApiModel):
     request_timeout_seconds: RequestTimeoutSeconds = 600
 
 
+class PodArtifacts(ApiModel):
+    """The operator's artifact store and the caps on what a run's output/ may put there."""
+
+    url: Annotated[str, Field(min_length=1)]
+    max_files: Annotated[int, Field(ge=0)] = DEFAULT_CAPS.max_files
+    max_file_bytes: Annotated[int, Field(ge=0)] = DEFAULT_CAPS.max_file_bytes
+    max_total_bytes: Annotated[int, Field(ge=0)] = DEFAULT_CAPS.max_total_bytes
+
+    @property
+    def caps(self) -> OutputCaps:
+        return OutputCaps(self.max_files, self.max_file_bytes, self.max_total_bytes)
+
+
 class PodTaskConfig(ApiModel):
     """Everything the agent needs besides the API key (env) and the exec server (shared volume)."""
 
@@ -38,3 +52,4 @@ class PodTaskConfig(ApiModel):
     prompt: Annotated[str, Field(min_length=1)]
     model: PodModelConfig
     limits: Limits = Field(default_factory=Limits)
+    artifacts: PodArtifacts | None = None

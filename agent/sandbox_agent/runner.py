@@ -387,7 +387,8 @@ def plan_run(
     store = artifact_store(opts)
     run_dir = opts.out_dir or default_run_dir(task, task_file)
     prepare_run_dir(run_dir, overwrite=opts.overwrite)
-    prefix = run_prefix(LOCAL_NAMESPACE, run_name(task, task_file), attempt_id())
+    sub = task.spec.artifacts.prefix
+    prefix = run_prefix(LOCAL_NAMESPACE, run_name(task, task_file), attempt_id(), sub)
     return RunPlan(files, config, backend_cls, run_dir, endpoint, store, prefix)
 
 

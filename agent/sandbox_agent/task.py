@@ -252,6 +252,20 @@ class SandboxSpec(ApiModel):
     )
 
 
+# Plain names joined by '/': a sub-prefix stays inside the task's own part of the store.
+ARTIFACTS_PREFIX_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"
+
+
+class ArtifactsSpec(ApiModel):
+    prefix: Annotated[str | None, Field(max_length=200, pattern=ARTIFACTS_PREFIX_PATTERN)] = Field(
+        default=None,
+        description=(
+            "A sub-prefix for this task's artifacts: STORE/NAMESPACE/PREFIX/TASK/ATTEMPT/. "
+            "The store itself is the operator's (or sandboxctl run --artifacts-url)."
+        ),
+    )
+
+
 class SandboxTaskSpec(ApiModel):
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
     inputs: list[InputFile] = Field(default_factory=list, max_length=256)
@@ -260,6 +274,7 @@ class SandboxTaskSpec(ApiModel):
     sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
     priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
     retries: Annotated[int, Field(ge=0, le=10)] = 1
+    artifacts: ArtifactsSpec = Field(default_factory=ArtifactsSpec)
 
     @field_validator("inputs")
     @classmethod
@@ -295,6 +310,7 @@ _PATTERN_HINTS = {
     NAME_PATTERN: "must be a DNS-1123 name: lower-case letters, digits, '-' and '.'",
     INPUT_PATH_PATTERN: "must be a relative path (no leading '/')",
     ALLOW_ENTRY_PATTERN: "must be ADDRESS[/PREFIX]:PORT, e.g. 10.0.0.5:8000 or 10.0.0.0/8:443",
+    ARTIFACTS_PREFIX_PATTERN: "must be plain names (letters, digits, '.', '_', '-') joined by '/'",
 }
 
 

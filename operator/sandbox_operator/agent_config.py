@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import PurePosixPath
 
-from sandbox_agent.podconfig import PodModelConfig, PodTaskConfig
+from sandbox_agent.podconfig import PodArtifacts, PodModelConfig, PodTaskConfig
 from sandbox_agent.task import InputFile, SandboxTask
 
 from .errors import SpecError
@@ -58,6 +58,17 @@ def resolve_model(task: SandboxTask, settings: OperatorSettings) -> tuple[str, s
     return model, base_url
 
 
+def pod_artifacts(settings: OperatorSettings) -> PodArtifacts | None:
+    if settings.artifacts_url is None:
+        return None
+    return PodArtifacts(
+        url=settings.artifacts_url,
+        max_files=settings.artifacts_max_files,
+        max_file_bytes=settings.artifacts_max_file_bytes,
+        max_total_bytes=settings.artifacts_max_total_bytes,
+    )
+
+
 def configmap_data(task: SandboxTask, settings: OperatorSettings) -> dict[str, str]:
     model, base_url = resolve_model(task, settings)
     spec = task.spec.model
@@ -74,10 +85,16 @@ def configmap_data(task: SandboxTask, settings: OperatorSettings) -> dict[str, s
             request_timeout_seconds=spec.request_timeout_seconds,
         ),
         limits=task.spec.limits,
+        artifacts=pod_artifacts(settings),
     )
     data = {
         TASK_CONFIG_KEY: json.dumps(
-            config.model_dump(mode="json", by_alias=True), indent=2, ensure_ascii=False
+            # Without a store the agent's config has no artifacts key at all.
+            config.model_dump(mode="json", by_alias=True, exclude={"artifacts"})
+            if config.artifacts is None
+            else config.model_dump(mode="json", by_alias=True),
+            indent=2,
+            ensure_ascii=False,
         )
     }
     for i, item in enumerate(task.spec.inputs):

@@ -17,6 +17,13 @@ from typing import Any
 import aiohttp
 import yaml
 
+from sandbox_agent.artifacts import (
+    ArtifactStoreError,
+    fetch_run,
+    open_store,
+    parse_store_url,
+    store_options_from,
+)
 from sandbox_agent.cli import Command
 from sandbox_agent.display import for_terminal
 from sandbox_agent.errors import TaskSpecError
@@ -272,7 +279,8 @@ def describe(body: dict[str, Any]) -> str:
         lines.append(f"message:     {st.message}")
     lines.append(f"answer:      {st.answer if st.answer is not None else '(none)'}")
     if st.answer_truncated:
-        lines.append("             (cut; the full answer is in the agent's log)")
+        where = "result.json in the artifact store" if st.artifacts_url else "the agent's log"
+        lines.append(f"             (cut; the full answer is in {where})")
     lines.append(f"steps:       {st.steps}")
     if st.usage is not None:
         cost = f", ~${st.usage.cost_usd:.4f}" if st.usage.cost_usd is not None else ""
@@ -281,6 +289,10 @@ def describe(body: dict[str, Any]) -> str:
             f"completion = {st.usage.total_tokens} tokens{cost}"
         )
     lines.append(f"pod:         {st.pod_name} (attempt {st.attempt})")
+    if st.artifacts_url:
+        lines.append(f"artifacts:   {st.artifacts_url}")
+    if st.artifacts_error:
+        lines.append(f"             not all stored: {st.artifacts_error}")
     return "\n".join(lines)
 
 
@@ -329,6 +341,60 @@ async def _logs(args: argparse.Namespace, client: KubeClient) -> int:
     return EXIT_OK
 
 
+def _artifacts(args: argparse.Namespace) -> int:
+    """`--url` needs no cluster; a task name is looked up for its status.artifactsURL."""
+    if (args.url is None) == (args.name is None):
+        raise TaskSpecError("give a task name, or --url URL (not both)")
+    if args.url is not None:
+        return asyncio.run(fetch_artifacts(args, args.url))
+    return _with_client(_task_artifacts)(args)
+
+
+async def _task_artifacts(args: argparse.Namespace, client: KubeClient) -> int:
+    namespace = _namespace(args, client)
+    body = await client.get(TASKS, namespace, args.name)
+    if body is None:
+        print(
+            f"sandboxctl artifacts: sandboxtask {args.name!r} not found in {namespace}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    url = (body.get("status") or {}).get("artifactsURL")
+    if not url:
+        phase = (body.get("status") or {}).get("phase", "Pending")
+        print(
+            f"sandboxctl artifacts: {args.name} has no artifactsURL (phase {phase}): the "
+            "operator has no store (LLMSANDBOX_ARTIFACTS_URL), or the task has not ended",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return await fetch_artifacts(args, str(url))
+
+
+async def fetch_artifacts(args: argparse.Namespace, url: str) -> int:
+    where = "--url" if args.url is not None else "status.artifactsURL"
+    try:
+        store = open_store(parse_store_url(url, where), store_options_from(args), os.environ)
+    except ArtifactStoreError as exc:
+        raise TaskSpecError(str(exc)) from None
+    dest = args.output_dir or Path(args.name or url.rstrip("/").rsplit("/", 1)[-1])
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise TaskSpecError(f"-o {dest}: exists and is not an empty directory; give a new one")
+    try:
+        got = await fetch_run(store, dest)
+    except ArtifactStoreError as exc:
+        print(for_terminal(f"sandboxctl artifacts: {exc}"), file=sys.stderr)
+        return EXIT_FAILED
+    note = " (no trajectory.json: the run's steps are joined in trajectory.jsonl)"
+    print(
+        for_terminal(
+            f"fetched {got.files} files ({got.bytes} bytes) from {url} into {dest}"
+            + (note if got.journal_only else "")
+        )
+    )
+    return EXIT_OK
+
+
 def _crd(args: argparse.Namespace) -> int:
     sys.stdout.write(crd_yaml())
     return EXIT_OK
@@ -341,6 +407,7 @@ COMMANDS: dict[str, Command] = {
     "get": _with_client(_get),
     "wait": _with_client(_wait),
     "logs": _with_client(_logs),
+    "artifacts": _artifacts,
 }
 
 

@@ -66,4 +66,23 @@ def add_commands(sub: Any) -> dict[str, Command]:
         help="agent (default: the run, ending with its result line) or sandbox (the exec server)",
     )
     logs.add_argument("--tail", type=int, default=1000, help="last lines to print (default 1000)")
-    return {name: _runs(name) for name in ("crd", "submit", "get", "wait", "logs")}
+    arts = cluster(
+        "artifacts", "fetch a task's result, trajectory and output files from the artifact store"
+    )
+    arts.add_argument("name", nargs="?", help="the task (where its status.artifactsURL points)")
+    arts.add_argument(
+        "-o",
+        "--output-dir",
+        type=Path,
+        help="where to put them (default: ./NAME, or the URL's last part); must be new or empty",
+    )
+    from sandbox_agent.cli import add_store_arguments
+
+    add_store_arguments(
+        arts,
+        "the store is read with this machine's credentials",
+        "--url",
+        "fetch this prefix instead of a task's (any run: s3://BUCKET/.../TASK/ATTEMPT, file:///...)",
+    )
+    commands = ("crd", "submit", "get", "wait", "logs", "artifacts")
+    return {name: _runs(name) for name in commands}

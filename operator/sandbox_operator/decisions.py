@@ -419,6 +419,8 @@ def finish(
     status.usage = result.usage.model_copy(update={"cost_usd": cost})
     status.tool_calls = result.tool_calls
     status.outputs = result.outputs
+    status.artifacts_url = result.artifacts_url
+    status.artifacts_error = result.artifacts_error
     status.message = result.message or None
     status.completion_time = rfc3339(now)
     status.queue_position = None

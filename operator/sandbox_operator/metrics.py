@@ -96,6 +96,11 @@ class Metrics:
             ["tool"],
             registry=r,
         )
+        self.artifact_failures = Counter(
+            "llmsandbox_artifact_store_failures_total",
+            "Tasks that ended with part of their artifacts not stored (status.artifactsError).",
+            registry=r,
+        )
         self.max_running = Gauge(
             "llmsandbox_max_running_tasks",
             "The operator's cap on tasks running at once.",
@@ -127,6 +132,8 @@ class Metrics:
             self.cost.labels(model=model).inc(cost)
         for tool, n in result.tool_calls.items():
             self.tool_calls.labels(tool=tool).inc(n)
+        if result.artifacts_error:
+            self.artifact_failures.inc()
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
@@ -145,6 +152,7 @@ METRIC_NAMES = (
     "llmsandbox_llm_tokens_total",
     "llmsandbox_estimated_cost_usd_total",
     "llmsandbox_tool_calls_total",
+    "llmsandbox_artifact_store_failures_total",
     "llmsandbox_max_running_tasks",
     "llmsandbox_build_info",
     "llmsandbox_network_policy_enforced",

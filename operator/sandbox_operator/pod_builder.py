@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sandbox_agent.artifacts import parse_store_url, run_prefix
 from sandbox_agent.execd_cmdline import execd_command
 from sandbox_agent.task import SandboxTask
 from sandbox_agent.wire import INPUT_PATH, LABEL_ATTEMPT, MAX_LABEL_LENGTH, WORKSPACE
@@ -151,7 +152,7 @@ def _volumes(
         {"name": "workspace", "emptyDir": workspace},
         {"name": "tmp", "emptyDir": tmp},
         # The agent writes nothing large to /tmp; bounded so a bug cannot fill the node's disk.
-        {"name": "agent-tmp", "emptyDir": {"sizeLimit": AGENT_TMP_SIZE_LIMIT}},
+        {"name": "agent-tmp", "emptyDir": {"sizeLimit": agent_tmp_size(settings)}},
         {
             "name": "task",
             "configMap": {
@@ -160,6 +161,7 @@ def _volumes(
             },
         },
         *input_volumes,
+        *_store_volume(settings)[0],
     ]
 
 
@@ -214,9 +216,35 @@ def _sandbox_container(
     }
 
 
-def _agent_container(task: SandboxTask, settings: OperatorSettings) -> dict[str, Any]:
+def _artifacts_args(task: SandboxTask, namespace: str, attempt: int) -> list[str]:
+    prefix = run_prefix(namespace, task_name(task), str(attempt), task.spec.artifacts.prefix)
+    return ["--artifacts-prefix", prefix]
+
+
+def _store_volume(settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A file:// store's PersistentVolumeClaim, mounted at the URL's path in the agent only."""
+    if settings.artifacts_pvc is None or settings.artifacts_url is None:
+        return [], []
+    path = parse_store_url(settings.artifacts_url, "artifacts_url").root
+    volume = {"name": "artifacts", "persistentVolumeClaim": {"claimName": settings.artifacts_pvc}}
+    return [volume], [{"name": "artifacts", "mountPath": path}]
+
+
+def agent_tmp_size(settings: OperatorSettings) -> str:
+    """The agent's /tmp: room for the output files it uploads when a store is configured."""
+    if settings.artifacts_url is None:
+        return AGENT_TMP_SIZE_LIMIT
+    mib = 256 + -(-settings.artifacts_max_total_bytes // (1024 * 1024))
+    return f"{mib}Mi"
+
+
+def _agent_container(
+    task: SandboxTask, settings: OperatorSettings, namespace: str, attempt: int
+) -> dict[str, Any]:
     secret = resolve_api_key_secret(task, settings)
-    return {
+    stored = settings.artifacts_url is not None
+    _, store_mounts = _store_volume(settings)
+    container: dict[str, Any] = {
         "name": AGENT_CONTAINER,
         "image": settings.agent_image,
         "command": [
@@ -232,6 +260,7 @@ def _agent_container(task: SandboxTask, settings: OperatorSettings) -> dict[str,
             TERMINATION_LOG,
             "--execd-timeout",
             str(settings.execd_ready_timeout_seconds),
+            *(_artifacts_args(task, namespace, attempt) if stored else []),
         ],
         "env": [
             {
@@ -244,12 +273,17 @@ def _agent_container(task: SandboxTask, settings: OperatorSettings) -> dict[str,
             {"name": "execd-run", "mountPath": RUN_DIR},
             {"name": "task", "mountPath": TASK_DIR, "readOnly": True},
             {"name": "agent-tmp", "mountPath": "/tmp"},
+            *store_mounts,
         ],
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "File",
         "resources": _resources(settings.agent_resources.requests, settings.agent_resources.limits),
         "securityContext": hardened_security_context(read_only_root=True, uid=agent_uid(settings)),
     }
+    if stored and settings.artifacts_credentials_secret is not None:
+        # The store's credentials: this container's environment only, never the sandbox's.
+        container["envFrom"] = [{"secretRef": {"name": settings.artifacts_credentials_secret}}]
+    return container
 
 
 def build_pod(
@@ -298,7 +332,7 @@ def _pod_manifest(
         "initContainers": [_install_container(settings)],
         "containers": [
             _sandbox_container(task, settings, input_mounts),
-            _agent_container(task, settings),
+            _agent_container(task, settings, namespace, attempt),
         ],
     }
     runtime = runtime_class(task, settings)

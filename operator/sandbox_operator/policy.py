@@ -67,10 +67,11 @@ def egress_rule(rule: EgressRule) -> dict[str, Any]:
 
 def base_egress(settings: OperatorSettings, mode: NetworkMode) -> list[dict[str, Any]]:
     """What every task pod of `mode` may reach: DNS (when enabled; isolated pods may go without,
-    since DNS queries can carry data out) and the inference endpoint."""
+    since DNS queries can carry data out), the inference endpoint and the artifact store."""
     dns = settings.dns_egress and (mode is not NetworkMode.ISOLATED or settings.isolated_dns_egress)
     rules = [dns_rule()] if dns else []
-    return rules + [egress_rule(rule) for rule in settings.inference_egress]
+    reachable = [*settings.inference_egress, *settings.artifacts_egress]
+    return rules + [egress_rule(rule) for rule in reachable]
 
 
 def internet_rule(settings: OperatorSettings) -> dict[str, Any]:

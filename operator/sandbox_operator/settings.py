@@ -18,6 +18,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sandbox_agent.artifacts import ArtifactStoreError, parse_store_url
+from sandbox_agent.outputs import DEFAULT_CAPS
 from sandbox_agent.quantity import parse_quantity
 from sandbox_agent.task import Resources
 from sandbox_agent.wire import (
@@ -48,6 +50,15 @@ def _valid_label(text: str) -> str:
     if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
         raise ValueError(f"{text!r} is not a valid label key=value")
     return text
+
+
+def _valid_store_url(url: str | None) -> str | None:
+    if url:
+        try:
+            parse_store_url(url, "artifacts store")
+        except ArtifactStoreError as exc:
+            raise ValueError(str(exc).removeprefix("artifacts store: ")) from None
+    return url or None
 
 
 def _valid_base_url(url: str | None) -> str | None:
@@ -195,6 +206,22 @@ class OperatorSettings(BaseSettings):
     excluded_cidrs: list[Annotated[str, AfterValidator(_canonical_cidr)]] = Field(
         default_factory=list
     )
+    # The artifact store every task's result, trajectory and outputs go to (s3://, gs://,
+    # az://, or file:// on the PVC below, mounted into the agent container only); empty: none.
+    artifacts_url: Annotated[str | None, AfterValidator(_valid_store_url)] = None
+    # A Secret whose keys become the agent container's environment (AWS_ACCESS_KEY_ID,
+    # AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION, GOOGLE_SERVICE_ACCOUNT, ...).
+    artifacts_credentials_secret: Annotated[
+        str | None, Field(max_length=253, pattern=NAME_PATTERN)
+    ] = None
+    artifacts_pvc: Annotated[str | None, Field(max_length=253, pattern=NAME_PATTERN)] = None
+    # What task pods may reach besides the inference endpoint: the store (its pods or CIDR).
+    artifacts_egress: list[EgressRule] = Field(default_factory=list)
+    artifacts_max_files: Annotated[int, Field(ge=0, le=100_000)] = DEFAULT_CAPS.max_files
+    artifacts_max_file_bytes: Annotated[int, Field(ge=0)] = DEFAULT_CAPS.max_file_bytes
+    artifacts_max_total_bytes: Annotated[int, Field(ge=0, le=8 * 1024**3)] = (
+        DEFAULT_CAPS.max_total_bytes
+    )
     max_running_tasks: Annotated[int, Field(ge=1)] = 10
     watched_namespaces: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]] = Field(
         default_factory=list, description="Namespaces to watch; empty means all."
@@ -248,6 +275,22 @@ class OperatorSettings(BaseSettings):
                 f"unknown resource {unknown[0]!r}: use cpu, memory or ephemeral-storage"
             )
         return maxima
+
+    @model_validator(mode="after")
+    def _a_file_store_is_a_volume(self) -> OperatorSettings:
+        is_file = (self.artifacts_url or "").lower().startswith("file:")
+        if is_file and self.artifacts_pvc is None:
+            raise ValueError(
+                f"{ENV_PREFIX}ARTIFACTS_URL={self.artifacts_url}: a file:// store on a cluster "
+                f"is a volume: name its PersistentVolumeClaim in {ENV_PREFIX}ARTIFACTS_PVC (it "
+                "is mounted at the URL's path, into the agent container only)"
+            )
+        if self.artifacts_pvc is not None and not is_file:
+            raise ValueError(
+                f"{ENV_PREFIX}ARTIFACTS_PVC={self.artifacts_pvc}: only used with a file:// "
+                f"{ENV_PREFIX}ARTIFACTS_URL"
+            )
+        return self
 
     @model_validator(mode="after")
     def _defaults_within_the_maxima(self) -> OperatorSettings:

@@ -156,6 +156,17 @@ class TaskStatus(StatusModel):
     outputs: list[OutputFile] = Field(
         default_factory=list, description="Files the task left in /workspace/output."
     )
+    artifacts_url: str | None = Field(
+        default=None,
+        alias="artifactsURL",
+        description=(
+            "Where the artifact store keeps this attempt: result.json (with the whole answer), "
+            "trajectory.json, steps/ and output/. `sandboxctl artifacts NAME` fetches it."
+        ),
+    )
+    artifacts_error: str | None = Field(
+        default=None, description="What the artifact store failed to keep, when it failed."
+    )
     message: str | None = Field(default=None, description="Why, when the task did not succeed.")
     queue_position: int | None = Field(
         default=None, description="1-based place in the admission queue; only while Queued."

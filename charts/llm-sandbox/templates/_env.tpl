@@ -42,6 +42,26 @@
   value: {{ .Values.dnsEgress | quote }}
 - name: LLMSANDBOX_ISOLATED_DNS_EGRESS
   value: {{ .Values.isolatedDNSEgress | quote }}
+{{- with .Values.artifacts.url }}
+- name: LLMSANDBOX_ARTIFACTS_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.artifacts.credentialsSecret }}
+- name: LLMSANDBOX_ARTIFACTS_CREDENTIALS_SECRET
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.artifacts.pvc.claimName }}
+- name: LLMSANDBOX_ARTIFACTS_PVC
+  value: {{ . | quote }}
+{{- end }}
+- name: LLMSANDBOX_ARTIFACTS_EGRESS
+  value: {{ .Values.artifacts.egress | toJson | quote }}
+- name: LLMSANDBOX_ARTIFACTS_MAX_FILES
+  value: {{ .Values.artifacts.maxFiles | quote }}
+- name: LLMSANDBOX_ARTIFACTS_MAX_FILE_BYTES
+  value: {{ .Values.artifacts.maxFileBytes | int64 | quote }}
+- name: LLMSANDBOX_ARTIFACTS_MAX_TOTAL_BYTES
+  value: {{ .Values.artifacts.maxTotalBytes | int64 | quote }}
 - name: LLMSANDBOX_EXCLUDED_CIDRS
   value: {{ .Values.excludedCIDRs | toJson | quote }}
 - name: LLMSANDBOX_NETPOL_CANARY
