@@ -51,6 +51,14 @@ NON_DEFAULT: dict[str, Any] = {
         }
     },
     "maxRunningTasks": 50,
+    "taskTTLSeconds": 86400,
+    "keepFinishedPods": True,
+    "artifacts": {
+        "url": "s3://eval-runs/cluster-a",
+        "credentialsSecret": "store-creds",
+        "egress": [{"cidrs": ["10.20.0.0/16"], "ports": [9000]}],
+        "maxTotalBytes": 1073741824,
+    },
     "excludedCIDRs": ["10.244.0.0/16", "fd00:10:244::/56"],
     "netpolCanary": {"enabled": True, "namespace": "team-a", "target": "10.96.0.1:443"},
     "sandbox": {
@@ -261,7 +269,14 @@ def test_env_is_accepted_by_the_operators_settings(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = OperatorSettings()
-    assert settings.max_running_tasks == (50 if which == "custom_objects" else 10)
+    custom = which == "custom_objects"
+    assert settings.max_running_tasks == (50 if custom else 10)
+    assert settings.task_ttl_seconds == (86400 if custom else None)
+    assert settings.keep_finished_pods is custom
+    assert settings.artifacts_url == ("s3://eval-runs/cluster-a" if custom else None)
+    assert settings.artifacts_credentials_secret == ("store-creds" if custom else None)
+    assert settings.artifacts_max_total_bytes == (1073741824 if custom else 256 * 1024 * 1024)
+    assert [r.cidrs for r in settings.artifacts_egress] == ([["10.20.0.0/16"]] if custom else [])
 
 
 def test_custom_values_reach_the_operator_as_json(custom_objects: list[dict[str, Any]]) -> None:

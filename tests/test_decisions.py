@@ -182,7 +182,7 @@ def test_a_spec_the_cluster_refuses_ends_the_task_with_the_reason() -> None:
             pending(),
             task_pod("Succeeded", containers=agent_done(RESULT.to_json())),
             False,
-            [("write", Phase.SUCCEEDED, ExitReason.SUBMITTED, 1, "pod-uid")],
+            [("write", Phase.SUCCEEDED, ExitReason.SUBMITTED, 1, "pod-uid"), ("delete", "t-a1")],
             id="finished",
         ),
         pytest.param(
@@ -250,7 +250,9 @@ def test_running_records_the_start_and_counts_the_startup() -> None:
 
 def test_a_finished_pod_writes_the_result_and_counts_it_once_written() -> None:
     pod = task_pod("Succeeded", containers=agent_done(RESULT.to_json()))
-    [write] = follow(record(pending()), pod)
+    # The terminal write first, then the pod goes: its result has been read.
+    write, delete = follow(record(pending()), pod)
+    assert delete == DeletePod("t-a1")
     assert isinstance(write, WriteStatus)
     s = write.status
     assert (s.answer, s.answer_short, s.steps) == ("42", "42", 3)
@@ -287,7 +289,8 @@ def test_a_failed_pods_report_keeps_the_steps_and_usage_under_the_failure() -> N
         reason=Reason.OOM_KILLED,
         termination_message=RESULT.to_json(),
     )
-    [write] = decide.failure(record(pending()), verdict, NOW, SETTINGS, task_pod("Failed"))
+    write, delete = decide.failure(record(pending()), verdict, NOW, SETTINGS, task_pod("Failed"))
+    assert delete == DeletePod("t-a1")
     assert isinstance(write, WriteStatus)
     s = write.status
     assert (s.phase, s.exit_reason, s.steps, s.message) == (
@@ -347,9 +350,36 @@ def test_a_pod_not_made_by_the_operator_is_never_adopted() -> None:
 
 def test_a_result_read_from_the_log_finishes_the_task() -> None:
     log = "noise\n" + RESULT_LOG_PREFIX + RESULT.to_json() + "\n"
-    [write] = decide.report_from_log(record(pending()), task_pod("Succeeded"), log, NOW, SETTINGS)
+    write, delete = decide.report_from_log(
+        record(pending()), task_pod("Succeeded"), log, NOW, SETTINGS
+    )
     assert isinstance(write, WriteStatus)
     assert (write.status.phase, write.status.answer) == (Phase.SUCCEEDED, "42")
+    assert delete == DeletePod("t-a1")
+
+
+def test_a_finished_pod_is_kept_when_the_operator_is_told_to() -> None:
+    keep = operator_settings(keep_finished_pods=True)
+    pod = task_pod("Succeeded", containers=agent_done(RESULT.to_json()))
+    [write] = decide.follow_pod(
+        record(pending()), pod, deleted=False, pods=[pod], now=NOW, settings=keep
+    )
+    assert isinstance(write, WriteStatus)
+
+
+def test_a_finished_task_expires_after_its_ttl_else_the_operators() -> None:
+    done = record({"phase": "Succeeded", "completionTime": "2026-03-01T12:00:00Z"})
+    assert decide.expiry(done, SETTINGS) is None
+    assert decide.expiry(done, operator_settings(task_ttl_seconds=60)) == NOW + timedelta(
+        seconds=60
+    )
+    own = record(
+        {"phase": "Succeeded", "completionTime": "2026-03-01T12:00:00Z"},
+        ttlSecondsAfterFinished=0,
+    )
+    assert decide.expiry(own, operator_settings(task_ttl_seconds=60)) == NOW
+    running = record(pending())
+    assert decide.expiry(running, operator_settings(task_ttl_seconds=0)) is None
 
 
 def test_a_log_without_a_result_is_an_agent_crash_that_is_retried() -> None:

@@ -32,6 +32,8 @@ def operator_env(server: ScriptedLLMServer, **overrides: str) -> dict[str, str]:
         "LLMSANDBOX_DEADLINE_GRACE_SECONDS": "5",
         "LLMSANDBOX_EXECD_READY_TIMEOUT_SECONDS": "5",
         "LLMSANDBOX_TOKEN_PRICES": '{"scripted-model": {"prompt_per_million": 1.0, "completion_per_million": 2.0}}',
+        # Pods stay for the tests to look at; the tests of their clean-up set it false.
+        "LLMSANDBOX_KEEP_FINISHED_PODS": "true",
         # Only a root test kubelet can start the sandbox container as root and let it drop.
         "LLMSANDBOX_SANDBOX_USER_SPLIT": "true" if os.geteuid() == 0 else "false",
     }
@@ -143,9 +145,12 @@ def test_a_task_applied_ends_succeeded_with_the_answer_steps_and_usage_in_status
         tool_call("submit", {"answer": "42"}, usage=(1000, 20)),
     )
     k8s.create(secret())
-    with run_operator(OPERATOR, env=operator_env(llm_server)):
+    env = operator_env(llm_server, LLMSANDBOX_KEEP_FINISHED_PODS="false")
+    with run_operator(OPERATOR, env=env):
         k8s.create(task("t1", inputs=[{"path": "q.txt", "content": "six times seven"}]))
         st = wait_phase(k8s, "t1", TERMINAL)
+        # Its result read, the pod goes.
+        k8s.wait_for(lambda: not pods_of(k8s, "t1"), timeout=30, message="the pod to be deleted")
     assert st["phase"] == "Succeeded", st
     assert st["exitReason"] == "submitted"
     assert st["answer"] == "42"
@@ -159,8 +164,6 @@ def test_a_task_applied_ends_succeeded_with_the_answer_steps_and_usage_in_status
     assert st["runSeconds"] >= 0
     complete = {c["type"]: c for c in st["conditions"]}["Complete"]
     assert (complete["status"], complete["reason"]) == ("True", "Succeeded")
-    (pod,) = pods_of(k8s, "t1")
-    assert pod["status"]["phase"] == "Succeeded"
     # The key reached the endpoint from the agent container's Secret reference.
     assert llm_server.chat_requests[0].headers["authorization"] == "Bearer sk-cluster-secret"
     # The inline input was mounted into the sandbox.

@@ -275,6 +275,13 @@ class SandboxTaskSpec(ApiModel):
     priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
     retries: Annotated[int, Field(ge=0, le=10)] = 1
     artifacts: ArtifactsSpec = Field(default_factory=ArtifactsSpec)
+    ttl_seconds_after_finished: Annotated[int | None, Field(ge=0, le=365 * 86_400)] = Field(
+        default=None,
+        description=(
+            "On a cluster: delete the task (and its pod and ConfigMap) this long after it "
+            "finished, as for a Job; without it the operator's LLMSANDBOX_TASK_TTL_SECONDS."
+        ),
+    )
 
     @field_validator("inputs")
     @classmethod

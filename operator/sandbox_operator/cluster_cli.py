@@ -335,7 +335,24 @@ async def _logs(args: argparse.Namespace, client: KubeClient) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    text = await client.pod_log(namespace, pod, args.container, args.tail)
+    try:
+        text = await client.pod_log(namespace, pod, args.container, args.tail)
+    except KubeError as exc:
+        status = body.get("status") or {}
+        if exc.status != 404 or status.get("phase") not in TERMINAL_PHASES:
+            raise
+        where = status.get("artifactsURL")
+        print(
+            f"sandboxctl logs: {args.name} has finished and its pod {pod} is gone (the operator "
+            "deletes it once the result is read; LLMSANDBOX_KEEP_FINISHED_PODS=true keeps it)"
+            + (
+                f"; its trajectory is at {where} (sandboxctl artifacts {args.name})"
+                if where
+                else ""
+            ),
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     # The sandbox container's log, and the model's words in the agent's, are untrusted.
     sys.stdout.write(for_terminal(text))
     return EXIT_OK

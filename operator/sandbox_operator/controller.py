@@ -41,6 +41,7 @@ task's position counts it.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from collections import Counter
 from datetime import UTC, datetime
@@ -111,6 +112,10 @@ class Operator:
         self._queued: set[str] = set()
         self._reserved: set[str] = set()  # slots held by starts in flight
         self._joining: set[str] = set()  # queue places held by Queued writes in flight
+        # Finished tasks with a TTL: (when, uid) in a heap, and each one's latest `when`.
+        self._expiring: list[tuple[datetime, str]] = []
+        self._expiry_of: dict[str, datetime] = {}
+        self.expiry_changed = asyncio.Event()
         self.metrics = Metrics(self.count_by_phase, settings.max_running_tasks)
 
     # -- the cache ---------------------------------------------------------------------------
@@ -157,9 +162,38 @@ class Operator:
             # A finished task's pods are never looked at again.
             for pod_uid in self._pods_by_task.pop(uid, set()):
                 self.pods.pop(pod_uid, None)
+            self._schedule_expiry(rec)
+
+    def _schedule_expiry(self, rec: TaskRecord) -> None:
+        when = decide.expiry(rec, self.settings)
+        if when is None or self._expiry_of.get(rec.uid) == when:
+            return
+        self._expiry_of[rec.uid] = when
+        heapq.heappush(self._expiring, (when, rec.uid))
+        self.expiry_changed.set()
+
+    async def delete_expired(self, now: datetime | None = None) -> float | None:
+        """Delete the finished tasks whose TTL has passed (owner references take their pods
+        and ConfigMaps); the seconds until the next one is due, None when none is waiting."""
+        now = now or _now()
+        while self._expiring and self._expiring[0][0] <= now:
+            when, uid = heapq.heappop(self._expiring)
+            rec = self.tasks.get(uid)
+            if rec is None or self._expiry_of.get(uid) != when:
+                continue  # gone already, or due at another time now
+            del self._expiry_of[uid]
+            try:
+                await self.kube.delete(TASKS, rec.namespace, rec.name, uid=uid)
+            except KubeError as exc:
+                log.warning("deleting finished task %s/%s failed: %s", rec.namespace, rec.name, exc)
+                continue
+        if not self._expiring:
+            return None
+        return max(0.0, (self._expiring[0][0] - now).total_seconds())
 
     def _forget(self, uid: str) -> None:
         self.tasks.pop(uid, None)
+        self._expiry_of.pop(uid, None)
         self._active.discard(uid)
         self._queued.discard(uid)
         self._reserved.discard(uid)

@@ -10,7 +10,7 @@ order (see its docstring for the crash-safety rules the order keeps).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
@@ -286,7 +286,7 @@ def report(
         return unreadable_report(rec, pod, str(exc), now, settings)
     if in_log:
         return [ReadReportFromLog(pod)]
-    return [finish(rec, result, now, settings, pod=pod)]
+    return [finish(rec, result, now, settings, pod=pod), *done_with(pod, settings)]
 
 
 def report_from_log(
@@ -296,7 +296,27 @@ def report_from_log(
         result = parse_log_result(log)
     except ResultError as exc:
         return unreadable_report(rec, pod, str(exc), now, settings)
-    return [finish(rec, result, now, settings, pod=pod)]
+    return [finish(rec, result, now, settings, pod=pod), *done_with(pod, settings)]
+
+
+def expiry(rec: TaskRecord, settings: OperatorSettings) -> datetime | None:
+    """When a finished task is to be deleted: completionTime plus its ttlSecondsAfterFinished,
+    else the operator's LLMSANDBOX_TASK_TTL_SECONDS; None while it runs, or with no TTL."""
+    if rec.phase not in TERMINAL_PHASES:
+        return None
+    ttl = rec.ttl_seconds if rec.ttl_seconds is not None else settings.task_ttl_seconds
+    done = parse_rfc3339(rec.status.completion_time)
+    if ttl is None or done is None:
+        return None
+    return done + timedelta(seconds=ttl)
+
+
+def done_with(pod: PodBody | None, settings: OperatorSettings) -> list[Action]:
+    """The ended pod of a task whose terminal status is written: its result has been read, so
+    it goes (LLMSANDBOX_KEEP_FINISHED_PODS keeps it, for debugging)."""
+    if pod is None or settings.keep_finished_pods or pod["metadata"].get("deletionTimestamp"):
+        return []
+    return [DeletePod(pod["metadata"]["name"])]
 
 
 def unreadable_report(
@@ -373,7 +393,7 @@ def failure(
     # the task Pending without its pod, and the restart would run the attempt again. A crash
     # after the write leaves the pod to `reap`.
     ended = finish(rec, result, now, settings, pod=pod, pod_ended=True, reason=verdict.reason)
-    return [ended, *delete]
+    return [ended, *(delete or done_with(pod, settings))]
 
 
 def finish_without_run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from typing import Any
@@ -35,6 +36,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         operator.metrics.serve(config.metrics_port)
     memo["operator"] = operator
     memo["queue_refresher"] = asyncio.create_task(_refresh_queue(operator))
+    memo["expirer"] = asyncio.create_task(_delete_expired(operator))
     if config.netpol_canary:
         memo["canary"] = asyncio.create_task(run_canary(operator))
     # Everything made so far (modules, settings, the primed cache) lives as long as the process:
@@ -50,9 +52,10 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
-    refresher: asyncio.Task[None] | None = memo.get("queue_refresher")
-    if refresher is not None:
-        refresher.cancel()
+    for name in ("queue_refresher", "expirer"):
+        timer: asyncio.Task[None] | None = memo.get(name)
+        if timer is not None:
+            timer.cancel()
     canary: asyncio.Task[Verdict] | None = memo.get("canary")
     if canary is not None and not canary.done():
         canary.cancel()
@@ -75,6 +78,20 @@ async def _refresh_queue(operator: Operator) -> None:
         except Exception:
             # A failed round (API hiccup) is retried on the next one; it must not stop them.
             log.exception("the periodic queue, start-timeout and policy round failed")
+
+
+async def _delete_expired(operator: Operator) -> None:
+    """Finished tasks deleted as their TTLs pass: asleep until the next one is due, or until a
+    task finishes with an earlier one."""
+    while True:
+        operator.expiry_changed.clear()
+        try:
+            wait = await operator.delete_expired()
+        except Exception:
+            log.exception("deleting finished tasks failed; retrying in a minute")
+            wait = 60.0
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(operator.expiry_changed.wait(), wait)
 
 
 # The handlers take the event's object as parsed from the watch stream (kopf's raw event, made

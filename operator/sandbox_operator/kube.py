@@ -306,17 +306,24 @@ class KubeClient:
         )
         return obj
 
-    async def delete(self, resource: str, namespace: str, name: str) -> bool:
+    async def delete(
+        self, resource: str, namespace: str, name: str, *, uid: str | None = None
+    ) -> bool:
+        """Delete the object (only the one with `uid`, when given); False when it is gone (or
+        another object has taken its name)."""
+        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        if uid is not None:
+            body["preconditions"] = {"uid": uid}
         try:
             await self._request(
                 "delete",
                 "DELETE",
                 resource_path(resource, namespace, name),
                 resource=resource,
-                body={"propagationPolicy": "Background"},
+                body=body,
             )
         except KubeError as exc:
-            if exc.status == 404:
+            if exc.status == 404 or (uid is not None and exc.status == 409):
                 return False
             raise
         return True

@@ -4,7 +4,8 @@ A task body comes from a watch event or a status write's reply; `TaskRecord.pars
 into typed objects at once (the spec into `SandboxTask`, the status into `TaskStatus`), so no
 decision reads a raw dict. A spec already parsed (the same metadata.generation) is not parsed
 again: the status changes five times in a task's life, its spec (almost) never. A terminal task
-keeps no spec at all: thousands of finished tasks cost little memory.
+keeps no spec at all, and of its status only its phase, attempt, pod and completion time:
+thousands of finished tasks cost little memory.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class TaskRecord:
     and for a terminal task (nothing decides over its spec again)."""
     spec_error: str | None
     status: TaskStatus
+    ttl_seconds: int | None = None
+    """spec.ttlSecondsAfterFinished, kept (as the one number of the spec) once it is terminal."""
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], previous: TaskRecord | None = None) -> TaskRecord:
@@ -57,9 +60,13 @@ class TaskRecord:
         generation = generation if isinstance(generation, int) else None
         task: SandboxTask | None = None
         error: str | None = None
+        ttl = _ttl(spec)
         if status.phase in TERMINAL_PHASES:
-            # Final: no decision reads the spec again, so it is neither parsed nor kept.
+            # Final: no decision reads the spec again, so it is neither parsed nor kept; of the
+            # status, only what orders events and dates the end (answer, usage, conditions and
+            # outputs are the API's to keep).
             spec = None
+            status = _compact(status)
         elif (
             previous is not None
             and previous.uid == meta["uid"]
@@ -81,6 +88,7 @@ class TaskRecord:
             task=task,
             spec_error=error,
             status=status,
+            ttl_seconds=ttl,
         )
 
     def with_status(self, status: TaskStatus) -> TaskRecord:
@@ -113,6 +121,24 @@ class TaskRecord:
             priority=self.priority,
             created=self.created,
         )
+
+
+def _compact(status: TaskStatus) -> TaskStatus:
+    return TaskStatus(
+        phase=status.phase,
+        attempt=status.attempt,
+        pod_name=status.pod_name,
+        pod_uid=status.pod_uid,
+        completion_time=status.completion_time,
+    )
+
+
+def _ttl(spec: Any) -> int | None:
+    value = spec.get("ttlSecondsAfterFinished") if isinstance(spec, Mapping) else None
+    # bool is an int to Python; the API (and the CRD's schema) never sends one here.
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def _same_spec(previous: TaskRecord, generation: int | None, spec: Any) -> bool:

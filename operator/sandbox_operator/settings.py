@@ -223,6 +223,12 @@ class OperatorSettings(BaseSettings):
         DEFAULT_CAPS.max_total_bytes
     )
     max_running_tasks: Annotated[int, Field(ge=1)] = 10
+    # Seconds after completionTime a finished task is deleted (with its pod and ConfigMap),
+    # for tasks without spec.ttlSecondsAfterFinished; None: kept until someone deletes them.
+    task_ttl_seconds: Annotated[int | None, Field(ge=0, le=365 * 86_400)] = None
+    # Keep the pods of finished tasks (for `sandboxctl logs`, debugging); False: each is
+    # deleted once its result has been read.
+    keep_finished_pods: bool = False
     watched_namespaces: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]] = Field(
         default_factory=list, description="Namespaces to watch; empty means all."
     )

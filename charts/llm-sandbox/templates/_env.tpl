@@ -76,6 +76,12 @@
 {{- end }}
 - name: LLMSANDBOX_MAX_RUNNING_TASKS
   value: {{ .Values.maxRunningTasks | quote }}
+{{- if not (kindIs "invalid" .Values.taskTTLSeconds) }}
+- name: LLMSANDBOX_TASK_TTL_SECONDS
+  value: {{ .Values.taskTTLSeconds | int64 | quote }}
+{{- end }}
+- name: LLMSANDBOX_KEEP_FINISHED_PODS
+  value: {{ .Values.keepFinishedPods | quote }}
 - name: LLMSANDBOX_TOKEN_PRICES
   value: {{ .Values.tokenPrices | toJson | quote }}
 - name: LLMSANDBOX_WATCHED_NAMESPACES
