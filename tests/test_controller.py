@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -33,6 +34,7 @@ class MemoryKube:
         self.versions = 0
         self.calls = 0
         self.fail_next_patch: KubeError | None = None
+        self.fail_next_delete: KubeError | None = None
 
     async def list(self, resource: str, namespace: Any, labels: Any = None) -> list[Any]:
         return [copy.deepcopy(o) for (r, _), o in self.objects.items() if r == resource]
@@ -77,8 +79,17 @@ class MemoryKube:
         self._version(obj)
         return copy.deepcopy(obj)
 
-    async def delete(self, resource: str, namespace: str, name: str) -> bool:
-        return self.objects.pop((resource, name), None) is not None
+    async def delete(
+        self, resource: str, namespace: str, name: str, *, uid: str | None = None
+    ) -> bool:
+        if self.fail_next_delete is not None:
+            error, self.fail_next_delete = self.fail_next_delete, None
+            raise error
+        found = self.objects.get((resource, name))
+        if found is None or (uid is not None and found["metadata"]["uid"] != uid):
+            return False
+        del self.objects[resource, name]
+        return True
 
     async def replace(self, resource: str, namespace: str, name: str, body: Any) -> Any:
         self.objects[resource, name] = copy.deepcopy(body)
@@ -262,3 +273,29 @@ async def test_a_task_deleted_while_queued_frees_nothing_and_is_forgotten() -> N
     assert "uid-waits" not in op.tasks
     await finish(op, kube, "runs")
     assert kube.status("runs")["phase"] == "Succeeded"
+
+
+async def test_a_finished_task_whose_delete_fails_is_deleted_on_a_later_try() -> None:
+    kube = MemoryKube()
+    op = operator(kube, task_ttl_seconds=0)
+    await op.on_task("ADDED", kube.add_task("t"))
+    await finish(op, kube, "t")
+    assert kube.status("t")["phase"] == "Succeeded"
+    kube.fail_next_delete = KubeError(500, "InternalError", "etcdserver: request timed out")
+    now = datetime.now(UTC)
+    wait = await op.delete_expired(now)
+    assert ("sandboxtasks", "t") in kube.objects
+    assert wait == 60.0  # tried again a minute later, not forgotten
+    assert await op.delete_expired(now + timedelta(seconds=61)) is None
+    assert ("sandboxtasks", "t") not in kube.objects
+
+
+async def test_a_task_recreated_under_the_name_of_an_expired_one_is_not_deleted() -> None:
+    kube = MemoryKube()
+    op = operator(kube, task_ttl_seconds=0)
+    await op.on_task("ADDED", kube.add_task("t"))
+    await finish(op, kube, "t")
+    # Deleted and made again by a user before the operator's timer ran: another uid.
+    kube.objects["sandboxtasks", "t"]["metadata"]["uid"] = "uid-new"
+    await op.delete_expired(datetime.now(UTC))
+    assert ("sandboxtasks", "t") in kube.objects

@@ -44,7 +44,7 @@ import asyncio
 import heapq
 import logging
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sandbox_agent.result import TERMINAL_PHASES, ExitReason, Phase
@@ -81,6 +81,8 @@ from .status import Reason
 log = logging.getLogger("sandbox_operator")
 
 _LOG_TAIL_LINES = 20
+# A finished task whose delete failed (an API hiccup, RBAC) is tried again this much later.
+_EXPIRY_RETRY_SECONDS = 60
 # How long an API-key Secret found labelled is trusted without being read again.
 SECRET_VERDICT_SECONDS = 5.0
 
@@ -181,12 +183,18 @@ class Operator:
             rec = self.tasks.get(uid)
             if rec is None or self._expiry_of.get(uid) != when:
                 continue  # gone already, or due at another time now
-            del self._expiry_of[uid]
             try:
                 await self.kube.delete(TASKS, rec.namespace, rec.name, uid=uid)
             except KubeError as exc:
-                log.warning("deleting finished task %s/%s failed: %s", rec.namespace, rec.name, exc)
+                log.warning(
+                    "deleting finished task %s/%s failed (tried again in %d s): %s",
+                    rec.namespace, rec.name, _EXPIRY_RETRY_SECONDS, exc,
+                )  # fmt: skip
+                again = now + timedelta(seconds=_EXPIRY_RETRY_SECONDS)
+                self._expiry_of[uid] = again
+                heapq.heappush(self._expiring, (again, uid))
                 continue
+            del self._expiry_of[uid]
         if not self._expiring:
             return None
         return max(0.0, (self._expiring[0][0] - now).total_seconds())
