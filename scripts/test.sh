@@ -31,6 +31,16 @@ if [ "${SKIP_CONTAINER_SETUP:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v doc
   fi
 fi
 
+# A real Prometheus and promtool for the alert-rule and dashboard tests (tests/test_prometheus.py,
+# which skip, saying so, without them).
+if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "test: installing prometheus (promtool and the server) for the monitoring tests"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+    </dev/null >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+      </dev/null >/dev/null || echo "test: prometheus not installed: its tests will skip" >&2; }
+fi
+
 # The exec server must run on the oldest python3 a sandbox image may have: where a Python 3.8 is
 # found, the exec server tests run under it (tests/test_py38_compat.py says so when none is).
 if [ -z "${EXECD_TEST_PYTHON:-}" ]; then
