@@ -112,3 +112,38 @@ def test_a_store_that_fails_costs_the_task_nothing_but_an_artifacts_error(
     assert st["answer"] == "42"
     assert st["artifactsURL"] == "s3://no-such-bucket-anywhere/default/t2/1"
     assert "NoSuchBucket" in st["artifactsError"]
+
+
+def test_a_file_store_on_a_claim_keeps_the_same_layout(
+    k8s: EmulatedApiServer,
+    kubelet: TestKubelet,
+    run_operator: Any,
+    llm_server: ScriptedLLMServer,
+    tmp_path: Path,
+) -> None:
+    llm_server.script(
+        tool_call("execute_bash", {"command": "echo 7 > output/answer.txt"}),
+        tool_call("submit", {"answer": "7"}),
+    )
+    claim = tmp_path / "claim"  # the PersistentVolume the claim is bound to
+    claim.mkdir(mode=0o777)
+    claim.chmod(0o777)
+    kubelet.claims["default", "shared-runs"] = claim
+    k8s.create(secret())
+    env = operator_env(
+        llm_server,
+        LLMSANDBOX_ARTIFACTS_URL="file:///var/artifacts",
+        LLMSANDBOX_ARTIFACTS_PVC="shared-runs",
+    )
+    with run_operator(OPERATOR, env=env):
+        k8s.create(task("t3"))
+        st = wait_phase(k8s, "t3", TERMINAL)
+    assert st["phase"] == "Succeeded", st
+    assert st["artifactsURL"] == "file:///var/artifacts/default/t3/1"
+    run = claim / "default" / "t3" / "1"
+    found = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file())
+    assert found == ["output/answer.txt", "result.json", "trajectory.json"]
+    assert json.loads((run / "result.json").read_text())["answer"] == "7"
+    (pod,) = pods_of(k8s, "t3")
+    sandbox = {c["name"]: c for c in pod["spec"]["containers"]}["sandbox"]
+    assert all(m["name"] != "artifacts" for m in sandbox["volumeMounts"])

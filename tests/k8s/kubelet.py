@@ -433,6 +433,8 @@ class TestKubelet:
         self.root_dir: Path | None = None
         self.user_agent = user_agent
         self._faults: list[tuple[PodMatch, Fault]] = []
+        # PersistentVolumeClaims, by (namespace, claim name): a directory standing in for each.
+        self.claims: dict[tuple[str, str], Path] = {}
         self._instant: list[tuple[PodMatch, InstantComplete]] = []
         self._workers: dict[str, _PodWorker] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -1076,6 +1078,16 @@ class _PodWorker:
             name = volume["name"]
             if "hostPath" in volume:
                 self._volumes[name] = Path(volume["hostPath"]["path"])
+                continue
+            if "persistentVolumeClaim" in volume:
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                namespace = self.pod["metadata"].get("namespace", "default")
+                bound = self.kubelet.claims.get((namespace, claim))
+                if bound is None:
+                    raise _ConfigError(
+                        "ContainerCreating", f'persistentvolumeclaim "{claim}" not found'
+                    )
+                self._volumes[name] = bound
                 continue
             files: dict[str, bytes] = {}
             sources: list[tuple[str, JSON]] = []
