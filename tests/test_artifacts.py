@@ -317,3 +317,24 @@ def test_a_process_that_used_the_store_exits_with_its_own_code(tmp_path: Path) -
         for i in range(12)
     ]  # fmt: skip
     assert codes == [7] * 12
+
+
+def test_what_was_left_out_of_the_outputs_is_in_the_stored_result(
+    run_local: Callable[..., RunOutcome], llm_server: ScriptedLLMServer, tmp_path: Path
+) -> None:
+    llm_server.script(
+        tool_call(
+            "execute_bash",
+            {"command": "truncate -s 65M output/huge.bin && echo ok > output/small.txt"},
+        ),
+        tool_call("submit", {"answer": "done"}),
+    )
+    store = tmp_path / "store"
+    outcome = run_local(task_doc("Go."), artifacts_url=f"file://{store}")
+    run = store / stored_under(outcome, f"file://{store}", f"file://{store}")
+    result = json.loads((run / "result.json").read_text())
+    assert [o["path"] for o in result["outputs"]] == ["small.txt"]
+    assert result["outputsNotCollected"] == [
+        "output/huge.bin not collected: 68157440 bytes, over the 67108864-byte limit per file"
+    ]
+    assert not (run / "output" / "huge.bin").exists()

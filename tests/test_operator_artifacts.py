@@ -82,6 +82,11 @@ def test_a_task_leaves_its_whole_answer_trajectory_and_outputs_in_the_store(
     assert s3_server.secret_key.encode() not in seen
     assert s3_server.access_key.encode() not in seen
     assert s3_server.secret_key.encode() not in b"".join(stored.values())
+    # Nor is it in either container's log.
+    for which in ("agent", "sandbox"):
+        logs = sandboxctl("logs", "t1", "-c", which, env=k8s.env(), cwd=tmp_path)
+        assert logs.returncode == 0, logs.stderr
+        assert s3_server.secret_key not in logs.stdout
     # A user fetches it all by the task's name, with this machine's credentials.
     fetched = sandboxctl(
         "artifacts", "t1", "-o", "got", env={**k8s.env(), **s3_server.env}, cwd=tmp_path

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import ExecServerError, SandboxError
-from .events import EventSink, Notice, ignore
+from .events import Event, EventSink, Notice, ignore
 from .execclient import ExecClient
 from .result import ExitReason, OutputFile, Phase, TaskResult
 from .wire import OUTPUT_DIR
 
 MIB = 1024 * 1024
+# The result names at most this many of the files it skipped (over a cap, unreadable).
+MAX_NOTED_SKIPS = 50
 # Written by the agent so that output/ exists from the start; never collected.
 KEEP_FILE = ".keep"
 _MAX_PATH_BYTES = 4096
@@ -202,8 +204,16 @@ async def with_outputs(
     """`result` with the sandbox's output files collected into `dest`: failed as compromised
     when the exec server names an unsafe path, as it was (with a Notice) when the sandbox can no
     longer be read."""
+    not_collected: list[str] = []
+
+    def note(event: Event) -> None:
+        if isinstance(event, Notice) and len(not_collected) < MAX_NOTED_SKIPS:
+            not_collected.append(event.message)
+        on_event(event)
+
     try:
-        result.outputs = await collect_outputs(client, dest, caps, on_event)
+        result.outputs = await collect_outputs(client, dest, caps, note)
+        result.outputs_not_collected = not_collected
     except UnsafeOutputError as exc:
         return compromised(result, exc)
     except SandboxError as exc:

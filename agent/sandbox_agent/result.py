@@ -95,6 +95,8 @@ class TaskResult(WireModel):
     usage: Usage = Field(default_factory=Usage)
     tool_calls: dict[str, int] = Field(default_factory=dict)
     outputs: list[OutputFile] = Field(default_factory=list)
+    # Why files of output/ were left out (over a cap, unreadable), one line each.
+    outputs_not_collected: list[str] = Field(default_factory=list)
     duration_seconds: float = 0.0
     # Where the artifact store keeps this run (result.json there has the whole answer), and
     # the first thing it failed to store.
@@ -118,7 +120,9 @@ def termination_message(result: TaskResult, limit: int = TERMINATION_MESSAGE_LIM
     full = result.to_json()
     if len(full.encode()) <= limit:
         return full
-    slim = result.model_copy(update={"tool_calls": {}, "outputs": result.outputs[:5]})
+    slim = result.model_copy(
+        update={"tool_calls": {}, "outputs": result.outputs[:5], "outputs_not_collected": []}
+    )
     data = slim.model_dump(mode="json", by_alias=True, exclude_none=True)
     data["resultInLog"] = True
     data["answerTruncated"] = True
