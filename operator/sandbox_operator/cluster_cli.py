@@ -296,16 +296,25 @@ def describe(body: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+async def _named_task(
+    args: argparse.Namespace, client: KubeClient, namespace: str
+) -> dict[str, Any] | None:
+    """The task the command names; None, with one line saying so, when it does not exist."""
+    body = await client.get(TASKS, namespace, args.name)
+    if body is None:
+        print(
+            f"sandboxctl {args.command}: sandboxtask {args.name!r} not found in {namespace}",
+            file=sys.stderr,
+        )
+    return body
+
+
 async def _wait(args: argparse.Namespace, client: KubeClient) -> int:
     namespace = _namespace(args, client)
     deadline = time.monotonic() + args.timeout
     while True:
-        body = await client.get(TASKS, namespace, args.name)
+        body = await _named_task(args, client, namespace)
         if body is None:
-            print(
-                f"sandboxctl wait: sandboxtask {args.name!r} not found in {namespace}",
-                file=sys.stderr,
-            )
             return EXIT_FAILED
         phase = (body.get("status") or {}).get("phase")
         if phase in TERMINAL_PHASES:
@@ -322,11 +331,8 @@ async def _wait(args: argparse.Namespace, client: KubeClient) -> int:
 
 async def _logs(args: argparse.Namespace, client: KubeClient) -> int:
     namespace = _namespace(args, client)
-    body = await client.get(TASKS, namespace, args.name)
+    body = await _named_task(args, client, namespace)
     if body is None:
-        print(
-            f"sandboxctl logs: sandboxtask {args.name!r} not found in {namespace}", file=sys.stderr
-        )
         return EXIT_FAILED
     pod = (body.get("status") or {}).get("podName")
     if not pod:
@@ -369,12 +375,8 @@ def _artifacts(args: argparse.Namespace) -> int:
 
 async def _task_artifacts(args: argparse.Namespace, client: KubeClient) -> int:
     namespace = _namespace(args, client)
-    body = await client.get(TASKS, namespace, args.name)
+    body = await _named_task(args, client, namespace)
     if body is None:
-        print(
-            f"sandboxctl artifacts: sandboxtask {args.name!r} not found in {namespace}",
-            file=sys.stderr,
-        )
         return EXIT_FAILED
     url = (body.get("status") or {}).get("artifactsURL")
     if not url:
