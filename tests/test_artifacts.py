@@ -136,7 +136,7 @@ def test_a_store_that_is_down_is_retried_then_given_up_on_within_its_time(
     error = outcome.result.artifacts_error or ""
     # Retried (for store_options.retry_seconds each), then given up on: the run did not hang.
     assert "after" in error, error
-    assert "retries - HTTP error" in error, error
+    assert error.endswith("retries - HTTP error: error sending request (Connect)"), error
 
 
 def test_a_file_url_keeps_the_same_layout_in_a_directory(
@@ -338,3 +338,26 @@ def test_what_was_left_out_of_the_outputs_is_in_the_stored_result(
         "output/huge.bin not collected: 68157440 bytes, over the 67108864-byte limit per file"
     ]
     assert not (run / "output" / "huge.bin").exists()
+
+
+def test_a_store_that_never_answers_is_given_up_on_and_the_run_ends(
+    run_local: Callable[..., RunOutcome], llm_server: ScriptedLLMServer, s3_server: S3Server
+) -> None:
+    import socket
+
+    llm_server.script(tool_call("submit", {"answer": "42"}))
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # accepts (the kernel does), never reads or answers
+    try:
+        env = {**s3_server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+        outcome = run_local(
+            task_doc("Go."), artifacts_url="s3://runs/slow", env=env,
+            store_options=StoreOptions(request_timeout_seconds=1, retry_seconds=2),
+        )  # fmt: skip
+    finally:
+        silent.close()
+    assert outcome.result.answer == "42"
+    error = outcome.result.artifacts_error or ""
+    assert error.startswith("writing s3://runs/slow/local/test-task/"), error
+    assert error.endswith("error sending request (Timeout)"), error

@@ -236,7 +236,10 @@ def _profile_credentials(profile: str | None, env: Mapping[str, str]) -> Any:
 def one_line(exc: BaseException) -> str:
     """The store's error as one short line: obstore's messages carry a debug dump and the
     server's XML, of which the error code and message are what a person needs."""
-    text = str(exc).split("\n\nDebug source", 1)[0]
+    text, _, debug = str(exc).partition("\n\nDebug source")
+    kind = re.search(r"HttpError \{\s*kind: (\w+)", debug)
+    if kind:  # what "error sending request" was: Timeout, Connect, ...
+        text = text.rstrip() + f" ({kind.group(1)})"
     text = re.sub(r" in [0-9.]+[mµn]?s\b", "", text)
     text = re.sub(r", max_retries: \d+, retry_timeout: \S+", "", text)
     code = re.search(r"<Code>([^<]{1,100})</Code>", text)
