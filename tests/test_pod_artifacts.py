@@ -109,7 +109,8 @@ def test_a_store_the_operator_cannot_use_is_refused_naming_the_variable(
     assert any(text.startswith(line) for text in lines), lines
 
 
-def test_a_task_sub_prefix_is_plain_names() -> None:
+@pytest.mark.parametrize("prefix", ["../other-task", "..", "a/../b", "a b", "", "/sweep/7/"])
+def test_a_task_sub_prefix_is_plain_names(prefix: str) -> None:
     from sandbox_agent.errors import TaskSpecError
     from sandbox_agent.task import parse_task
 
@@ -117,7 +118,7 @@ def test_a_task_sub_prefix_is_plain_names() -> None:
         "apiVersion": "llmsandbox.io/v1alpha1",
         "kind": "SandboxTask",
         "metadata": {"name": "t"},
-        "spec": {"prompt": "p", "artifacts": {"prefix": "../other-task"}},
+        "spec": {"prompt": "p", "artifacts": {"prefix": prefix}},
     }
     with pytest.raises(TaskSpecError) as info:
         parse_task(doc)

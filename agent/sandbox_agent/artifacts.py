@@ -46,7 +46,6 @@ DEFAULT_RETRY_SECONDS = 60.0
 # What the end of a run may spend on its uploads when its deadline has already passed.
 MIN_FINISH_SECONDS = 30.0
 T = TypeVar("T")
-_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 _MAX_MESSAGE = 300
 
 
@@ -108,24 +107,6 @@ def _checked_prefix(path: str, refuse: Any) -> str:
     return "/".join(segments)
 
 
-def checked_segment(value: str, where: str) -> str:
-    """A name used as one segment of a run's prefix (namespace, task, attempt, sub-prefix part)."""
-    if not _SEGMENT.fullmatch(value):
-        raise ArtifactStoreError(
-            f"{where}: {value!r} is not a plain name (letters, digits, '.', '_', '-'; starting "
-            "with a letter or digit)"
-        )
-    return value
-
-
-def checked_sub_prefix(value: str, where: str) -> str:
-    """A task's own sub-prefix: plain names joined by '/', never leaving the task's namespace."""
-    segments = [s for s in value.split("/") if s]
-    if not segments:
-        raise ArtifactStoreError(f"{where}: is empty")
-    return "/".join(checked_segment(s, where) for s in segments)
-
-
 def run_prefix(namespace: str, task: str, attempt: str, sub_prefix: str | None = None) -> str:
     """`<namespace>[/<sub-prefix>]/<task>/<attempt>`: the run's own place in the store."""
     parts = [namespace, *([sub_prefix] if sub_prefix else []), task, attempt]
@@ -170,7 +151,6 @@ def _obstore(url: StoreURL, options: StoreOptions, env: Mapping[str, str]) -> Ob
     from obstore.store import AzureStore, GCSStore, LocalStore, S3Store
 
     if url.scheme == "file":
-        Path(url.root).mkdir(parents=True, exist_ok=True)
         return LocalStore(url.root, mkdir=True)
     retry: Any = {
         "max_retries": 1000,  # bounded by time, not count
@@ -322,7 +302,6 @@ class ArtifactWriter:
     prefix: str
     deadline: float | None = None  # time.monotonic() by which the run must be over
     on_event: EventSink = ignore
-    failures: int = 0
     error: str | None = None
     _steps: asyncio.Queue[bytes] | None = None
     _sender: asyncio.Task[None] | None = None
@@ -397,7 +376,6 @@ class ArtifactWriter:
         return True
 
     def _failed(self, message: str) -> None:
-        self.failures += 1
         if self.error is None:
             self.error = message
             self.on_event(Notice(f"artifact store: {message} (the run goes on)"))
