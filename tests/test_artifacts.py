@@ -285,10 +285,10 @@ def test_fetching_refuses_a_full_directory_and_an_empty_prefix_in_one_line(
 
 STORE_ROUND_TRIP = """
 import asyncio, sys
-from sandbox_agent.artifacts import StoreOptions, open_store, parse_store_url
+from sandbox_agent.artifacts import StoreOptions, open_store
 
 async def main() -> None:
-    store = open_store(parse_store_url(sys.argv[1], "url"), StoreOptions(), {})
+    store = open_store(sys.argv[1], "url", StoreOptions(), {})
     await store.put("a/b.txt", b"x")
     assert [o.key for o in await store.list_under("a")] == ["a/b.txt"]
     assert await store.get("a/b.txt") == b"x"

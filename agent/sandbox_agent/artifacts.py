@@ -136,15 +136,19 @@ def store_options_from(args: Any) -> StoreOptions:
     )
 
 
-def open_store(url: StoreURL, options: StoreOptions, env: Mapping[str, str]) -> ArtifactStore:
-    """A client for `url`; nothing is sent yet. ArtifactStoreError for a configuration obstore
-    refuses (a malformed endpoint, an unknown setting)."""
+def open_store(
+    url: str, where: str, options: StoreOptions, env: Mapping[str, str]
+) -> ArtifactStore:
+    """A client for `url` (given as `where`: the flag or setting); nothing is sent yet.
+    ArtifactStoreError for a URL that is not a store's, or a configuration obstore refuses (a
+    malformed endpoint, an unknown setting)."""
     from obstore.exceptions import BaseError
 
+    parsed = parse_store_url(url, where)
     try:
-        return ArtifactStore(_obstore(url, options, env), url)
+        return ArtifactStore(_obstore(parsed, options, env), parsed)
     except (BaseError, ValueError, OSError) as exc:
-        raise ArtifactStoreError(f"artifact store {url}: {one_line(exc)}") from None
+        raise ArtifactStoreError(f"artifact store {parsed}: {one_line(exc)}") from None
 
 
 def _obstore(url: StoreURL, options: StoreOptions, env: Mapping[str, str]) -> ObjectStore:

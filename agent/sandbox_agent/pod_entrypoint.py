@@ -34,7 +34,6 @@ from .artifacts import (
     ArtifactWriter,
     StoreOptions,
     open_store,
-    parse_store_url,
 )
 from .backends.base import ExecEndpoint, execd_source
 from .errors import SandboxError
@@ -165,8 +164,7 @@ def _artifact_writer(
         return None, None
     deadline = time.monotonic() + task.limits.active_deadline_seconds
     try:
-        url = parse_store_url(config.artifacts.url, "artifacts.url")
-        store = open_store(url, StoreOptions(), os.environ)
+        store = open_store(config.artifacts.url, "artifacts.url", StoreOptions(), os.environ)
     except ArtifactStoreError as exc:
         return None, str(exc)
     return ArtifactWriter(store, prefix, deadline, _log), None

@@ -31,7 +31,6 @@ from .artifacts import (
     StoreOptions,
     attempt_id,
     open_store,
-    parse_store_url,
     run_prefix,
 )
 from .backends import Sandbox, SandboxConfig, choose_backend
@@ -397,8 +396,7 @@ def artifact_store(opts: RunOptions) -> ArtifactStore | None:
     if opts.artifacts_url is None:
         return None
     try:
-        url = parse_store_url(opts.artifacts_url, "--artifacts-url")
-        return open_store(url, opts.store_options, opts.env)
+        return open_store(opts.artifacts_url, "--artifacts-url", opts.store_options, opts.env)
     except ArtifactStoreError as exc:
         raise TaskSpecError(str(exc)) from None
 

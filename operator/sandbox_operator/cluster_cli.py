@@ -21,7 +21,6 @@ from sandbox_agent.artifacts import (
     ArtifactStoreError,
     fetch_run,
     open_store,
-    parse_store_url,
     store_options_from,
 )
 from sandbox_agent.cli import Command
@@ -393,7 +392,7 @@ async def _task_artifacts(args: argparse.Namespace, client: KubeClient) -> int:
 async def fetch_artifacts(args: argparse.Namespace, url: str) -> int:
     where = "--url" if args.url is not None else "status.artifactsURL"
     try:
-        store = open_store(parse_store_url(url, where), store_options_from(args), os.environ)
+        store = open_store(url, where, store_options_from(args), os.environ)
     except ArtifactStoreError as exc:
         raise TaskSpecError(str(exc)) from None
     dest = args.output_dir or Path(args.name or url.rstrip("/").rsplit("/", 1)[-1])

@@ -284,7 +284,8 @@ class OperatorSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _a_file_store_is_a_volume(self) -> OperatorSettings:
-        is_file = (self.artifacts_url or "").lower().startswith("file:")
+        url = self.artifacts_url
+        is_file = url is not None and parse_store_url(url, "artifacts_url").scheme == "file"
         if is_file and self.artifacts_pvc is None:
             raise ValueError(
                 f"{ENV_PREFIX}ARTIFACTS_URL={self.artifacts_url}: a file:// store on a cluster "
