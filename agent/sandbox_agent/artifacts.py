@@ -405,7 +405,7 @@ async def fetch_run(store: ArtifactStore, dest: Path) -> Fetched:
     keys = {o.key for o in objects}
     steps = sorted(k for k in keys if k.startswith(f"{STEPS_DIR}/"))
     journal_only = TRAJECTORY_FILE not in keys and bool(steps)
-    total = 0
+    files = total = 0
     try:
         with ConfinedDir(dest) as out:
             for obj in sorted(objects, key=lambda o: o.key):
@@ -413,15 +413,14 @@ async def fetch_run(store: ArtifactStore, dest: Path) -> Fetched:
                     continue
                 data = await store.get(obj.key)
                 out.write_new(checked_path(obj.key), data)
-                total += len(data)
+                files, total = files + 1, total + len(data)
             if journal_only:
                 joined = b"".join([await store.get(k) for k in steps])
                 out.write_new(checked_path(JOURNAL_FILE), joined)
-                total += len(joined)
+                files, total = files + 1, total + len(joined)
     except UnsafeOutputError:
         raise ArtifactStoreError(
             f"{store.url}: holds a key that is not a plain relative path (or that is both a file "
             "and a directory); nothing more was fetched"
         ) from None
-    files = len(objects) - (len(steps) if journal_only else 0) + (1 if journal_only else 0)
     return Fetched(files, total, journal_only)

@@ -90,9 +90,11 @@ def configmap_data(task: SandboxTask, settings: OperatorSettings) -> dict[str, s
     data = {
         TASK_CONFIG_KEY: json.dumps(
             # Without a store the agent's config has no artifacts key at all.
-            config.model_dump(mode="json", by_alias=True, exclude={"artifacts"})
-            if config.artifacts is None
-            else config.model_dump(mode="json", by_alias=True),
+            config.model_dump(
+                mode="json",
+                by_alias=True,
+                exclude={"artifacts"} if config.artifacts is None else None,
+            ),
             indent=2,
             ensure_ascii=False,
         )
