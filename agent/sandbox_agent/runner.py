@@ -304,11 +304,12 @@ def run_name(task: SandboxTask, task_file: Path | None) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).lstrip("._-")[:80] or "task"
 
 
-def default_run_dir(task: SandboxTask, task_file: Path | None) -> Path:
-    """`sandboxctl-runs/NAME-YYYYmmdd-HHMMSS-mmm-XXXXXXXX`: two runs started together never
-    share one (milliseconds and 32 random bits: 16 gave 50 runs in one millisecond a 2% chance
-    of two sharing, which a test saw)."""
-    return Path("sandboxctl-runs") / f"{run_name(task, task_file)}-{attempt_id()}"
+def default_run_dir(task: SandboxTask, task_file: Path | None, attempt: str | None = None) -> Path:
+    """`sandboxctl-runs/NAME-ATTEMPT`, ATTEMPT `YYYYmmdd-HHMMSS-mmm-XXXXXXXX` (the run's, also
+    its place in an artifact store): two runs started together never share one (milliseconds
+    and 32 random bits: 16 gave 50 runs in one millisecond a 2% chance of two sharing, which a
+    test saw)."""
+    return Path("sandboxctl-runs") / f"{run_name(task, task_file)}-{attempt or attempt_id()}"
 
 
 def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
@@ -384,10 +385,11 @@ def plan_run(
     config = sandbox_config(task, opts.image)
     backend_cls = choose_backend(opts.backend)
     store = artifact_store(opts)
-    run_dir = opts.out_dir or default_run_dir(task, task_file)
+    attempt = attempt_id()
+    run_dir = opts.out_dir or default_run_dir(task, task_file, attempt)
     prepare_run_dir(run_dir, overwrite=opts.overwrite)
     sub = task.spec.artifacts.prefix
-    prefix = run_prefix(LOCAL_NAMESPACE, run_name(task, task_file), attempt_id(), sub)
+    prefix = run_prefix(LOCAL_NAMESPACE, run_name(task, task_file), attempt, sub)
     return RunPlan(files, config, backend_cls, run_dir, endpoint, store, prefix)
 
 
