@@ -22,12 +22,12 @@ from k8s.emulator import EmulatedApiServer
 from k8s.kubelet import Evict, TestKubelet
 from llmserver import ScriptedLLMServer, error, tool_call
 from s3server import S3Server, s3_server
-from test_chart import CHART, NON_DEFAULT, by_kind, render
+from test_chart import CHART, by_kind, chart, custom_objects
 from test_operator import OPERATOR, TERMINAL, secret, task, wait_phase
 from test_operator_artifacts import store_env, store_secret
 from test_operator_metrics import free_port
 
-__all__ = ["s3_server"]
+__all__ = ["chart", "custom_objects", "s3_server"]
 DASHBOARD = CHART / "dashboards" / "llm-sandbox.json"
 
 PROMTOOL = shutil.which("promtool")
@@ -37,8 +37,8 @@ needs_promtool = pytest.mark.skipif(
 SEL = 'job="llm-sandbox-metrics",namespace="llm-sandbox"'
 
 
-def rule_groups(chart: Any) -> dict[str, Any]:
-    (rule,) = by_kind(render(chart, NON_DEFAULT), "PrometheusRule")
+def rule_groups(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (rule,) = by_kind(objects, "PrometheusRule")
     return {"groups": rule["spec"]["groups"]}
 
 
@@ -53,17 +53,11 @@ def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def chart() -> Any:
-    import helm_python as helm
-
-    with helm.Chart.load(str(CHART)) as loaded:
-        yield loaded
-
-
 @needs_promtool
-def test_the_alert_rules_pass_promtool_check(chart: Any, tmp_path: Path) -> None:
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rule_groups(chart)))
+def test_the_alert_rules_pass_promtool_check(
+    custom_objects: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rule_groups(custom_objects)))
     checked = promtool("check", "rules", "rules.yaml", cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS" in checked.stdout
@@ -184,9 +178,9 @@ ALERT_CASES: dict[str, tuple[list[dict[str, str]], str, list[dict[str, str]]]] =
 
 @needs_promtool
 def test_every_alert_fires_on_its_series_and_stays_quiet_otherwise(
-    chart: Any, tmp_path: Path
+    custom_objects: list[dict[str, Any]], tmp_path: Path
 ) -> None:
-    groups = rule_groups(chart)
+    groups = rule_groups(custom_objects)
     assert sorted(alert_names(groups)) == sorted(ALERT_CASES), "an alert without a unit test"
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(groups))
     tests = []
