@@ -357,10 +357,15 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus_scraping_the_
             ended = {
                 name: wait_phase(k8s, name, TERMINAL) for name in ("answers", "evicted", "down")
             }
-            # Every series scraped at least twice after the last change.
-            time.sleep(3)
-            empty = [(title, expr) for title, expr in dashboard_queries()
-                     if not prometheus.query(expr)]  # fmt: skip
+            # A rate needs two scrapes of a series after it first appears; on a loaded machine
+            # scrapes come late, so wait (up to a minute) until the queries have them.
+            give_up = time.monotonic() + 60
+            while True:
+                empty = [(title, expr) for title, expr in dashboard_queries()
+                         if not prometheus.query(expr)]  # fmt: skip
+                if not empty or time.monotonic() > give_up:
+                    break
+                time.sleep(1)
             up = prometheus.query('up{job="llm-sandbox-metrics"}')
     finally:
         if prometheus is not None:
