@@ -275,9 +275,9 @@ class RunResult:
 def trim_raw_requests(api: EmulatedApiServer, keep: int = 32) -> None:
     """Drop all but the newest entries of kmock's raw request record, on the emulator's loop.
 
-    The emulator finds the reaction for each request by identity in that record (a scan of every
-    request so far), so a long run slows down quadratically; `keep_requests=False`, meant for
-    load runs, fails every request with HTTP 500 instead. Our RequestLog is not affected.
+    kmock keeps every request it served (`keep_requests=False`, meant for load runs, fails each
+    request with HTTP 500 instead); a long run would hold them all in this process, and the
+    reactions whose views are not plain filters still scan them. Our RequestLog is not affected.
     """
     handler, loop = api.handler, api._loop
     if handler is None or loop is None:

@@ -40,7 +40,7 @@ import aiohttp.web
 import attrs
 import kmock
 import yaml
-from kmock._internal import rendering
+from kmock._internal import dsl, rendering
 from kmock._internal.filtering import FnCriteria
 
 JSON = dict[str, Any]
@@ -1229,6 +1229,27 @@ def _is_resource_request(request: rendering.Request) -> bool:
     return request.resource is not None and request.resource.plural is not None
 
 
+def _reaches(view: dsl.View, request: rendering.Request) -> bool:
+    """Whether the request, the newest one, is among the requests `view` selects.
+
+    `request in view` answers that by walking every request recorded so far through the whole
+    chain, for every reaction, on every request: quadratic over a long run. A chain of only
+    criteria and priorities selects a request by that request alone, so it is checked directly;
+    chains that depend on other requests (slices, exclusions, groups, streams) are asked the
+    slow way.
+    """
+    node = view
+    while True:
+        if isinstance(node, dsl.Root):
+            return True
+        if type(node) is dsl.Filter:
+            if not node.criteria(request):
+                return False
+        elif type(node) is not dsl.Priority:
+            return request in view
+        node = node._source
+
+
 @attrs.define(kw_only=True)
 class EmulatorHandler(kmock.KubernetesEmulator):
     """kmock's KubernetesEmulator with the object semantics served from an :class:`ObjectStore`.
@@ -1273,7 +1294,7 @@ class EmulatorHandler(kmock.KubernetesEmulator):
                 if _is_resource_request(request) and not payload._disabled.is_set():
                     return await self._emulate(request)
                 continue
-            if request not in payload._source or payload._disabled.is_set():
+            if payload._disabled.is_set() or not _reaches(payload._source, request):
                 continue
             try:
                 return await payload(request)
