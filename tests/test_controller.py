@@ -201,29 +201,25 @@ async def test_a_pod_event_first_never_makes_the_tasks_listed_version_look_decid
     assert kube.status("t")["phase"] == "Pending"
 
 
-async def test_a_step_that_failed_is_retried_by_the_echo_of_the_write_before_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_a_first_pod_whose_status_write_failed_holds_its_slot_and_is_adopted() -> None:
     kube = MemoryKube()
-    op = operator(kube)
+    op = operator(kube, max_running_tasks=1)
     body = kube.add_task("t")
-    # The Pending write lands, the pod is created, then recording its uid fails (API hiccup).
-    original = kube.patch_status
-
-    async def fail_second(*args: Any) -> Any:
-        if kube.status("t").get("phase") == "Pending":
-            kube.fail_next_patch = KubeError(500, "InternalError", "etcd timeout")
-        return await original(*args)
-
-    monkeypatch.setattr(kube, "patch_status", fail_second)
+    # The pod is created, then the status write that records it fails (API hiccup).
+    kube.fail_next_patch = KubeError(500, "InternalError", "etcd timeout")
     with pytest.raises(KubeError):
         await op.on_task("ADDED", body)
-    monkeypatch.setattr(kube, "patch_status", original)
-    pending = kube.task("t")
-    assert "podUID" not in pending["status"]
-    await op.on_task("MODIFIED", pending)  # the echo of the Pending write
-    assert kube.status("t")["podUID"] == kube.objects["pods", "t-a1"]["metadata"]["uid"]
-    assert len([k for k in kube.objects if k[0] == "pods"]) == 1
+    assert "phase" not in kube.status("t")
+    pod = kube.objects["pods", "t-a1"]
+    # Its pod runs, so it holds the only slot: the next task waits.
+    await op.on_task("ADDED", kube.add_task("u"))
+    assert kube.status("u")["phase"] == "Queued"
+    await op.on_pod("ADDED", pod)  # the watch brings the pod: verified, adopted
+    status = kube.status("t")
+    assert (status["phase"], status["attempt"]) == ("Pending", 1)
+    assert status["podUID"] == pod["metadata"]["uid"]
+    assert [k for k in kube.objects if k[0] == "pods"] == [("pods", "t-a1")]
+    assert kube.status("u")["phase"] == "Queued"
 
 
 async def test_a_burst_with_one_key_reads_the_secret_once() -> None:

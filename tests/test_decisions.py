@@ -408,6 +408,50 @@ def test_admission_starts_the_first_attempt_and_counts_the_wait() -> None:
     assert decide.ATTEMPT_CLEARS == ("queuePosition", "podUID")
 
 
+def test_the_first_attempts_status_is_written_once_its_pod_exists_a_retrys_before() -> None:
+    assert decide.admit_now(record(), NOW).after_pod
+    verdict = PodVerdict(
+        PodState.FAILED, ExitReason.EVICTED, "node pressure", reason=Reason.EVICTED, retryable=True
+    )
+    [start] = decide.failure(record(pending()), verdict, NOW, SETTINGS, None)
+    assert isinstance(start, StartAttempt)
+    assert not start.after_pod
+
+
+@pytest.mark.parametrize("status", [None, {"phase": "Queued", "queuePosition": 2}])
+def test_a_first_attempts_pod_the_status_does_not_record_is_adopted_and_followed(
+    status: dict[str, Any] | None,
+) -> None:
+    """An operator stopped between the first attempt's pod create and its status write: the
+    pod, finished meanwhile, is adopted (admitted, counted once) and its report read."""
+    rec = record(status)
+    pod = task_pod("Succeeded", containers=agent_done(RESULT.to_json()))
+    for actions in (follow(rec, pod), decide.reconcile(rec, pod, NOW, SETTINGS)):
+        adopt, done, delete = actions
+        assert shape([adopt, done, delete]) == [
+            ("write", Phase.PENDING, None, 1, "pod-uid"),
+            ("write", Phase.SUCCEEDED, ExitReason.SUBMITTED, 1, "pod-uid"),
+            ("delete", "t-a1"),
+        ]
+        assert isinstance(adopt, WriteStatus)
+        assert adopt.status.pod_name == "t-a1"
+        assert adopt.status.queued_seconds == 60.0
+        assert adopt.clear == decide.ATTEMPT_CLEARS
+        assert adopt.tallies == (Admitted(60.0),)
+
+
+def test_an_unrecorded_pod_that_is_not_the_first_attempts_is_left_alone_or_refused() -> None:
+    rec = record({"phase": "Queued", "queuePosition": 1})
+    assert follow(rec, task_pod("Running", attempt=2)) == []
+    assert follow(rec, task_pod("Running"), deleted=True) == []
+    tampered = task_pod("Running")
+    tampered["spec"]["containers"][0]["image"] = "evil:latest"
+    [write] = follow(rec, tampered)
+    assert isinstance(write, WriteStatus)
+    assert (write.status.phase, write.status.exit_reason) == (Phase.FAILED, ExitReason.CONFIG_ERROR)
+    assert "delete it, then create the task again" in (write.status.message or "")
+
+
 def test_a_queued_task_is_told_its_place_and_the_cap() -> None:
     write = decide.queued_status(4, SETTINGS, NOW)
     assert (write.status.phase, write.status.queue_position) == (Phase.QUEUED, 4)

@@ -22,9 +22,11 @@ def test_a_task_with_ttl_zero_is_deleted_with_its_pod_and_configmap_once_it_ends
 ) -> None:
     llm_server.set_default(tool_call("submit", {"answer": "ok"}))
     k8s.create(secret())
+    # Inputs too large for the pod's annotations: each task gets a ConfigMap.
+    big = [{"path": "big.txt", "content": "x" * 200_000}]
     with run_operator(OPERATOR, env=operator_env(llm_server)):
-        k8s.create(task("short", ttlSecondsAfterFinished=0))
-        k8s.create(task("kept"))
+        k8s.create(task("short", ttlSecondsAfterFinished=0, inputs=big))
+        k8s.create(task("kept", inputs=big))
         k8s.wait_for(lambda: gone(k8s, "sandboxtasks", "short"), timeout=60,
                      message="the task with TTL 0 to be deleted")  # fmt: skip
         assert wait_phase(k8s, "kept", TERMINAL)["phase"] == "Succeeded"

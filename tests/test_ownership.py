@@ -58,9 +58,13 @@ def as_stored(obj: dict[str, Any]) -> dict[str, Any]:
         container.setdefault("terminationMessagePolicy", "File")
         container["imagePullPolicy"] = "IfNotPresent"
     for volume in spec["volumes"]:
-        for source in ("configMap", "projected"):
+        for source in ("configMap", "projected", "downwardAPI"):
             if source in volume:
                 volume[source]["defaultMode"] = 420
+        # The downward API's field references get their default apiVersion, wherever they are.
+        sources = [volume, *volume.get("projected", {}).get("sources", [])]
+        for item in [i for s in sources for i in s.get("downwardAPI", {}).get("items", [])]:
+            item["fieldRef"]["apiVersion"] = "v1"
     # A LimitRange filled in a resource the operator left open.
     spec["containers"][0]["resources"].setdefault("limits", {})["ephemeral-storage"] = "1Gi"
     stored["status"] = {"phase": "Running"}
@@ -210,8 +214,38 @@ POD_CASES: list[tuple[str, Edit, str]] = [
     ),
     (
         "other-volume-default-mode",
-        _set("spec", "volumes", 5, "configMap", "defaultMode", 0o777),
-        "spec.volumes[5].configMap.defaultMode is set (511)",
+        _set("spec", "volumes", 5, "downwardAPI", "defaultMode", 0o777),
+        "spec.volumes[5].downwardAPI.defaultMode is set (511)",
+    ),
+    (
+        "other-task-json",
+        _set("metadata", "annotations", "file.llmsandbox.io/task.json", '{"prompt": "leak"}'),
+        "annotation file.llmsandbox.io/task.json differs from the task's",
+    ),
+    (
+        "other-input",
+        _set("metadata", "annotations", "file.llmsandbox.io/input-0", "B"),
+        "annotation file.llmsandbox.io/input-0 differs from the task's",
+    ),
+    (
+        "extra-task-file",
+        _set("metadata", "annotations", "file.llmsandbox.io/input-9", "C"),
+        "annotation file.llmsandbox.io/input-9 differs from the task's",
+    ),
+    (
+        "file-from-another-annotation",
+        _set(
+            "spec",
+            "volumes",
+            5,
+            "downwardAPI",
+            "items",
+            0,
+            "fieldRef",
+            "fieldPath",
+            "metadata.annotations['notes']",
+        ),
+        "spec.volumes[5].downwardAPI.items[0].fieldRef.fieldPath",
     ),
 ]
 

@@ -362,10 +362,20 @@ def test_the_agent_reads_its_config_and_reports_through_the_termination_log(
         "/etc/llmsandbox": {"name": "task", "mountPath": "/etc/llmsandbox", "readOnly": True},
         "/tmp": {"name": "agent-tmp", "mountPath": "/tmp"},
     }
-    assert volume(full_pod, "task")["configMap"] == {
-        "name": "aime-07-task",
-        "items": [{"key": "task.json", "path": "task.json"}],
+    # task.json is the pod's own annotation, projected with the downward API.
+    assert volume(full_pod, "task")["downwardAPI"] == {
+        "items": [
+            {
+                "path": "task.json",
+                "fieldRef": {"fieldPath": "metadata.annotations['file.llmsandbox.io/task.json']"},
+            }
+        ]
     }
+    annotations = full_pod["metadata"]["annotations"]
+    assert (
+        annotations["file.llmsandbox.io/task.json"]
+        == configmap_for(make_task(**FULL_TASK))["data"]["task.json"]
+    )
 
 
 def test_shared_volumes_are_small_and_the_socket_volume_lives_in_memory(
@@ -380,13 +390,9 @@ def test_inline_and_single_key_inputs_are_projected_under_their_paths(
     full_pod: dict[str, Any],
 ) -> None:
     sources = volume(full_pod, "inputs")["projected"]["sources"]
+    field = "metadata.annotations['file.llmsandbox.io/input-0']"
     assert sources == [
-        {
-            "configMap": {
-                "name": "aime-07-task",
-                "items": [{"key": "input-0", "path": "paper.txt"}],
-            }
-        },
+        {"downwardAPI": {"items": [{"path": "paper.txt", "fieldRef": {"fieldPath": field}}]}},
         {
             "configMap": {
                 "name": "tables",
@@ -396,7 +402,29 @@ def test_inline_and_single_key_inputs_are_projected_under_their_paths(
         # A path ending in '/' is a directory: the key lands inside it under its own name.
         {"configMap": {"name": "refs", "items": [{"key": "bib.txt", "path": "refs/bib.txt"}]}},
     ]
-    assert configmap_for(make_task(**FULL_TASK))["data"]["input-0"] == "Abstract."
+    assert full_pod["metadata"]["annotations"]["file.llmsandbox.io/input-0"] == "Abstract."
+
+
+def test_task_files_too_large_for_the_pods_annotations_go_into_the_tasks_configmap() -> None:
+    small = make_task(inputs=[{"path": "q.txt", "content": "x" * 1000}])
+    pod, configmap = build_attempt(
+        small, namespace=NAMESPACE, uid=UID, attempt=1, settings=SETTINGS
+    )
+    assert configmap is None
+    big = make_task(inputs=[{"path": "q.txt", "content": "x" * 200_000}])
+    pod, configmap = build_attempt(big, namespace=NAMESPACE, uid=UID, attempt=1, settings=SETTINGS)
+    assert configmap == configmap_for(big)
+    assert configmap["data"]["input-0"] == "x" * 200_000
+    assert not [k for k in pod["metadata"]["annotations"] if k.startswith("file.llmsandbox.io/")]
+    assert volume(pod, "task")["configMap"] == {
+        "name": "aime-07-task",
+        "items": [{"key": "task.json", "path": "task.json"}],
+    }
+    assert volume(pod, "inputs")["projected"]["sources"] == [
+        {"configMap": {"name": "aime-07-task", "items": [{"key": "input-0", "path": "q.txt"}]}}
+    ]
+    for obj in (pod, configmap):
+        assert_valid(obj)
 
 
 def test_a_whole_configmap_is_mounted_at_its_directory_inside_the_inputs(
@@ -645,7 +673,7 @@ def test_the_builders_refuse_a_task_that_fails_the_cluster_checks() -> None:
 
 
 def test_an_attempts_objects_are_the_pod_and_configmap_the_builders_make() -> None:
-    task = make_task(inputs=[{"path": "q.txt", "content": "six times seven"}])
+    task = make_task(inputs=[{"path": "q.txt", "content": "six times seven " * 10_000}])
     pod, configmap = build_attempt(task, namespace=NAMESPACE, uid=UID, attempt=2, settings=SETTINGS)
     assert pod == pod_for(task, attempt=2)
     assert configmap == configmap_for(task)

@@ -1,5 +1,9 @@
 """What the agent container reads: task.json (the resolved prompt, model and limits) and the inline
-inputs, kept in the task's ConfigMap, and where each input lands below /workspace/input."""
+inputs, the task's files; where they are kept; and where each input lands below /workspace/input.
+
+The files travel in the pod itself, as annotations projected into the containers with the
+downward API, when they are small (the common case: no other object to create, nothing to clean
+up). Larger ones, up to the 1 MiB a ConfigMap holds, go into the task's ConfigMap."""
 
 from __future__ import annotations
 
@@ -10,12 +14,15 @@ from sandbox_agent.podconfig import PodArtifacts, PodModelConfig, PodTaskConfig
 from sandbox_agent.task import InputFile, SandboxTask
 
 from .errors import SpecError
-from .metadata import task_name
+from .metadata import FILE_ANNOTATION_PREFIX, task_name
 from .settings import OperatorSettings
 
 TASK_CONFIG_KEY = "task.json"
 # The API server refuses a ConfigMap whose keys plus values exceed 1 MiB.
 MAX_CONFIGMAP_BYTES = 1024 * 1024
+# The API server refuses a pod whose annotations exceed 256 KiB together; the task's files take
+# at most half of that (the rest is for the annotations others add), else they need a ConfigMap.
+MAX_POD_FILES_BYTES = 128 * 1024
 
 
 def inline_input_key(index: int) -> str:
@@ -69,7 +76,24 @@ def pod_artifacts(settings: OperatorSettings) -> PodArtifacts | None:
     )
 
 
-def configmap_data(task: SandboxTask, settings: OperatorSettings) -> dict[str, str]:
+def file_annotation(key: str) -> str:
+    """The pod annotation that holds the task file `key` (see `files_fit_in_pod`)."""
+    return FILE_ANNOTATION_PREFIX + key
+
+
+def file_field(key: str) -> str:
+    """The downward API field path of that annotation."""
+    return f"metadata.annotations['{file_annotation(key)}']"
+
+
+def files_fit_in_pod(files: dict[str, str]) -> bool:
+    """Whether the task's files go into the pod's annotations (else into its ConfigMap)."""
+    size = sum(len(file_annotation(k).encode()) + len(v.encode()) for k, v in files.items())
+    return size <= MAX_POD_FILES_BYTES
+
+
+def task_files(task: SandboxTask, settings: OperatorSettings) -> dict[str, str]:
+    """task.json and the inline inputs, by key."""
     model, base_url = resolve_model(task, settings)
     spec = task.spec.model
     config = PodTaskConfig(

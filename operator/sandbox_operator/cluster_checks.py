@@ -11,10 +11,10 @@ from sandbox_agent.task import NetworkMode, SandboxTask, SecretKeyRef, parse_all
 from .addresses import containing_exclusion
 from .agent_config import (
     MAX_CONFIGMAP_BYTES,
-    configmap_data,
     input_target,
     is_whole_configmap,
     resolve_model,
+    task_files,
 )
 from .endpoints import base_url_problem, is_ip_address, parse_endpoint
 from .errors import SpecError
@@ -133,7 +133,7 @@ def validate_for_cluster(task: SandboxTask, settings: OperatorSettings) -> None:
     runtime_class(task, settings)
     _check_inputs(task)
     allow_list(task, settings)
-    data = configmap_data(task, settings)
+    data = task_files(task, settings)
     size = sum(len(k.encode()) + len(v.encode()) for k, v in data.items())
     if size > MAX_CONFIGMAP_BYTES:
         raise SpecError(

@@ -16,9 +16,13 @@ make the API server hand out a uid the operator recorded.
 Crash safety (the operator may be killed between any two API calls). The decisions put their
 actions in this order, and `_carry_out` keeps it, stopping at a write that finds the task gone:
 
-- The status is written before the step it records is acted on (the attempt before its pod, the
-  terminal phase before a stuck pod is deleted), so a restarted operator re-derives from the API
-  what is left to do and never re-runs a step whose effect it cannot see.
+- The status is written before the step it records is acted on (a retry's attempt before its
+  pod, the terminal phase before a stuck pod is deleted), so a restarted operator re-derives from
+  the API what is left to do and never re-runs a step whose effect it cannot see. The one step
+  recorded after it is acted on is the first attempt: its pod is created, then the status names
+  it (one write instead of two on every task's path). The pod, with its deterministic name and
+  its owner reference, is itself the record: a task still new or Queued with a pod of its first
+  attempt holds a run slot (`_store`) and has that pod adopted (`decide.follow_pod`).
 - A terminal phase is final: nothing writes a task's status again once it is terminal.
 - Metrics count transitions, and only the process whose status write made the transition counts
   it, after the write succeeded (a `WriteStatus`'s tallies). A restarted operator that finds a
@@ -72,7 +76,7 @@ from .kube import TASKS, ConflictError, KubeClient, KubeError
 from .metadata import MANAGED_SELECTOR
 from .metrics import Metrics
 from .ownership import claim_problem, foreign_configmap_problem
-from .pod_builder import build_attempt
+from .pod_builder import build_attempt, pod_name
 from .policy_keeper import PolicyKeeper
 from .records import PodBody, TaskRecord, is_stale, pod_may_run, pod_task_uid
 from .settings import OperatorSettings
@@ -156,7 +160,7 @@ class Operator:
         self.tasks[uid] = rec
         self._active.discard(uid)
         self._queued.discard(uid)
-        if uid in self._reserved or rec.phase in decide.ACTIVE:
+        if uid in self._reserved or rec.phase in decide.ACTIVE or self._unrecorded_pod(rec):
             self._active.add(uid)
         elif uid in self._joining or rec.phase is Phase.QUEUED:
             self._queued.add(uid)
@@ -165,6 +169,12 @@ class Operator:
             for pod_uid in self._pods_by_task.pop(uid, set()):
                 self.pods.pop(pod_uid, None)
             self._schedule_expiry(rec)
+
+    def _unrecorded_pod(self, rec: TaskRecord) -> bool:
+        """Whether a task not admitted by its status has a pod: a first attempt's pod made by a
+        start cut short before its status write (see the module docstring). It runs, so it
+        holds a slot until it is adopted."""
+        return rec.phase in (None, Phase.QUEUED) and rec.uid in self._pods_by_task
 
     def _schedule_expiry(self, rec: TaskRecord) -> None:
         when = decide.expiry(rec, self.settings)
@@ -211,17 +221,29 @@ class Operator:
 
     def _keep_pod(self, pod: PodBody) -> None:
         pod_uid = str(pod["metadata"]["uid"])
+        uid = pod_task_uid(pod)
         self.pods[pod_uid] = pod
-        self._pods_by_task.setdefault(pod_task_uid(pod), set()).add(pod_uid)
+        first = uid not in self._pods_by_task
+        self._pods_by_task.setdefault(uid, set()).add(pod_uid)
+        self._recount(uid, first)
 
     def _drop_pod(self, pod: PodBody) -> None:
         pod_uid = str(pod["metadata"]["uid"])
+        uid = pod_task_uid(pod)
         self.pods.pop(pod_uid, None)
-        owned = self._pods_by_task.get(pod_task_uid(pod))
+        owned = self._pods_by_task.get(uid)
         if owned is not None:
             owned.discard(pod_uid)
             if not owned:
-                del self._pods_by_task[pod_task_uid(pod)]
+                del self._pods_by_task[uid]
+                self._recount(uid, True)
+
+    def _recount(self, uid: str, changed: bool) -> None:
+        """Count a task not admitted by its status again when it gained its first pod or lost
+        its last (`_unrecorded_pod`)."""
+        rec = self.tasks.get(uid)
+        if changed and rec is not None and rec.phase in (None, Phase.QUEUED):
+            self._store(rec)
 
     def _pods_of(self, uid: str) -> list[PodBody]:
         return [self.pods[p] for p in self._pods_by_task.get(uid, ()) if p in self.pods]
@@ -323,7 +345,12 @@ class Operator:
         rec = self.tasks.get(uid)
         if rec is None:
             return
-        pod = await self._current_pod(rec) if rec.phase in decide.ACTIVE else None
+        if rec.phase in decide.ACTIVE:
+            pod = await self._current_pod(rec)
+        else:
+            # A first attempt's pod the status does not record yet, if the watch has shown one.
+            first = pod_name(rec.name, 1)
+            pod = next((p for p in self._pods_of(uid) if p["metadata"]["name"] == first), None)
         await self._carry_out(uid, decide.reconcile(rec, pod, _now(), self.settings))
 
     async def _current_pod(self, rec: TaskRecord) -> PodBody | None:
@@ -545,7 +572,7 @@ class Operator:
         if refused is not None:
             await self._finish(rec, ExitReason.CONFIG_ERROR, *refused)
             return True
-        if action.status is not None:
+        if action.status is not None and not action.after_pod:
             write = WriteStatus(action.status, clear=decide.ATTEMPT_CLEARS, tallies=action.tallies)
             if not await self._write_status(rec, write):
                 return False  # the task was deleted meanwhile: nothing to run
@@ -558,9 +585,9 @@ class Operator:
             return True
         try:
             await self.policies.for_task(task, rec.namespace, rec.uid)
-            if not await self._ensure_task_configmap(rec, configmap):
+            if configmap is not None and not await self._ensure_task_configmap(rec, configmap):
                 return True
-            await self._create_pod(rec, pod)
+            placed = await self._place_pod(pod)
         except KubeError as exc:
             log.warning("creating the pod for %s/%s failed: %s", rec.namespace, rec.name, exc)
             await self._finish(
@@ -568,6 +595,10 @@ class Operator:
                 ExitReason.CONFIG_ERROR,
                 f"the operator could not create the pod: {exc.message}",
             )
+            return True
+        if placed is not None:
+            # A failed write here propagates: the pod exists, and its next event adopts it.
+            await self._record_pod(rec.uid, pod, *placed, action if action.after_pod else None)
         return True
 
     async def _missing_config_map(self, rec: TaskRecord) -> str | None:
@@ -629,27 +660,63 @@ class Operator:
         except ConflictError:
             return None
 
-    async def _create_pod(self, rec: TaskRecord, pod: dict[str, Any]) -> None:
-        """Create the attempt's pod and record its uid; or, when a pod of that name exists (ours
-        from a run cut short, or someone else's), verify it and adopt it or fail the task."""
+    async def _place_pod(self, pod: dict[str, Any]) -> tuple[PodBody, bool] | None:
+        """Create the attempt's pod: the pod and True; or the one found under its name (ours
+        from a run cut short, or someone else's, to verify) and False; None when the one in the
+        way vanished twice."""
         meta = pod["metadata"]
         for _ in range(2):  # a second round only when the pod in the way vanished meanwhile
             created = await self._create("pods", meta["namespace"], pod)
-            current = self.tasks.get(rec.uid)
-            if current is None:
-                return  # the task was deleted meanwhile; its pod goes with it (owner reference)
             if created is not None:
-                # Known now, so a status event that outruns the pod's ADDED needs no API read.
-                self._keep_pod(created)
-                await self._carry_out(rec.uid, [decide.record_pod(current, created)])
-                return
+                return created, True
             found = await self.kube.get("pods", meta["namespace"], meta["name"])
             if found is not None:
-                write, adopted = decide.adopt_pod(current, found, pod, _now(), self.settings)
-                if adopted and self._claimed(found):
-                    self._keep_pod(found)
-                await self._carry_out(rec.uid, [write])
-                return
+                return found, False
+        return None
+
+    async def _record_pod(
+        self,
+        uid: str,
+        desired: PodBody,
+        pod: PodBody,
+        created: bool,
+        start: StartAttempt | None,
+    ) -> None:
+        """Record the attempt's pod uid (into `start`'s status when it is written after the pod,
+        see `StartAttempt`). A pod found instead of created is verified, then adopted and
+        followed, or the task fails naming what differs."""
+        current = self.tasks.get(uid)
+        if current is None:
+            return  # the task was deleted meanwhile; its pod goes with it (owner reference)
+        status = start.status if start is not None else None
+        tallies = start.tallies if start is not None else ()
+        clear = decide.ATTEMPT_CLEARS if start is not None else ()
+        if created:
+            # Known now, so a status event that outruns the pod's ADDED needs no API read.
+            self._keep_pod(pod)
+            write = decide.record_pod(current, pod, status)
+            await self._carry_out(uid, [WriteStatus(write.status, clear, tallies)])
+            return
+        write, adopted = decide.adopt_pod(
+            current, pod, desired, _now(), self.settings, status=status
+        )
+        if not adopted:
+            await self._carry_out(uid, [write])
+            return
+        if self._claimed(pod):
+            self._keep_pod(pod)
+        if not await self._carry_out(uid, [WriteStatus(write.status, clear, tallies)]):
+            return
+        # It may have run, even ended, before this process knew it: follow it now.
+        follow = decide.follow_pod(
+            self.tasks[uid],
+            pod,
+            deleted=False,
+            pods=self._pods_of(uid),
+            now=_now(),
+            settings=self.settings,
+        )
+        await self._carry_out(uid, follow)
 
     async def _ensure_task_configmap(self, rec: TaskRecord, configmap: dict[str, Any]) -> bool:
         """Create the task's ConfigMap, or verify the one found under its name; False when the

@@ -116,11 +116,17 @@ class DeletePod:
 class StartAttempt:
     """Check what the attempt's pod will reference (its input ConfigMaps, its API-key Secret),
     write `status` (None when it is already written: a restart resuming the attempt), then,
-    once no earlier pod of the task may still run, create its policy, ConfigMap and pod."""
+    once no earlier pod of the task may still run, create its policy, ConfigMap and pod.
+
+    With `after_pod` (the first attempt) `status` is written once the pod exists, with its
+    uid: one write where a retry, whose status must say at once that the attempt it replaces
+    is over, needs two (the status first, the pod's uid after the create). The pod is then the
+    only record of a start cut short between the two; `follow_pod` adopts it."""
 
     attempt: int
     status: TaskStatus | None
     tallies: tuple[Tally, ...] = ()
+    after_pod: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,11 @@ def reconcile(
     status = rec.status
     if status.phase in TERMINAL_PHASES:
         return []
+    if status.phase in (None, Phase.QUEUED) and current_pod is not None:
+        # A first attempt's pod made by an operator that stopped before it wrote the status.
+        return follow_pod(
+            rec, current_pod, deleted=False, pods=[current_pod], now=now, settings=settings
+        )
     if status.phase is None:
         problem = spec_problem(rec, settings)
         if problem is not None:
@@ -197,9 +208,11 @@ def follow_pod(
     """A pod of the task (claimed by it) changed or was deleted; `pods` are all the task's
     pods the operator knows of."""
     status = rec.status
+    meta = pod["metadata"]
+    if status.phase in (None, Phase.QUEUED):
+        return _unrecorded_first_pod(rec, pod, deleted=deleted, now=now, settings=settings)
     if status.phase not in ACTIVE:
         return []  # the task already ended
-    meta = pod["metadata"]
     if meta["name"] != status.pod_name:
         return _old_attempts_pod(rec, pod, deleted=deleted, pods=pods)
     actions: list[Action] = []
@@ -215,6 +228,28 @@ def follow_pod(
     elif meta["uid"] != status.pod_uid:
         return []  # not the pod the operator created, whatever its name and labels
     return actions + _current_pod(rec, pod, deleted=deleted, now=now, settings=settings)
+
+
+def _unrecorded_first_pod(
+    rec: TaskRecord, pod: PodBody, *, deleted: bool, now: datetime, settings: OperatorSettings
+) -> list[Action]:
+    """A pod of a task not admitted as far as its status says: the first attempt's pod, created
+    by an operator that stopped before writing the status that records it (`StartAttempt`'s
+    `after_pod`). Verified, it is adopted, admitted as it was, and followed."""
+    if deleted or pod["metadata"]["name"] != pod_name(rec.name, 1):
+        return []
+    start = admit_now(rec, now)
+    assert start.status is not None
+    write, adopted = adopt_pod(rec, pod, None, now, settings, status=start.status)
+    if not adopted:
+        return [write]
+    write = WriteStatus(write.status, clear=ATTEMPT_CLEARS, tallies=start.tallies)
+    return [
+        write,
+        *_current_pod(
+            rec.with_status(write.status), pod, deleted=False, now=now, settings=settings
+        ),
+    ]
 
 
 def _old_attempts_pod(
@@ -495,12 +530,14 @@ def queued_status(place: int, settings: OperatorSettings, now: datetime) -> Writ
 
 
 def admit_now(rec: TaskRecord, now: datetime) -> StartAttempt:
-    """The task got a run slot: its first attempt, the wait since creation counted."""
+    """The task got a run slot: its first attempt, the wait since creation counted, its status
+    written once the pod exists."""
     queued = _seconds_between(rec.created, now)
     return StartAttempt(
         1,
         attempt_status(rec, 1, now, queued_seconds=queued),
         tallies=(Admitted(max(0.0, queued)),) if queued is not None else (),
+        after_pod=True,
     )
 
 
@@ -512,8 +549,9 @@ def attempt_status(
     queued_seconds: float | None = None,
     retry_note: str = "",
 ) -> TaskStatus:
-    """The status that holds the slot for an attempt, written before its pod is created. Its
-    podUID is left out: only the pod created next, for this attempt, may report."""
+    """The status of an attempt: a retry's is written before its pod is created, without a
+    podUID (only the pod created next, for this attempt, may report); the first attempt's once
+    its pod exists, with its uid (`record_pod`)."""
     old = rec.status
     status = TaskStatus(
         phase=Phase.PENDING,
@@ -539,11 +577,12 @@ ATTEMPT_CLEARS = ("queuePosition", "podUID")
 """Fields an attempt's status write removes (the queue place, the previous attempt's pod)."""
 
 
-def record_pod(rec: TaskRecord, pod: PodBody) -> WriteStatus:
-    """The attempt's pod exists: from now on only it may report for the task."""
-    status = rec.status.model_copy()
-    status.pod_uid = str(pod["metadata"]["uid"])
-    return WriteStatus(status)
+def record_pod(rec: TaskRecord, pod: PodBody, status: TaskStatus | None = None) -> WriteStatus:
+    """The attempt's pod exists: from now on only it may report for the task. `status` is the
+    attempt's status not written yet (the first attempt's), else the task's own is used."""
+    recorded = (status or rec.status).model_copy()
+    recorded.pod_uid = str(pod["metadata"]["uid"])
+    return WriteStatus(recorded)
 
 
 def adopt_pod(
@@ -552,10 +591,12 @@ def adopt_pod(
     desired: PodBody | None,
     now: datetime,
     settings: OperatorSettings,
+    *,
+    status: TaskStatus | None = None,
 ) -> tuple[WriteStatus, bool]:
-    """A pod found under the attempt's pod name: record it if it is the pod the operator would
-    create (`desired`, built here when None), else fail the task naming what differs. The
-    write, and whether it adopts the pod."""
+    """A pod found under the attempt's pod name: record it (into `status`, see `record_pod`) if
+    it is the pod the operator would create (`desired`, built here when None), else fail the
+    task naming what differs. The write, and whether it adopts the pod."""
     if desired is None:
         if rec.task is None:
             write = finish_without_run(rec, ExitReason.INVALID_SPEC, rec.why_no_spec, now, settings)
@@ -565,7 +606,7 @@ def adopt_pod(
                 rec.task,
                 namespace=rec.namespace,
                 uid=rec.uid,
-                attempt=rec.status.attempt or 1,
+                attempt=(status or rec.status).attempt or 1,
                 settings=settings,
             )
         except (SpecError, ValidationError) as exc:
@@ -573,7 +614,7 @@ def adopt_pod(
     problem = foreign_pod_problem(found, desired, rec.uid)
     if problem is not None:
         return foreign(rec, problem, now, settings), False
-    return record_pod(rec, found), True
+    return record_pod(rec, found, status), True
 
 
 def foreign(

@@ -95,6 +95,11 @@ def owner_reference(task: SandboxTask, uid: str) -> dict[str, Any]:
     }
 
 
+# The task's files (task.json, inline inputs) as pod annotations, one per file under this prefix,
+# projected into the containers with the downward API (agent_config.py).
+FILE_ANNOTATION_PREFIX = "file.llmsandbox.io/"
+
+
 def task_metadata(task: SandboxTask, *, name: str, namespace: str, uid: str) -> dict[str, Any]:
     return {
         "name": name,

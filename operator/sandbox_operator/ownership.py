@@ -15,6 +15,8 @@ from typing import Any
 
 from sandbox_agent.quantity import parse_quantity
 
+from .metadata import FILE_ANNOTATION_PREFIX
+
 # Pod spec fields the API server, its admission plugins or the scheduler fill in or may set on a
 # pod the operator created; any value is accepted, since none of them changes what runs in the
 # pod or what it may reach (scheduling and image pull credentials only).
@@ -81,6 +83,18 @@ def _labels_problem(found: Mapping[str, Any], desired: Mapping[str, Any]) -> str
     return None
 
 
+def _files_problem(found: Mapping[str, Any], desired: Mapping[str, Any]) -> str | None:
+    """The task files a pod carries as annotations (agent_config.py) must be exactly the
+    desired ones: they are what the agent runs and what the sandbox gets as inputs."""
+    have = (found.get("metadata") or {}).get("annotations") or {}
+    want = (desired.get("metadata") or {}).get("annotations") or {}
+    keys = {k for k in have.keys() | want.keys() if k.startswith(FILE_ANNOTATION_PREFIX)}
+    for key in sorted(keys):
+        if have.get(key) != want.get(key):
+            return f"annotation {key} differs from the task's"
+    return None
+
+
 def _difference(found: Any, desired: Any, path: str) -> str | None:
     """The first place where `found` differs from `desired`; dicts in `found` may hold only the
     extra keys that the server fills in (see the tables above)."""
@@ -130,6 +144,8 @@ def _server_filled(path: str, key: str, value: Any) -> bool:
         return key in _CONTAINER_SERVER_SET or bool(_CONTAINER_DEFAULTS.get(key, object()) == value)
     if last in ("configMap", "secret", "projected", "downwardAPI") and ".volumes[" in path:
         return bool(_VOLUME_SOURCE_DEFAULTS.get(key, object()) == value)
+    if last == "fieldRef":
+        return key == "apiVersion" and value == "v1"  # the server's default
     # Admission (a LimitRange) may add requests or limits for resources the operator left open.
     return ".resources." in path + "."
 
@@ -144,14 +160,15 @@ def foreign_pod_problem(
 ) -> str | None:
     """Why a pod found under the task's pod name is not the pod the operator would create.
 
-    Besides the claim (namespace, owner) and labels, its spec must equal the desired spec but
-    for fields the server fills in: the same containers with the same images, commands,
+    Besides the claim (namespace, owner), labels and task files, its spec must equal the desired
+    spec but for fields the server fills in: the same containers with the same images, commands,
     environment, mounts and security contexts, the same volumes, and nothing added (no extra or
     injected container, no `args`, lifecycle hooks, host namespaces or host aliases)."""
     namespace = str((desired.get("metadata") or {}).get("namespace", "default"))
     problem = (
         claim_problem(found, namespace=namespace, task_uid=task_uid)
         or _labels_problem(found, desired)
+        or _files_problem(found, desired)
         or _difference(found.get("spec") or {}, desired.get("spec") or {}, "spec")
     )
     return f"{_describe(desired)} was not created by the operator: {problem}" if problem else None

@@ -9,7 +9,15 @@ from sandbox_agent.execd_cmdline import execd_command
 from sandbox_agent.task import SandboxTask
 from sandbox_agent.wire import INPUT_PATH, LABEL_ATTEMPT, MAX_LABEL_LENGTH, WORKSPACE
 
-from .agent_config import TASK_CONFIG_KEY, inline_input_key, input_target
+from .agent_config import (
+    TASK_CONFIG_KEY,
+    file_annotation,
+    file_field,
+    files_fit_in_pod,
+    inline_input_key,
+    input_target,
+    task_files,
+)
 from .cluster_checks import resolve_api_key_secret, validate_for_cluster
 from .metadata import bounded_name, task_configmap_name, task_metadata, task_name
 from .resources import runtime_class, sandbox_resources
@@ -93,11 +101,35 @@ def _resources(requests: dict[str, str], limits: dict[str, str]) -> dict[str, An
     return out
 
 
-def _input_volumes(task: SandboxTask) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _task_file_source(
+    task: SandboxTask, files_in_pod: bool, items: list[tuple[str, str]]
+) -> dict[str, Any]:
+    """A volume source of task files, (key, path) each: the pod's own annotations through the
+    downward API, or the task's ConfigMap (see agent_config.py)."""
+    if files_in_pod:
+        return {
+            "downwardAPI": {
+                "items": [
+                    {"path": path, "fieldRef": {"fieldPath": file_field(key)}}
+                    for key, path in items
+                ]
+            }
+        }
+    return {
+        "configMap": {
+            "name": task_configmap_name(task_name(task)),
+            "items": [{"key": key, "path": path} for key, path in items],
+        }
+    }
+
+
+def _input_volumes(
+    task: SandboxTask, files_in_pod: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The volumes and sandbox mounts that place spec.inputs under /workspace/input.
 
-    One projected volume holds every input with a known file path (inline content from the task
-    ConfigMap, single ConfigMap keys) plus whole ConfigMaps meant for /workspace/input itself. A
+    One projected volume holds every input with a known file path (inline content from the
+    task's files, single ConfigMap keys) plus whole ConfigMaps meant for /workspace/input itself. A
     whole ConfigMap for a subdirectory cannot be projected there without knowing its keys, so it
     gets its own volume mounted at that subdirectory; the kubelet creates the mount point inside
     the read-only projected volume.
@@ -106,14 +138,13 @@ def _input_volumes(task: SandboxTask) -> tuple[list[dict[str, Any]], list[dict[s
     if not inputs:
         return [], []
     inline_items = [
-        {"key": inline_input_key(i), "path": input_target(item)}
+        (inline_input_key(i), input_target(item))
         for i, item in enumerate(inputs)
         if item.content is not None
     ]
     sources: list[dict[str, Any]] = []
     if inline_items:
-        name = task_configmap_name(task_name(task))
-        sources.append({"configMap": {"name": name, "items": inline_items}})
+        sources.append(_task_file_source(task, files_in_pod, inline_items))
     volumes: list[dict[str, Any]] = []
     nested_mounts: list[dict[str, Any]] = []
     for i, item in enumerate(inputs):
@@ -138,7 +169,10 @@ def _input_volumes(task: SandboxTask) -> tuple[list[dict[str, Any]], list[dict[s
 
 
 def _volumes(
-    task: SandboxTask, settings: OperatorSettings, input_volumes: list[dict[str, Any]]
+    task: SandboxTask,
+    settings: OperatorSettings,
+    input_volumes: list[dict[str, Any]],
+    files_in_pod: bool,
 ) -> list[dict[str, Any]]:
     workspace: dict[str, Any] = {}
     disk = sandbox_resources(task, settings).limits.get("ephemeral-storage")
@@ -155,10 +189,7 @@ def _volumes(
         {"name": "agent-tmp", "emptyDir": {"sizeLimit": agent_tmp_size(settings)}},
         {
             "name": "task",
-            "configMap": {
-                "name": task_configmap_name(task_name(task)),
-                "items": [{"key": TASK_CONFIG_KEY, "path": TASK_CONFIG_KEY}],
-            },
+            **_task_file_source(task, files_in_pod, [(TASK_CONFIG_KEY, TASK_CONFIG_KEY)]),
         },
         *input_volumes,
         *_store_volume(settings)[0],
@@ -290,30 +321,51 @@ def build_pod(
     task: SandboxTask, *, namespace: str, uid: str, attempt: int, settings: OperatorSettings
 ) -> dict[str, Any]:
     """The pod manifest for one attempt; SpecError when the task cannot run on this cluster."""
-    validate_for_cluster(task, settings)
-    return _pod_manifest(task, namespace=namespace, uid=uid, attempt=attempt, settings=settings)
+    return build_attempt(task, namespace=namespace, uid=uid, attempt=attempt, settings=settings)[0]
 
 
 def build_attempt(
     task: SandboxTask, *, namespace: str, uid: str, attempt: int, settings: OperatorSettings
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The pod and the ConfigMap of one attempt, the task validated once for both; SpecError
-    when it cannot run on this cluster."""
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The pod of one attempt, and the task's ConfigMap when its files do not fit in the pod
+    (else None); SpecError when the task cannot run on this cluster."""
     validate_for_cluster(task, settings)
-    pod = _pod_manifest(task, namespace=namespace, uid=uid, attempt=attempt, settings=settings)
-    configmap = configmap_manifest(task, namespace=namespace, uid=uid, settings=settings)
+    files = task_files(task, settings)
+    in_pod = files_fit_in_pod(files)
+    pod = _pod_manifest(
+        task,
+        namespace=namespace,
+        uid=uid,
+        attempt=attempt,
+        settings=settings,
+        files=files if in_pod else None,
+    )
+    if in_pod:
+        return pod, None
+    configmap = configmap_manifest(
+        task, namespace=namespace, uid=uid, settings=settings, files=files
+    )
     return pod, configmap
 
 
 def _pod_manifest(
-    task: SandboxTask, *, namespace: str, uid: str, attempt: int, settings: OperatorSettings
+    task: SandboxTask,
+    *,
+    namespace: str,
+    uid: str,
+    attempt: int,
+    settings: OperatorSettings,
+    files: dict[str, str] | None,
 ) -> dict[str, Any]:
+    """`files`: the task's files to carry as annotations; None when they are in its ConfigMap."""
     name = task_name(task)
     metadata = task_metadata(task, name=pod_name(name, attempt), namespace=namespace, uid=uid)
     metadata["labels"][LABEL_ATTEMPT] = str(attempt)
     # `kubectl logs <pod>` then shows the agent, whose last line is the result.
     metadata["annotations"]["kubectl.kubernetes.io/default-container"] = AGENT_CONTAINER
-    input_volumes, input_mounts = _input_volumes(task)
+    for key, content in (files or {}).items():
+        metadata["annotations"][file_annotation(key)] = content
+    input_volumes, input_mounts = _input_volumes(task, files is not None)
     spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "activeDeadlineSeconds": (
@@ -328,7 +380,7 @@ def _pod_manifest(
             "fsGroup": NOBODY,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumes": _volumes(task, settings, input_volumes),
+        "volumes": _volumes(task, settings, input_volumes, files is not None),
         "initContainers": [_install_container(settings)],
         "containers": [
             _sandbox_container(task, settings, input_mounts),
