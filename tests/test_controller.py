@@ -286,6 +286,31 @@ async def test_a_finished_task_whose_delete_fails_is_deleted_on_a_later_try() ->
     assert ("sandboxtasks", "t") not in kube.objects
 
 
+async def test_finished_tasks_are_deleted_a_few_at_a_time_not_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kube = MemoryKube()
+    op = operator(kube, task_ttl_seconds=0, max_running_tasks=20)
+    for i in range(20):
+        await op.on_task("ADDED", kube.add_task(f"t{i}"))
+        await finish(op, kube, f"t{i}")
+    in_flight, most = 0, 0
+    original = kube.delete
+
+    async def slow_delete(*args: Any, **kwargs: Any) -> bool:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(kube, "delete", slow_delete)
+    assert await op.delete_expired(datetime.now(UTC)) is None
+    assert not [k for k in kube.objects if k[0] == "sandboxtasks"]
+    assert most == controller._EXPIRY_CONCURRENCY
+
+
 async def test_a_task_recreated_under_the_name_of_an_expired_one_is_not_deleted() -> None:
     kube = MemoryKube()
     op = operator(kube, task_ttl_seconds=0)

@@ -17,12 +17,15 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from .errors import ExecServerError, SandboxError
 from .events import Event, EventSink, Notice, ignore
-from .execclient import ExecClient
 from .result import ExitReason, OutputFile, Phase, TaskResult
 from .wire import OUTPUT_DIR
+
+if TYPE_CHECKING:  # the operator imports the caps from here, and needs no HTTP client
+    from .execclient import ExecClient
 
 MIB = 1024 * 1024
 # The result names at most this many of the files it skipped (over a cap, unreadable).

@@ -87,6 +87,8 @@ log = logging.getLogger("sandbox_operator")
 _LOG_TAIL_LINES = 20
 # A finished task whose delete failed (an API hiccup, RBAC) is tried again this much later.
 _EXPIRY_RETRY_SECONDS = 60
+# Finished tasks deleted at once, at most (see `Operator.delete_expired`).
+_EXPIRY_CONCURRENCY = 8
 # How long an API-key Secret found labelled is trusted without being read again.
 SECRET_VERDICT_SECONDS = 5.0
 
@@ -186,25 +188,34 @@ class Operator:
 
     async def delete_expired(self, now: datetime | None = None) -> float | None:
         """Delete the finished tasks whose TTL has passed (owner references take their pods
-        and ConfigMaps); the seconds until the next one is due, None when none is waiting."""
+        and ConfigMaps), a few at a time; the seconds until the next one is due, None when none
+        is waiting. One by one, deletes would fall behind a cluster finishing tasks faster than
+        the API server answers one, and the finished tasks waiting would pile up."""
         now = now or _now()
+        due: list[TaskRecord] = []
         while self._expiring and self._expiring[0][0] <= now:
             when, uid = heapq.heappop(self._expiring)
             rec = self.tasks.get(uid)
-            if rec is None or self._expiry_of.get(uid) != when:
-                continue  # gone already, or due at another time now
-            try:
-                await self.kube.delete(TASKS, rec.namespace, rec.name, uid=uid)
-            except KubeError as exc:
-                log.warning(
-                    "deleting finished task %s/%s failed (tried again in %d s): %s",
-                    rec.namespace, rec.name, _EXPIRY_RETRY_SECONDS, exc,
-                )  # fmt: skip
-                again = now + timedelta(seconds=_EXPIRY_RETRY_SECONDS)
-                self._expiry_of[uid] = again
-                heapq.heappush(self._expiring, (again, uid))
-                continue
-            del self._expiry_of[uid]
+            if rec is not None and self._expiry_of.get(uid) == when:
+                due.append(rec)  # else gone already, or due at another time now
+        gate = asyncio.Semaphore(_EXPIRY_CONCURRENCY)
+
+        async def delete(rec: TaskRecord) -> None:
+            async with gate:
+                try:
+                    await self.kube.delete(TASKS, rec.namespace, rec.name, uid=rec.uid)
+                except KubeError as exc:
+                    log.warning(
+                        "deleting finished task %s/%s failed (tried again in %d s): %s",
+                        rec.namespace, rec.name, _EXPIRY_RETRY_SECONDS, exc,
+                    )  # fmt: skip
+                    again = now + timedelta(seconds=_EXPIRY_RETRY_SECONDS)
+                    self._expiry_of[rec.uid] = again
+                    heapq.heappush(self._expiring, (again, rec.uid))
+                    return
+                self._expiry_of.pop(rec.uid, None)
+
+        await asyncio.gather(*(delete(rec) for rec in due))
         if not self._expiring:
             return None
         return max(0.0, (self._expiring[0][0] - now).total_seconds())
