@@ -78,6 +78,7 @@ async def startup(settings, **_):
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    settings.batching.idle_timeout = 1.0
 
 
 @kopf.on.event("llmsandbox.io", "v1alpha1", "sandboxtasks")
