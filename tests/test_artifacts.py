@@ -122,6 +122,32 @@ def test_a_missing_bucket_costs_the_run_nothing_and_is_reported(
     assert (outcome.run_dir / "trajectory.json").is_file()
 
 
+def test_credentials_the_store_refuses_cost_the_run_nothing_and_are_reported(
+    run_local: Callable[..., RunOutcome],
+    llm_server: ScriptedLLMServer,
+    s3_server: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import moto.settings
+
+    bucket = s3_server.new_bucket()
+    # From now on the server checks every request's key against its IAM users: ours is unknown.
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    llm_server.script(tool_call("submit", {"answer": "42"}))
+    outcome = run_local(task_doc("Go."), artifacts_url=f"s3://{bucket}/x", env=s3_server.env)
+    assert (outcome.result.phase, outcome.result.answer) == (Phase.SUCCEEDED, "42")
+    error = outcome.result.artifacts_error or ""
+    assert "InvalidAccessKeyId" in error, error
+    assert f"s3://{bucket}/x/local/test-task/" in error
+    assert "\n" not in error
+    assert s3_server.secret_key not in error
+    local = json.loads((outcome.run_dir / "result.json").read_text())
+    assert local["artifactsError"] == error
+    assert (outcome.run_dir / "trajectory.json").is_file()
+    monkeypatch.undo()
+    assert s3_server.objects(bucket) == {}
+
+
 def test_a_store_that_is_down_is_retried_then_given_up_on_within_its_time(
     run_local: Callable[..., RunOutcome], llm_server: ScriptedLLMServer, s3_server: S3Server
 ) -> None:
