@@ -580,10 +580,18 @@ def test_a_spec_is_parsed_again_only_when_its_generation_moves() -> None:
     assert TaskRecord.parse(edited, first).retries == 3
 
 
-def test_a_terminal_task_keeps_no_spec() -> None:
-    done = record({"phase": "Succeeded", "exitReason": "submitted"})
+def test_a_terminal_task_keeps_no_spec_and_of_its_status_its_phase_and_end() -> None:
+    status = {**pending(), "phase": "Succeeded", "exitReason": "submitted", "answer": "42"}
+    done = record({**status, "completionTime": "2026-03-01T12:00:00Z"})
     assert (done.task, done.raw_spec, done.spec_error) == (None, None, None)
     assert decide.reconcile(done, None, NOW, SETTINGS) == []
+    assert done.status == TaskStatus(phase=Phase.SUCCEEDED)
+    assert done.completion_time == "2026-03-01T12:00:00Z"
+    assert done.queue_entry is None
+    # Thousands of finished tasks share one status object per phase, and their namespace.
+    other = record({"phase": "Succeeded"})
+    assert other.status is done.status
+    assert other.namespace is done.namespace
 
 
 def test_an_unreadable_status_reads_as_a_new_task() -> None:

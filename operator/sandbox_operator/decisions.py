@@ -340,7 +340,7 @@ def expiry(rec: TaskRecord, settings: OperatorSettings) -> datetime | None:
     if rec.phase not in TERMINAL_PHASES:
         return None
     ttl = rec.ttl_seconds if rec.ttl_seconds is not None else settings.task_ttl_seconds
-    done = parse_rfc3339(rec.status.completion_time)
+    done = parse_rfc3339(rec.completion_time)
     if ttl is None or done is None:
         return None
     return done + timedelta(seconds=ttl)

@@ -4,16 +4,17 @@ A task body comes from a watch event or a status write's reply; `TaskRecord.pars
 into typed objects at once (the spec into `SandboxTask`, the status into `TaskStatus`), so no
 decision reads a raw dict. A spec already parsed (the same metadata.generation) is not parsed
 again: the status changes five times in a task's life, its spec (almost) never. A terminal task
-keeps no spec at all, and of its status only its phase, attempt, pod and completion time:
-thousands of finished tasks cost little memory.
+keeps no spec at all, and of its status only its phase (one status object per phase, shared) and
+its completion time: a cluster that keeps its finished tasks keeps their records too, so each
+costs a few hundred bytes (bench/operator_scale.py measures it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 from pydantic import ValidationError
@@ -32,7 +33,7 @@ PodBody = Mapping[str, Any]
 _RANK = {None: 0, Phase.QUEUED: 1, Phase.PENDING: 2, Phase.RUNNING: 4}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskRecord:
     uid: str
     namespace: str
@@ -50,6 +51,10 @@ class TaskRecord:
     status: TaskStatus
     ttl_seconds: int | None = None
     """spec.ttlSecondsAfterFinished, kept (as the one number of the spec) once it is terminal."""
+    completion_time: str | None = None
+    """status.completionTime of a terminal task (its status is reduced to its phase)."""
+    queue_entry: Candidate | None = None
+    """Its place in the admission queue, built once; None for a terminal task."""
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], previous: TaskRecord | None = None) -> TaskRecord:
@@ -61,12 +66,15 @@ class TaskRecord:
         task: SandboxTask | None = None
         error: str | None = None
         ttl = _ttl(spec)
-        if status.phase in TERMINAL_PHASES:
+        completion: str | None = None
+        terminal = status.phase in TERMINAL_PHASES
+        if terminal:
             # Final: no decision reads the spec again, so it is neither parsed nor kept; of the
-            # status, only what orders events and dates the end (answer, usage, conditions and
-            # outputs are the API's to keep).
+            # status, only its phase and when it ended (answer, usage, conditions and outputs
+            # are the API's to keep).
             spec = None
-            status = _compact(status)
+            completion = status.completion_time
+            status = _final_status(status)
         elif (
             previous is not None
             and previous.uid == meta["uid"]
@@ -75,11 +83,21 @@ class TaskRecord:
             task, error = previous.task, previous.spec_error
         else:
             task, error = _parse_task(body)
+        uid, name = meta["uid"], meta["name"]
+        # Thousands of records share a few namespaces: one string each.
+        namespace = sys.intern(str(meta.get("namespace", "default")))
+        created = "" if terminal else str(meta.get("creationTimestamp") or "")
+        entry = None
+        if not terminal:
+            priority = task.spec.priority if task is not None else 0
+            entry = Candidate(
+                uid=uid, namespace=namespace, name=name, priority=priority, created=created
+            )
         return cls(
-            uid=meta["uid"],
-            namespace=meta.get("namespace", "default"),
-            name=meta["name"],
-            created=str(meta.get("creationTimestamp") or ""),
+            uid=uid,
+            namespace=namespace,
+            name=name,
+            created=created,
             generation=generation,
             resource_version=str(meta.get("resourceVersion") or ""),
             # The API server counts spec changes in metadata.generation; without one (a body
@@ -89,6 +107,8 @@ class TaskRecord:
             spec_error=error,
             status=status,
             ttl_seconds=ttl,
+            completion_time=completion,
+            queue_entry=entry,
         )
 
     def with_status(self, status: TaskStatus) -> TaskRecord:
@@ -111,26 +131,24 @@ class TaskRecord:
     def retries(self) -> int:
         return self.task.spec.retries if self.task is not None else 0
 
-    @cached_property
+    @property
     def candidate(self) -> Candidate:
-        """Its place in the admission queue (computed once per record)."""
-        return Candidate(
-            uid=self.uid,
-            namespace=self.namespace,
-            name=self.name,
-            priority=self.priority,
-            created=self.created,
-        )
+        """Its place in the admission queue (built once, when the record was parsed)."""
+        assert self.queue_entry is not None, "a terminal task is never queued"
+        return self.queue_entry
 
 
-def _compact(status: TaskStatus) -> TaskStatus:
-    return TaskStatus(
-        phase=status.phase,
-        attempt=status.attempt,
-        pod_name=status.pod_name,
-        pod_uid=status.pod_uid,
-        completion_time=status.completion_time,
-    )
+_FINAL_STATUS: dict[Phase, TaskStatus] = {}
+
+
+def _final_status(status: TaskStatus) -> TaskStatus:
+    """A terminal task's status, reduced to its phase: one object per phase, shared by every
+    record (nothing changes a record's status in place; decisions copy it)."""
+    assert status.phase is not None
+    found = _FINAL_STATUS.get(status.phase)
+    if found is None:
+        found = _FINAL_STATUS[status.phase] = TaskStatus(phase=status.phase)
+    return found
 
 
 def _ttl(spec: Any) -> int | None:
