@@ -51,7 +51,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the emulator and the test kubelet live in tests/k8s
 
-from k8s.emulator import EmulatedApiServer, KubernetesError, ResourceDef  # noqa: E402
+from k8s.emulator import ApiRequest, EmulatedApiServer, KubernetesError, ResourceDef  # noqa: E402
 from k8s.fixtures import wait_for_operator_watches  # noqa: E402
 from k8s.kubelet import TestKubelet  # noqa: E402
 from k8s.process import CLOCK_TICKS, ProcSample, free_port  # noqa: E402
@@ -78,7 +78,7 @@ async def startup(settings, **_):
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.batching.idle_timeout = 1.0
+    settings.queueing.idle_timeout = 1.0
 
 
 @kopf.on.event("llmsandbox.io", "v1alpha1", "sandboxtasks")
@@ -292,6 +292,25 @@ class RunResult:
         return self.done.cpu_seconds - self.ready.cpu_seconds
 
 
+def status_patches(operator_log: list[ApiRequest]) -> collections.Counter[str]:
+    """Status patches per task name, from the operator's entries of the request log."""
+    return collections.Counter(
+        r.name or "?"
+        for r in operator_log
+        if (r.verb, r.resource) == ("patch", "sandboxtasks/status")
+    )
+
+
+def print_problems(problems: list[str], ok: str) -> None:
+    """The verification's verdict: up to 50 problems, else `ok`."""
+    if problems:
+        print(f"\nverification FAILED ({len(problems)} problems):")
+        for line in problems[:50]:
+            print(f"  {line}")
+    else:
+        print(f"\nverification: {ok}: OK")
+
+
 def trim_raw_requests(api: EmulatedApiServer, keep: int = 32) -> None:
     """Drop all but the newest entries of kmock's raw request record, on the emulator's loop.
 
@@ -368,11 +387,7 @@ def measured_run(
             events=recorder.events,
             requests=collections.Counter((r.verb, r.resource) for r in operator_log),
             startup_requests=startup_requests,
-            status_patches_by_task=collections.Counter(
-                r.name or "?"
-                for r in operator_log
-                if (r.verb, r.resource) == ("patch", "sandboxtasks/status")
-            ),
+            status_patches_by_task=status_patches(operator_log),
             errors=collections.Counter(
                 (r.verb, r.resource, r.status)
                 for r in operator_log
@@ -628,12 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         print_profile(args.profile)
 
-    if problems:
-        print(f"\nverification FAILED ({len(problems)} problems):")
-        for line in problems[:50]:
-            print(f"  {line}")
-    else:
-        print(f"\nverification: {n}/{n} tasks Succeeded exactly once, each with one pod: OK")
+    print_problems(problems, f"{n}/{n} tasks Succeeded exactly once, each with one pod")
     return 0 if writes_ok and not problems else 1
 
 

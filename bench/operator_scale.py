@@ -202,11 +202,7 @@ def measured(
             finished=finished,
             events=recorder.events,
             requests=collections.Counter((r.verb, r.resource) for r in operator_log),
-            status_patches_by_task=collections.Counter(
-                r.name or "?"
-                for r in operator_log
-                if (r.verb, r.resource) == ("patch", "sandboxtasks/status")
-            ),
+            status_patches_by_task=load.status_patches(operator_log),
             final_tasks=api.list("sandboxtasks", "default"),
             returncode=proc.returncode,
             log_tail=log_tail,
@@ -483,14 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\ntargets:")
     for text, ok in verdicts:
         print(f"  {'----' if ok is None else 'PASS' if ok else 'FAIL'}  {text}")
-    if problems:
-        print(f"\nverification FAILED ({len(problems)} problems):")
-        for line in problems[:50]:
-            print(f"  {line}")
-    else:
-        print(
-            f"\nverification: every task Succeeded exactly once with one pod in {', '.join(modes)}: OK"
-        )
+    load.print_problems(
+        problems, f"every task Succeeded exactly once with one pod in {', '.join(modes)}"
+    )
     return 0 if not problems and all(ok is not False for _, ok in verdicts) else 1
 
 

@@ -30,7 +30,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.watching.client_timeout = 330
     # kopf keeps a worker (its queue, its last event) per object for this long after the
     # object's last event: 5 s by default, a quarter of the operator's memory under load.
-    settings.batching.idle_timeout = 1.0
+    settings.queueing.idle_timeout = 1.0
     config = load_settings()
     kube = KubeClient.from_environment()
     operator = Operator(config, kube)

@@ -90,9 +90,15 @@ class TaskRecord:
         entry = None
         if not terminal:
             priority = task.spec.priority if task is not None else 0
-            entry = Candidate(
-                uid=uid, namespace=namespace, name=name, priority=priority, created=created
-            )
+            entry = previous.queue_entry if previous is not None else None
+            if entry is None or (entry.uid, entry.priority, entry.created) != (
+                uid,
+                priority,
+                created,
+            ):
+                entry = Candidate(
+                    uid=uid, namespace=namespace, name=name, priority=priority, created=created
+                )
         return cls(
             uid=uid,
             namespace=namespace,
