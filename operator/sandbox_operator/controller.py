@@ -259,6 +259,10 @@ class Operator:
     def _pods_of(self, uid: str) -> list[PodBody]:
         return [self.pods[p] for p in self._pods_by_task.get(uid, ()) if p in self.pods]
 
+    def _known_pod(self, uid: str, name: str) -> PodBody | None:
+        """The task's pod of that name, if the watch has shown it."""
+        return next((p for p in self._pods_of(uid) if p["metadata"]["name"] == name), None)
+
     def _claimed(self, pod: PodBody) -> bool:
         """Whether the pod belongs to the task its label names: same namespace, and the task as
         its controller owner. Labels alone prove nothing (anyone can copy them)."""
@@ -360,8 +364,7 @@ class Operator:
             pod = await self._current_pod(rec)
         else:
             # A first attempt's pod the status does not record yet, if the watch has shown one.
-            first = pod_name(rec.name, 1)
-            pod = next((p for p in self._pods_of(uid) if p["metadata"]["name"] == first), None)
+            pod = self._known_pod(uid, pod_name(rec.name, 1))
         await self._carry_out(uid, decide.reconcile(rec, pod, _now(), self.settings))
 
     async def _current_pod(self, rec: TaskRecord) -> PodBody | None:
@@ -370,7 +373,7 @@ class Operator:
         name = rec.status.pod_name
         if not name:
             return None
-        pod = next((p for p in self._pods_of(rec.uid) if p["metadata"]["name"] == name), None)
+        pod = self._known_pod(rec.uid, name)
         if pod is None:
             # Not seen by the watch (yet): ask the API before concluding anything.
             pod = await self.kube.get("pods", rec.namespace, name)
@@ -693,30 +696,24 @@ class Operator:
         created: bool,
         start: StartAttempt | None,
     ) -> None:
-        """Record the attempt's pod uid (into `start`'s status when it is written after the pod,
+        """Record the attempt's pod uid (with `start`'s status when it is written after the pod,
         see `StartAttempt`). A pod found instead of created is verified, then adopted and
         followed, or the task fails naming what differs."""
         current = self.tasks.get(uid)
         if current is None:
             return  # the task was deleted meanwhile; its pod goes with it (owner reference)
-        status = start.status if start is not None else None
-        tallies = start.tallies if start is not None else ()
-        clear = decide.ATTEMPT_CLEARS if start is not None else ()
         if created:
             # Known now, so a status event that outruns the pod's ADDED needs no API read.
             self._keep_pod(pod)
-            write = decide.record_pod(current, pod, status)
-            await self._carry_out(uid, [WriteStatus(write.status, clear, tallies)])
+            await self._carry_out(uid, [decide.record_pod(current, pod, start)])
             return
-        write, adopted = decide.adopt_pod(
-            current, pod, desired, _now(), self.settings, status=status
-        )
+        write, adopted = decide.adopt_pod(current, pod, desired, _now(), self.settings, start=start)
         if not adopted:
             await self._carry_out(uid, [write])
             return
         if self._claimed(pod):
             self._keep_pod(pod)
-        if not await self._carry_out(uid, [WriteStatus(write.status, clear, tallies)]):
+        if not await self._carry_out(uid, [write]):
             return
         # It may have run, even ended, before this process knew it: follow it now.
         follow = decide.follow_pod(

@@ -238,12 +238,9 @@ def _unrecorded_first_pod(
     `after_pod`). Verified, it is adopted, admitted as it was, and followed."""
     if deleted or pod["metadata"]["name"] != pod_name(rec.name, 1):
         return []
-    start = admit_now(rec, now)
-    assert start.status is not None
-    write, adopted = adopt_pod(rec, pod, None, now, settings, status=start.status)
+    write, adopted = adopt_pod(rec, pod, None, now, settings, start=admit_now(rec, now))
     if not adopted:
         return [write]
-    write = WriteStatus(write.status, clear=ATTEMPT_CLEARS, tallies=start.tallies)
     return [
         write,
         *_current_pod(
@@ -577,12 +574,17 @@ ATTEMPT_CLEARS = ("queuePosition", "podUID")
 """Fields an attempt's status write removes (the queue place, the previous attempt's pod)."""
 
 
-def record_pod(rec: TaskRecord, pod: PodBody, status: TaskStatus | None = None) -> WriteStatus:
-    """The attempt's pod exists: from now on only it may report for the task. `status` is the
-    attempt's status not written yet (the first attempt's), else the task's own is used."""
-    recorded = (status or rec.status).model_copy()
+def record_pod(rec: TaskRecord, pod: PodBody, start: StartAttempt | None = None) -> WriteStatus:
+    """The attempt's pod exists: from now on only it may report for the task. `start` is the
+    attempt whose status is written once its pod exists (`after_pod`, the first attempt's): its
+    status, clears and tallies go with the pod's uid; else the task's own status is used."""
+    if start is None or start.status is None:
+        recorded = rec.status.model_copy()
+        recorded.pod_uid = str(pod["metadata"]["uid"])
+        return WriteStatus(recorded)
+    recorded = start.status.model_copy()
     recorded.pod_uid = str(pod["metadata"]["uid"])
-    return WriteStatus(recorded)
+    return WriteStatus(recorded, clear=ATTEMPT_CLEARS, tallies=start.tallies)
 
 
 def adopt_pod(
@@ -592,9 +594,9 @@ def adopt_pod(
     now: datetime,
     settings: OperatorSettings,
     *,
-    status: TaskStatus | None = None,
+    start: StartAttempt | None = None,
 ) -> tuple[WriteStatus, bool]:
-    """A pod found under the attempt's pod name: record it (into `status`, see `record_pod`) if
+    """A pod found under the attempt's pod name: record it (with `start`, see `record_pod`) if
     it is the pod the operator would create (`desired`, built here when None), else fail the
     task naming what differs. The write, and whether it adopts the pod."""
     if desired is None:
@@ -606,7 +608,7 @@ def adopt_pod(
                 rec.task,
                 namespace=rec.namespace,
                 uid=rec.uid,
-                attempt=(status or rec.status).attempt or 1,
+                attempt=start.attempt if start is not None else rec.status.attempt or 1,
                 settings=settings,
             )
         except (SpecError, ValidationError) as exc:
@@ -614,7 +616,7 @@ def adopt_pod(
     problem = foreign_pod_problem(found, desired, rec.uid)
     if problem is not None:
         return foreign(rec, problem, now, settings), False
-    return record_pod(rec, found, status), True
+    return record_pod(rec, found, start), True
 
 
 def foreign(
