@@ -111,9 +111,22 @@ class ScaleRun:
         return self.curve[-1][1] if self.curve else self.ready
 
 
+def task_name(i: int) -> str:
+    return f"scale-{i:05d}"
+
+
+def pods_created(events: list[load.Event]) -> collections.Counter[str]:
+    """Pods created per task name (their ADDED events)."""
+    return collections.Counter(
+        (ev.obj["metadata"].get("labels") or {}).get("llmsandbox.io/task", "?")
+        for ev in events
+        if ev.resource == "pods" and ev.type == "ADDED"
+    )
+
+
 def task_body(i: int) -> dict[str, Any]:
     return short_task(
-        f"scale-{i:05d}",
+        task_name(i),
         inputs=[{"path": "q.txt", "content": "six times seven"}],
         limits={"maxSteps": 8, "activeDeadlineSeconds": 600},
         sandbox={"image": "llm-sandbox/sandbox-python:test"},
@@ -229,11 +242,7 @@ def count_writes(run: ScaleRun, n: int) -> Writes:
         for ev in run.events
         if ev.resource == "sandboxtasks" and (ev.obj.get("status") or {}).get("phase") == "Queued"
     }
-    pods_created = collections.Counter(
-        (ev.obj["metadata"].get("labels") or {}).get("llmsandbox.io/task", "?")
-        for ev in run.events
-        if ev.resource == "pods" and ev.type == "ADDED"
-    )
+    pods = pods_created(run.events)
     refreshes = load.queue_refreshes(run.events)
     creates_other = sum(
         v
@@ -245,11 +254,11 @@ def count_writes(run: ScaleRun, n: int) -> Writes:
     direct: list[float] = []
     queued: list[float] = []
     for i in range(n):
-        name = f"scale-{i:05d}"
+        name = task_name(i)
         writes = (
             run.status_patches_by_task[name]
             - refreshes[name]
-            + pods_created[name]
+            + pods[name]
             + per_task_other
             + task_deletes
         )
@@ -275,21 +284,19 @@ def verify(run: ScaleRun, n: int, expect_deleted: bool) -> list[str]:
         problems.append(f"{run.label}: the operator exited with {run.returncode}:\n{run.log_tail}")
     succeeded: collections.Counter[str] = collections.Counter()
     phase: dict[str, str | None] = {}
-    pods: collections.Counter[str] = collections.Counter()
     answers_wrong = 0
     for ev in run.events:
-        name = ev.obj["metadata"]["name"]
         if ev.resource == "pods":
-            if ev.type == "ADDED":
-                pods[(ev.obj["metadata"].get("labels") or {}).get("llmsandbox.io/task", "?")] += 1
             continue
+        name = ev.obj["metadata"]["name"]
         status = ev.obj.get("status") or {}
         now = status.get("phase")
         if now == "Succeeded" and phase.get(name) != "Succeeded":
             succeeded[name] += 1
             answers_wrong += status.get("answer") != SUCCESS["answer"]
         phase[name] = now
-    names = [f"scale-{i:05d}" for i in range(n)]
+    names = [task_name(i) for i in range(n)]
+    pods = pods_created(run.events)
     twice = [x for x in names if succeeded[x] != 1]
     if twice:
         problems.append(f"{len(twice)} tasks did not reach Succeeded exactly once, e.g. {twice[0]}")

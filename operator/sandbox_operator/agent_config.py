@@ -86,10 +86,14 @@ def file_field(key: str) -> str:
     return f"metadata.annotations['{file_annotation(key)}']"
 
 
+def files_size(files: dict[str, str], key_prefix: str = "") -> int:
+    """The bytes the API server counts for the files: their keys (with `key_prefix`) and values."""
+    return sum(len((key_prefix + k).encode()) + len(v.encode()) for k, v in files.items())
+
+
 def files_fit_in_pod(files: dict[str, str]) -> bool:
     """Whether the task's files go into the pod's annotations (else into its ConfigMap)."""
-    size = sum(len(file_annotation(k).encode()) + len(v.encode()) for k, v in files.items())
-    return size <= MAX_POD_FILES_BYTES
+    return files_size(files, FILE_ANNOTATION_PREFIX) <= MAX_POD_FILES_BYTES
 
 
 def task_files(task: SandboxTask, settings: OperatorSettings) -> dict[str, str]:

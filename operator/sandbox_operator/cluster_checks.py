@@ -11,6 +11,7 @@ from sandbox_agent.task import NetworkMode, SandboxTask, SecretKeyRef, parse_all
 from .addresses import containing_exclusion
 from .agent_config import (
     MAX_CONFIGMAP_BYTES,
+    files_size,
     input_target,
     is_whole_configmap,
     resolve_model,
@@ -133,8 +134,7 @@ def validate_for_cluster(task: SandboxTask, settings: OperatorSettings) -> None:
     runtime_class(task, settings)
     _check_inputs(task)
     allow_list(task, settings)
-    data = task_files(task, settings)
-    size = sum(len(k.encode()) + len(v.encode()) for k, v in data.items())
+    size = files_size(task_files(task, settings))
     if size > MAX_CONFIGMAP_BYTES:
         raise SpecError(
             "spec.inputs",
