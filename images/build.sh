@@ -25,7 +25,7 @@ if [[ " ${names[*]} " != " sandbox " ]]; then
   # The project and its dependencies as wheels, fetched with this machine's pip settings, so the
   # agent and operator image builds install offline (the sandbox image needs none).
   rm -rf images/.wheels
-  python3 -m pip wheel --quiet --disable-pip-version-check --wheel-dir images/.wheels '.[operator]'
+  python3 -m pip wheel --quiet --disable-pip-version-check --wheel-dir images/.wheels '.[operator,grading]'
 fi
 built=()
 for name in "${names[@]}"; do

@@ -18,10 +18,12 @@ from .backends.base import ExecEndpoint
 from .errors import SandboxError
 from .events import EventSink, Notice, ignore
 from .execclient import ExecClient
+from .graders import Grading
 from .llm import ChatLLM
 from .loop import AgentLoop, AgentSettings, ModelOptions
 from .outputs import DEFAULT_CAPS, KEEP_FILE, OutputCaps, with_outputs
 from .result import ExitReason, TaskResult, phase_for
+from .scoring import score_result
 from .task import Limits
 from .trajectory import Trajectory
 from .wire import JOURNAL_FILE, OUTPUT_DIR, TRAJECTORY_FILE
@@ -54,6 +56,8 @@ class AgentTask:
     endpoint: LLMEndpoint
     model: ModelConfig
     limits: Limits
+    # Score the result after the loop (spec.grading); the expected answer is the grader's only.
+    grading: Grading | None = None
 
     def settings(self) -> AgentSettings:
         return AgentSettings.of(self.endpoint.model, self.model, self.limits)
@@ -125,8 +129,9 @@ async def run_agent(
     *,
     retry_backoff_seconds: float = DEFAULT_RETRY_BACKOFF_SECONDS,
 ) -> TaskResult:
-    """Run the task's loop against the exec server at `endpoint` and collect its outputs into
-    the record's directory. The caller saves the record once the sandbox is done with."""
+    """Run the task's loop against the exec server at `endpoint`, collect its outputs into the
+    record's directory and score the result (task.grading). The caller saves the record once
+    the sandbox is done with."""
     async with ExecClient(endpoint) as client:
         await _make_output_dir(client, on_event)
         try:
@@ -141,7 +146,10 @@ async def run_agent(
             result = await loop.run(task.prompt, listing)
         finally:
             await llm.aclose()
-        return await with_outputs(result, client, record.output_dir, on_event, record.caps)
+        result = await with_outputs(result, client, record.output_dir, on_event, record.caps)
+        if task.grading is not None:
+            result = await score_result(result, task.grading, client, endpoint.workspace)
+        return result
 
 
 async def _make_output_dir(client: ExecClient, on_event: EventSink) -> None:

@@ -151,6 +151,31 @@ def open_store(
         raise ArtifactStoreError(f"artifact store {parsed}: {one_line(exc)}") from None
 
 
+async def read_object(
+    url: str, where: str, options: StoreOptions, env: Mapping[str, str], max_bytes: int
+) -> bytes:
+    """The one object `url` names (s3://BUCKET/KEY, file:///DIR/FILE, ...), at most `max_bytes`;
+    every failure an ArtifactStoreError naming `where`."""
+    from obstore.exceptions import BaseError
+
+    parsed = parse_store_url(url, where)
+    path = PurePosixPath(parsed.root if parsed.scheme == "file" else parsed.prefix or "")
+    if not path.name:
+        raise ArtifactStoreError(f"{where}: {url!r} names no object (give the file's whole path)")
+    if parsed.scheme == "file":
+        parent = StoreURL("file", str(path.parent), "")
+    else:
+        parent = StoreURL(parsed.scheme, parsed.root, str(path.parent).strip("./"))
+    try:
+        store = ArtifactStore(_obstore(parent, options, env), parent)
+    except (BaseError, ValueError, OSError) as exc:
+        raise ArtifactStoreError(f"{where}: {one_line(exc)}") from None
+    data = await store.get(path.name)
+    if len(data) > max_bytes:
+        raise ArtifactStoreError(f"{where}: {url} is {len(data)} bytes, over {max_bytes}")
+    return data
+
+
 def _obstore(url: StoreURL, options: StoreOptions, env: Mapping[str, str]) -> ObjectStore:
     from obstore.store import AzureStore, GCSStore, LocalStore, S3Store
 

@@ -114,7 +114,9 @@ def agent_task(config: PodTaskConfig) -> AgentTask:
     # Out of /proc/PID/environ, for anything that shares this process's PID namespace.
     hide_from_environ("OPENAI_API_KEY")
     endpoint = LLMEndpoint(config.model.base_url, api_key, config.model.name)
-    return AgentTask(config.name, config.prompt, endpoint, config.model, config.limits)
+    return AgentTask(
+        config.name, config.prompt, endpoint, config.model, config.limits, config.grading
+    )
 
 
 async def list_inputs(client: ExecClient) -> list[str]:

@@ -6,11 +6,12 @@ from typing import Annotated
 
 from pydantic import Field
 
+from .apimodel import ApiModel
+from .graders import Grading
 from .outputs import DEFAULT_CAPS, OutputCaps
 from .task import (
     BASE_URL,
     MODEL_NAME,
-    ApiModel,
     Limits,
     MaxTokensPerCall,
     RequestTimeoutSeconds,
@@ -53,3 +54,4 @@ class PodTaskConfig(ApiModel):
     model: PodModelConfig
     limits: Limits = Field(default_factory=Limits)
     artifacts: PodArtifacts | None = None
+    grading: Grading | None = None

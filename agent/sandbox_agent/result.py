@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from enum import StrEnum
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -59,6 +60,31 @@ class ExitReason(StrEnum):
     """The pod did not start in time, e.g. no node can fit it (cluster only)."""
 
 
+# Endings that say nothing about the model: the platform failed it (the image, the node, the
+# endpoint, the task's own configuration) or it was stopped. Never scored: an RL batch must not
+# learn from a zero the model did not earn. Counted apart in a set's status.
+INFRASTRUCTURE_FAILURES = frozenset(
+    {
+        ExitReason.LLM_ERROR,
+        ExitReason.SANDBOX_ERROR,
+        ExitReason.INVALID_SPEC,
+        ExitReason.IMAGE_PULL_ERROR,
+        ExitReason.CONFIG_ERROR,
+        ExitReason.OOM_KILLED,
+        ExitReason.EVICTED,
+        ExitReason.POD_LOST,
+        ExitReason.AGENT_CRASHED,
+        ExitReason.START_TIMEOUT,
+    }
+)
+
+
+def is_scored(reason: ExitReason) -> bool:
+    """Whether an ending is the model's own (an answer, or a model that ran out of steps, tokens
+    or time) and so gets a score; infrastructure failures and cancellations do not."""
+    return reason not in INFRASTRUCTURE_FAILURES and reason is not ExitReason.CANCELLED
+
+
 class WireModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
@@ -102,6 +128,10 @@ class TaskResult(WireModel):
     # the first thing it failed to store.
     artifacts_url: str | None = Field(default=None, alias="artifactsURL")
     artifacts_error: str | None = None
+    # The grader's score in [0, 1] (tasks with spec.grading), its type, and why it is not 1.
+    score: Annotated[float | None, Field(ge=0, le=1)] = None
+    grader: Annotated[str | None, Field(max_length=32)] = None
+    grade_message: Annotated[str | None, Field(max_length=1024)] = None
 
     def to_json(self) -> str:
         # ASCII-escaped: the result is one log line whatever the answer holds (no raw U+2028,

@@ -351,7 +351,9 @@ async def upload_inputs(client: ExecClient, files: list[tuple[str, bytes]]) -> l
 
 def agent_task(task: SandboxTask, endpoint: LLMEndpoint) -> AgentTask:
     spec = task.spec
-    return AgentTask(task.metadata.name or "", spec.prompt, endpoint, spec.model, spec.limits)
+    return AgentTask(
+        task.metadata.name or "", spec.prompt, endpoint, spec.model, spec.limits, spec.grading
+    )
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from .apimodel import ApiModel
 from .errors import TaskSpecError
+from .graders import Grading
 from .wire import (
     DEFAULT_SANDBOX_IMAGE,
     NAME_PATTERN,
@@ -35,17 +37,6 @@ MAX_INLINE_INPUT_CHARS = 1_048_576
 INPUT_PATH_PATTERN = r"^[^/\x00][^\x00]*$"
 # host:port or cidr:port entries of a custom egress allow list.
 ALLOW_ENTRY_PATTERN = r"^[0-9a-fA-F.:]+(/[0-9]{1,3})?:[0-9]{1,5}$"
-
-
-class ApiModel(BaseModel):
-    """camelCase on the wire, snake_case in Python, unknown fields rejected."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        validate_default=True,
-    )
 
 
 class ToolCallFormat(StrEnum):
@@ -282,6 +273,13 @@ class SandboxTaskSpec(ApiModel):
             "finished, as for a Job; without it the operator's LLMSANDBOX_TASK_TTL_SECONDS."
         ),
     )
+    grading: Grading | None = Field(
+        default=None,
+        description=(
+            "Score the answer: a grader and the expected answer. Only the grader sees it; a "
+            "command verifier gets it in the sandbox after the model has finished."
+        ),
+    )
 
     @field_validator("inputs")
     @classmethod
@@ -321,9 +319,15 @@ _PATTERN_HINTS = {
 }
 
 
+# A grader's type, which pydantic puts in the location of a tagged union's errors.
+_GRADER_TAGS = frozenset({"exact", "numeric", "regex", "choice", "math", "command"})
+
+
 def _field_path(loc: tuple[int | str, ...]) -> str:
     path = ""
-    for part in loc:
+    for i, part in enumerate(loc):
+        if i and loc[i - 1] == "grader" and part in _GRADER_TAGS:
+            continue
         if isinstance(part, int):
             path += f"[{part}]"
         elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", part):
@@ -392,13 +396,23 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
-def parse_task(data: object) -> SandboxTask:
-    """Validate a decoded task document; errors name the field path (spec.limits.maxSteps: ...)."""
+Document = typing.TypeVar("Document", bound=BaseModel)
+
+
+def parse_document(model: type[Document], data: object, what: str) -> Document:
+    """Validate a decoded `what` document (a task, a set) as `model`; errors name the field
+    path (spec.limits.maxSteps: ...)."""
     if not isinstance(data, dict):
         raise TaskSpecError(
-            f"a task file must be a mapping with apiVersion, kind and spec (got {type(data).__name__})"
+            f"a {what} file must be a mapping with apiVersion, kind and spec "
+            f"(got {type(data).__name__})"
         )
     try:
-        return SandboxTask.model_validate(data, by_alias=True, by_name=False)
+        return model.model_validate(data, by_alias=True, by_name=False)
     except ValidationError as exc:
         raise TaskSpecError(format_validation_error(exc)) from None
+
+
+def parse_task(data: object) -> SandboxTask:
+    """Validate a decoded task document; errors name the field path."""
+    return parse_document(SandboxTask, data, "task")

@@ -114,6 +114,7 @@ def task_files(task: SandboxTask, settings: OperatorSettings) -> dict[str, str]:
         ),
         limits=task.spec.limits,
         artifacts=pod_artifacts(settings),
+        grading=task.spec.grading,
     )
     data = {
         TASK_CONFIG_KEY: json.dumps(
@@ -121,7 +122,7 @@ def task_files(task: SandboxTask, settings: OperatorSettings) -> dict[str, str]:
             config.model_dump(
                 mode="json",
                 by_alias=True,
-                exclude={"artifacts"} if config.artifacts is None else None,
+                exclude={n for n in ("artifacts", "grading") if getattr(config, n) is None},
             ),
             indent=2,
             ensure_ascii=False,
