@@ -13,7 +13,7 @@ import pytest
 from k8s.emulator import EmulatedApiServer
 from k8s.kubelet import TestKubelet
 from llmserver import ScriptedLLMServer, tool_call
-from sandbox_operator.crd import crd_yaml
+from sandbox_operator.crd import crd_yaml, set_crd_yaml
 from test_operator import OPERATOR, operator_env, secret
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -41,6 +41,12 @@ def test_crd_prints_the_generated_definition(tmp_path: Path) -> None:
     proc = sandboxctl("crd", env={}, cwd=tmp_path)
     assert proc.returncode == 0
     assert proc.stdout == crd_yaml()
+
+
+def test_crd_prints_the_task_set_definition_when_asked(tmp_path: Path) -> None:
+    proc = sandboxctl("crd", "--kind", "SandboxTaskSet", env={}, cwd=tmp_path)
+    assert proc.returncode == 0
+    assert proc.stdout == set_crd_yaml()
 
 
 def test_submit_inlines_local_input_files_and_get_lists_the_task(

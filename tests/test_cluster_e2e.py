@@ -9,6 +9,7 @@ LLMSANDBOX_E2E_API_KEY); the agent and sandbox images must be loadable by the cl
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -49,15 +50,19 @@ needs_cluster = pytest.mark.skipif(
 )
 
 
-def kubectl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def kubectl(
+    *args: str, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["kubectl", *args], input=stdin, capture_output=True, text=True, timeout=120, check=False
-    )
+        ["kubectl", *args], input=stdin, capture_output=True, text=True, timeout=timeout,
+        check=False,
+    )  # fmt: skip
 
 
 @needs_cluster
 def test_an_example_task_succeeds_on_a_real_cluster(tmp_path: Path) -> None:
-    assert kubectl("apply", "-f", str(ROOT / "manifests" / "crd.yaml")).returncode == 0
+    for crd in ("crd.yaml", "crd-taskset.yaml"):
+        assert kubectl("apply", "-f", str(ROOT / "manifests" / crd)).returncode == 0
     secret = {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -91,6 +96,20 @@ def test_an_example_task_succeeds_on_a_real_cluster(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=960, check=False,
         )  # fmt: skip
         assert wait.returncode == 0, wait.stdout + wait.stderr
+        # The example set: its six tasks created as earlier ones finish, then Succeeded.
+        kubectl("delete", "sandboxtaskset", "maths-mini", "-n", NAMESPACE, "--ignore-not-found")
+        example = str(ROOT / "examples" / "taskset-maths.yaml")
+        assert kubectl("apply", "-n", NAMESPACE, "-f", example).returncode == 0
+        left = max(60, int(deadline - time.monotonic()))
+        done = kubectl(
+            "wait", "sandboxtaskset/maths-mini", "-n", NAMESPACE, f"--timeout={left}s",
+            "--for=jsonpath={.status.phase}=Succeeded", timeout=left + 60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        status = json.loads(
+            kubectl("get", "stset", "maths-mini", "-n", NAMESPACE, "-o", "json").stdout
+        )["status"]
+        assert status["finished"] == 6
     finally:
         operator.terminate()
         operator.wait(timeout=30)

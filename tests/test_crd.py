@@ -44,7 +44,10 @@ COMMITTED = [
     ROOT / "manifests" / "crd.yaml",
     ROOT / "charts" / "llm-sandbox" / "crds" / "sandboxtasks.llmsandbox.io.yaml",
 ]
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+# SandboxTask examples (the SandboxTaskSet ones are tests/test_taskset_crd.py's).
+EXAMPLES = sorted(
+    p for p in (ROOT / "examples").glob("*.yaml") if not p.name.startswith("taskset-")
+)
 KUBERNETES_VERSIONS = ["1.29", "1.30", "1.31", "1.32", "1.33"]
 
 

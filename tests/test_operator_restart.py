@@ -42,7 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import operator_settings
 from k8s.emulator import EmulatedApiServer
-from k8s.history import TaskHistory
+from k8s.history import KillAfterWrites, TaskHistory
 from k8s.process import OperatorProcess, free_port
 from k8s.workload import EXPECTED, faulty_kubelet, short_task
 
@@ -139,17 +139,7 @@ def test_operator_killed_at_random_points_and_restarted_finishes_every_task_exac
     print(f"kill after writes: {kill_after}")
 
     history = TaskHistory().attach(k8s)
-    armed: dict[str, Any] = {}  # pid, writes: the process to kill after that many writes
-    kill_lock = threading.Lock()
-
-    def maybe_kill(pid: int) -> None:
-        # Runs in the API server, right after `pid`'s write was applied, before it is answered.
-        with kill_lock:
-            if armed.get("pid") == pid and history.operator_writes[pid] >= armed["writes"]:
-                os.kill(pid, 9)
-                armed.clear()
-
-    history.on_operator_write = maybe_kill
+    kill = KillAfterWrites(history)
     k8s.create(
         {
             "apiVersion": "v1",
@@ -180,9 +170,7 @@ def test_operator_killed_at_random_points_and_restarted_finishes_every_task_exac
                 for name in waves[incarnation]:
                     k8s.create(short_task(name))
             if incarnation < KILLS:
-                with kill_lock:
-                    armed.update(pid=op.pid, writes=kill_after[incarnation])
-                maybe_kill(op.pid)  # when it already wrote that much
+                kill.arm(op.pid, kill_after[incarnation])
                 try:
                     code = op.proc.wait(timeout=60) if op.proc else None
                 except Exception:

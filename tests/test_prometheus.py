@@ -309,6 +309,22 @@ class Prometheus:
         self._log.close()
 
 
+def graded_set(name: str) -> dict[str, Any]:
+    """A SandboxTaskSet of one item whose expected answer is the scripted model's."""
+    template = task("template")["spec"]
+    del template["prompt"]
+    return {
+        "apiVersion": "llmsandbox.io/v1alpha1",
+        "kind": "SandboxTaskSet",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "template": template,
+            "items": [{"id": "q1", "prompt": "What is six times seven?", "expected": "42"}],
+            "grader": {"type": "exact"},
+        },
+    }
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
     """(panel title, PromQL) of every target of the shipped dashboard, with its variables as
     Grafana fills them: every job, and a rate window that covers the whole test run."""
@@ -331,8 +347,8 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus_scraping_the_
     tmp_path: Path,
 ) -> None:
     # A run that moves every series: answers with tool calls (tokens, cost, tools, latencies),
-    # an evicted attempt (retries), an endpoint that fails (llm_error, LLM retries) and a store
-    # without its bucket (artifact failures).
+    # an evicted attempt (retries), an endpoint that fails (llm_error, LLM retries), a store
+    # without its bucket (artifact failures) and a one-item set (scores, sets completed).
     def model(request: dict[str, Any]) -> Any:
         if "endpoint down" in json.dumps(request["messages"][:2]):
             return error(503, message="overloaded")
@@ -354,9 +370,18 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus_scraping_the_
             k8s.create(task("answers"))
             k8s.create(task("evicted", retries=1))
             k8s.create(task("down", "The endpoint down case.", limits={"maxLlmRetries": 1}))
+            k8s.create(graded_set("graded"))
             ended = {
                 name: wait_phase(k8s, name, TERMINAL) for name in ("answers", "evicted", "down")
             }
+            k8s.wait_for(
+                lambda: (
+                    ((k8s.get("sandboxtasksets", "graded") or {}).get("status") or {}).get("phase")
+                    in ("Succeeded", "Failed")
+                ),
+                timeout=60,
+                message="set graded to finish",
+            )
             # A rate needs two scrapes of a series after it first appears; on a loaded machine
             # scrapes come late, so wait (up to a minute) until the queries have them.
             give_up = time.monotonic() + 60

@@ -31,7 +31,7 @@ from sandbox_agent.task import SandboxTask
 from sandbox_agent.taskfile import load_task_file
 from sandbox_agent.wire import API_GROUP, API_VERSION
 
-from .crd import crd_yaml
+from .crd import crd_yaml, set_crd_yaml
 from .kube import TASKS, KubeClient, KubeError
 from .status import TaskStatus, parse_rfc3339
 
@@ -414,7 +414,7 @@ async def fetch_artifacts(args: argparse.Namespace, url: str) -> int:
 
 
 def _crd(args: argparse.Namespace) -> int:
-    sys.stdout.write(crd_yaml())
+    sys.stdout.write(set_crd_yaml() if args.kind == "SandboxTaskSet" else crd_yaml())
     return EXIT_OK
 
 

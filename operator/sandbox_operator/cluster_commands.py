@@ -33,7 +33,13 @@ def add_commands(sub: Any) -> dict[str, Command]:
     for module in NEEDED:
         if importlib.util.find_spec(module) is None:
             raise ImportError(f"No module named {module!r}", name=module)
-    sub.add_parser("crd", help="print the SandboxTask CustomResourceDefinition (YAML)")
+    crd = sub.add_parser("crd", help="print a CustomResourceDefinition (YAML)")
+    crd.add_argument(
+        "--kind",
+        choices=("SandboxTask", "SandboxTaskSet"),
+        default="SandboxTask",
+        help="which one (default SandboxTask)",
+    )
 
     def cluster(name: str, help_text: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)

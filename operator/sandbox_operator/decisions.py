@@ -14,7 +14,14 @@ from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
-from sandbox_agent.result import TERMINAL_PHASES, ExitReason, Phase, TaskResult, phase_for
+from sandbox_agent.result import (
+    TERMINAL_PHASES,
+    ExitReason,
+    Phase,
+    TaskResult,
+    is_scored,
+    phase_for,
+)
 
 from .agent_report import ResultError, parse_log_result, parse_termination_message
 from .cluster_checks import validate_for_cluster
@@ -474,6 +481,12 @@ def finish(
     status.artifacts_url = result.artifacts_url
     status.artifacts_error = result.artifacts_error
     status.message = result.message or None
+    # A score counts only for an ending that is the model's: a pod that failed after the agent
+    # graded its answer (OOM, eviction) says nothing about the model.
+    graded = result.score is not None and is_scored(result.exit_reason)
+    status.score = result.score if graded else None
+    status.grader = result.grader if graded else None
+    status.grade_message = (result.grade_message or None) if graded else None
     status.completion_time = rfc3339(now)
     status.queue_position = None
     if status.start_time is None and pod is not None:

@@ -14,9 +14,10 @@ from sandbox_agent.wire import API_GROUP, API_VERSION
 
 from .canary import Verdict, run_canary
 from .controller import Operator
-from .kube import TASKS, KubeClient
+from .kube import TASKS, TASKSETS, KubeClient
 from .metadata import MANAGED_SELECTOR
 from .settings import load_settings
+from .taskset_controller import TaskSetController
 
 log = logging.getLogger("sandbox_operator")
 
@@ -35,10 +36,13 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     kube = KubeClient.from_environment()
     operator = Operator(config, kube)
     await operator.prime(config.watched_namespaces)
+    sets = TaskSetController(kube, operator.metrics)
+    await sets.prime(config.watched_namespaces)
+    memo["sets"] = sets
     if config.metrics_port:
         operator.metrics.serve(config.metrics_port)
     memo["operator"] = operator
-    memo["queue_refresher"] = asyncio.create_task(_refresh_queue(operator))
+    memo["queue_refresher"] = asyncio.create_task(_refresh_queue(operator, sets))
     memo["expirer"] = asyncio.create_task(_delete_expired(operator))
     if config.netpol_canary:
         memo["canary"] = asyncio.create_task(run_canary(operator))
@@ -69,15 +73,16 @@ async def cleanup(memo: Any, **_: Any) -> None:
         await operator.kube.close()
 
 
-async def _refresh_queue(operator: Operator) -> None:
-    """The operator's only timer: queue positions, pods that never start, and the shared
-    NetworkPolicies of namespaces with active tasks."""
+async def _refresh_queue(operator: Operator, sets: TaskSetController) -> None:
+    """The operator's only timer: queue positions, pods that never start, the shared
+    NetworkPolicies of namespaces with active tasks, and sets whose last plan was cut short."""
     while True:
         await asyncio.sleep(operator.settings.queue_refresh_seconds)
         try:
             await operator.refresh_queue_positions()
             await operator.fail_pods_that_never_start()
             await operator.reconcile_policies()
+            await sets.resync()
         except Exception:
             # A failed round (API hiccup) is retried on the next one; it must not stop them.
             log.exception("the periodic queue, start-timeout and policy round failed")
@@ -105,7 +110,16 @@ async def _delete_expired(operator: Operator) -> None:
 @kopf.on.event(API_GROUP, API_VERSION, TASKS)
 async def task_event(type: str | None, event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     operator: Operator = memo["operator"]
-    await operator.on_task(type, dict(event["object"]))
+    body = dict(event["object"])
+    await operator.on_task(type, body)
+    sets: TaskSetController = memo["sets"]
+    await sets.on_task(type, body)
+
+
+@kopf.on.event(API_GROUP, API_VERSION, TASKSETS)
+async def taskset_event(type: str | None, event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    sets: TaskSetController = memo["sets"]
+    await sets.on_set(type, dict(event["object"]))
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED_SELECTOR)

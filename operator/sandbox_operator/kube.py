@@ -25,12 +25,20 @@ from sandbox_agent import __version__
 from sandbox_agent.wire import API_GROUP, API_VERSION, PLURAL
 
 TASKS = PLURAL
+TASKSETS = "sandboxtasksets"
 # Every API call this client may make, as (verb, resource): the RBAC role is derived from it.
 API_CALLS: tuple[tuple[str, str], ...] = (
     ("get", "sandboxtasks"),
     ("list", "sandboxtasks"),
     ("watch", "sandboxtasks"),
     ("patch", "sandboxtasks/status"),
+    ("create", "sandboxtasks"),
+    ("delete", "sandboxtasks"),
+    ("get", "sandboxtasksets"),
+    ("list", "sandboxtasksets"),
+    ("watch", "sandboxtasksets"),
+    ("patch", "sandboxtasksets/status"),
+    ("delete", "sandboxtasksets"),
     ("get", "pods"),
     ("list", "pods"),
     ("watch", "pods"),
@@ -93,6 +101,7 @@ def resource_path(
         "secrets": "/api/v1",
         "networkpolicies": "/apis/networking.k8s.io/v1",
         TASKS: f"/apis/{API_GROUP}/{API_VERSION}",
+        TASKSETS: f"/apis/{API_GROUP}/{API_VERSION}",
     }[resource]
     path = prefix
     if namespace is not None:

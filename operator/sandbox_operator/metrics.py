@@ -9,9 +9,12 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sandbox_agent import __version__
-from sandbox_agent.result import Phase, TaskResult
+from sandbox_agent.graders import GRADER_TYPES
+from sandbox_agent.result import Phase, TaskResult, is_scored
 
 _DURATION_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600)
+# Scores lie in [0, 1]; most graders give 0 or 1, partial credit falls in between.
+_SCORE_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 _STARTUP_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
@@ -101,6 +104,19 @@ class Metrics:
             "Tasks that ended with part of their artifacts not stored (status.artifactsError).",
             registry=r,
         )
+        self.task_score = Histogram(
+            "llmsandbox_task_score",
+            "Scores of graded tasks (0 to 1), by grader type; infrastructure failures are not graded.",
+            ["grader"],
+            buckets=_SCORE_BUCKETS,
+            registry=r,
+        )
+        self.tasksets_completed = Counter(
+            "llmsandbox_tasksets_completed_total",
+            "SandboxTaskSets that reached a terminal phase, by result (Succeeded or Failed).",
+            ["result"],
+            registry=r,
+        )
         self.max_running = Gauge(
             "llmsandbox_max_running_tasks",
             "The operator's cap on tasks running at once.",
@@ -134,6 +150,10 @@ class Metrics:
             self.tool_calls.labels(tool=tool).inc(n)
         if result.artifacts_error:
             self.artifact_failures.inc()
+        if result.score is not None and is_scored(result.exit_reason):
+            # A bounded label: the known grader types only.
+            grader = result.grader if result.grader in GRADER_TYPES else "other"
+            self.task_score.labels(grader=grader).observe(result.score)
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
@@ -153,6 +173,8 @@ METRIC_NAMES = (
     "llmsandbox_estimated_cost_usd_total",
     "llmsandbox_tool_calls_total",
     "llmsandbox_artifact_store_failures_total",
+    "llmsandbox_task_score",
+    "llmsandbox_tasksets_completed_total",
     "llmsandbox_max_running_tasks",
     "llmsandbox_build_info",
     "llmsandbox_network_policy_enforced",

@@ -173,19 +173,21 @@ def _same_spec(previous: TaskRecord, generation: int | None, spec: Any) -> bool:
     return previous.raw_spec is not None and previous.raw_spec == spec
 
 
-def _parse_task(body: Mapping[str, Any]) -> tuple[SandboxTask | None, str | None]:
+def typed_view(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What of an API object its pydantic model reads: kind, name, namespace and spec (the
+    server's metadata and the status are the operator's to read apart)."""
     meta = body["metadata"]
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {"name": meta["name"], "namespace": meta.get("namespace")},
+        "spec": body.get("spec"),
+    }
+
+
+def _parse_task(body: Mapping[str, Any]) -> tuple[SandboxTask | None, str | None]:
     try:
-        task = SandboxTask.model_validate(
-            {
-                "apiVersion": body.get("apiVersion"),
-                "kind": body.get("kind"),
-                "metadata": {"name": meta["name"], "namespace": meta.get("namespace")},
-                "spec": body.get("spec"),
-            },
-            by_alias=True,
-            by_name=False,
-        )
+        task = SandboxTask.model_validate(typed_view(body), by_alias=True, by_name=False)
     except ValidationError as exc:
         return None, format_validation_error(exc).replace("\n", "; ")
     return task, None

@@ -167,6 +167,17 @@ class TaskStatus(StatusModel):
     artifacts_error: str | None = Field(
         default=None, description="What the artifact store failed to keep, when it failed."
     )
+    score: float | None = Field(
+        default=None,
+        description=(
+            "The grader's score in [0, 1] (spec.grading); absent when the task was not graded or "
+            "ended for a reason that is not the model's (an infrastructure failure)."
+        ),
+    )
+    grader: str | None = Field(default=None, description="The grader's type, when graded.")
+    grade_message: str | None = Field(
+        default=None, description="Why the score is not 1, from the grader."
+    )
     message: str | None = Field(default=None, description="Why, when the task did not succeed.")
     queue_position: int | None = Field(
         default=None, description="1-based place in the admission queue; only while Queued."

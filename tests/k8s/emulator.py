@@ -50,6 +50,8 @@ T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CRD_PATH = REPO_ROOT / "manifests" / "crd.yaml"
+# Seeded too, with the default CRD: the operator watches SandboxTaskSets as well.
+TASKSET_CRD_PATH = REPO_ROOT / "manifests" / "crd-taskset.yaml"
 ALL_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
 WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
 MERGE_PATCH = "application/merge-patch+json"
@@ -1718,7 +1720,8 @@ class EmulatedApiServer:
         self.store = ObjectStore(history_limit=history_limit)
         for res in BUILTIN_RESOURCES:
             self.store.register(res)
-        self._crds = [_load_crd(crd_path), *extra_crds]
+        sets = [_load_crd(TASKSET_CRD_PATH)] if TASKSET_CRD_PATH.exists() else []
+        self._crds = [_load_crd(crd_path), *sets, *extra_crds]
         self._namespaces = list(namespaces)
         self._host = host
         self._keep_requests = keep_requests

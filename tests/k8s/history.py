@@ -15,7 +15,9 @@ small, and records a violation the moment an invariant breaks:
 from __future__ import annotations
 
 import collections
+import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -186,3 +188,32 @@ class TaskHistory:
             with self.lock:
                 self.changed.wait(min(remaining, 0.1))
         return True
+
+
+class KillAfterWrites:
+    """SIGKILLs an operator process right after its Nth write lands (before it hears the answer):
+    `kill = KillAfterWrites(history)`, then `kill.arm(pid, writes)` for each incarnation."""
+
+    def __init__(self, history: TaskHistory) -> None:
+        self.history = history
+        self._lock = threading.Lock()
+        self._armed: tuple[int, int] | None = None  # (pid, writes)
+        history.on_operator_write = self._maybe_kill
+
+    def arm(self, pid: int, writes: int) -> None:
+        """Kill `pid` once it has made `writes` writes in all (now, if it already has)."""
+        with self._lock:
+            self._armed = (pid, writes)
+        self._maybe_kill(pid)
+
+    def _maybe_kill(self, pid: int) -> None:
+        # Runs in the API server, right after `pid`'s write was applied, before it is answered.
+        with self._lock:
+            armed = self._armed
+            if (
+                armed is not None
+                and armed[0] == pid
+                and self.history.operator_writes[pid] >= armed[1]
+            ):
+                os.kill(pid, signal.SIGKILL)
+                self._armed = None
