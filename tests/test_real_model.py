@@ -144,3 +144,38 @@ def test_with_no_endpoint_the_local_model_is_served_for_the_run_and_stopped(
     assert trajectory["model"] == MODEL.name
     assert trajectory["tool_call_format"] == MODEL.tool_call_format
     assert (tmp_path / "out" / "local-model.log").stat().st_size > 0
+
+
+def test_a_batch_with_no_endpoint_serves_one_local_model_for_every_run(
+    test_model_file: Path, tmp_path: Path
+) -> None:
+    items = [
+        {"id": "product", "prompt": EASY[0][0], "expected": EASY[0][1]},
+        {"id": "power", "prompt": EASY[2][0], "expected": EASY[2][1]},
+    ]
+    taskset = {
+        "apiVersion": "llmsandbox.io/v1alpha1", "kind": "SandboxTaskSet",
+        "metadata": {"name": "real"},
+        "spec": {"template": {"model": {"temperature": 0, "maxTokensPerCall": 512},
+                              "limits": {"maxSteps": 4, "maxTokens": 8192}},
+                 "items": items, "grader": {"type": "numeric"}},
+    }  # fmt: skip
+    (tmp_path / "set.yaml").write_text(json.dumps(taskset))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sandbox_agent.cli", "batch", "set.yaml", "--model", MODEL.name,
+         "--out", "out", "--parallel", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=800, check=False,
+        env=clean_env(LLMSANDBOX_MODELS_DIR=str(test_model_file.parent)),
+    )  # fmt: skip
+    assert proc.returncode in (0, 1), proc.stderr
+    assert "one qwen2.5-coder-0.5b-instruct-q4_k_m server answers every run" in proc.stderr
+    rows = [
+        json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    ]
+    assert sorted(r["id"] for r in rows) == ["power", "product"]
+    assert all(r["exitReason"] in NAMED for r in rows)
+    # Graded whenever the model itself ended the run; the trajectory is the local model's.
+    assert all(r["grader"] == "numeric" for r in rows if r["exitReason"] != "llm_error")
+    trajectory = json.loads((tmp_path / "out" / rows[0]["trajectory"]).read_text())
+    assert trajectory["tool_call_format"] == MODEL.tool_call_format
+    assert (tmp_path / "out" / "local-model.log").stat().st_size > 0

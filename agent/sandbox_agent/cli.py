@@ -1,8 +1,8 @@
 """`sandboxctl`: run a SandboxTask locally; with the operator installed, talk to it on a cluster.
 
-`run` and `validate` are this package's (local_commands.py); other commands come from the
+`run`, `validate` and `batch` are this package's (local_commands.py, batch_commands.py); other commands come from the
 `sandboxctl.commands` entry point group (the operator's cluster commands:
-`pip install 'llm-sandbox-operator[operator]'`), loaded only when a command other than these two
+`pip install 'llm-sandbox-operator[operator]'`), loaded only when a command other than these
 is asked for. This module imports only what parsing needs, so that `sandboxctl --help` starts
 in a blink: each command imports its own modules when it runs.
 """
@@ -114,12 +114,73 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX or file:///DIR",
     )
 
-    validate = sub.add_parser("validate", help="check a task file and print the parsed spec")
-    validate.add_argument("task", type=Path, help="the task file (YAML)")
+    add_batch_parser(sub)
+
+    validate = sub.add_parser(
+        "validate",
+        help="check a task file and print the parsed spec (or a set file and its items)",
+    )
+    validate.add_argument("task", type=Path, help="the task or set file (YAML)")
     from .model_commands import add_parser as add_model_parser
 
     add_model_parser(sub)
     return parser, sub
+
+
+BATCH_EXIT_CODES = """exit codes:
+  0    every item-sample finished (right or wrong: see accuracy)
+  1    some failed for infrastructure reasons (--resume runs them again), or an unexpected error
+  2    a bad set file, item, command line or output directory
+  130  stopped by Ctrl-C (finished item-samples are kept: --resume goes on from there)
+  143  stopped by SIGTERM (as for Ctrl-C)"""
+
+
+def add_batch_parser(sub: Any) -> None:
+    batch = sub.add_parser(
+        "batch",
+        help="run a SandboxTaskSet on this machine, N local sandboxes at once",
+        description=(
+            "Run every item-sample of a SandboxTaskSet in local sandboxes, N at once: a progress "
+            "bar, DIR/results.jsonl (one line per finished item-sample), DIR/summary.json and a "
+            "summary table. The endpoint is chosen as for `sandboxctl run`."
+        ),
+        epilog=BATCH_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    batch.add_argument("taskset", type=Path, help="the set file (YAML, kind SandboxTaskSet)")
+    batch.add_argument(
+        "--parallel", "-j", type=int, default=8, metavar="N",
+        help="run N item-samples at once (default 8)",
+    )  # fmt: skip
+    batch.add_argument(
+        "--out",
+        type=Path,
+        help="the batch directory (default: a new one under sandboxctl-batches/); an existing "
+        "batch there is refused without --resume",
+    )
+    batch.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish the batch in --out: what finished is kept, the rest (and what failed for "
+        "infrastructure reasons) runs",
+    )
+    batch.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="as for run")
+    batch.add_argument("--model", help="model name (overrides OPENAI_MODEL and the template)")
+    batch.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    batch.add_argument("--image", help="the sandbox image for the docker backend")
+    batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    batch.add_argument("--json", action="store_true", help="print summary.json on stdout")
+    batch.add_argument(
+        "--allow-host-network",
+        action="store_true",
+        help="let a template with network mode internet use this machine's network",
+    )
+    add_store_arguments(
+        batch,
+        "read itemsFrom.url from a store",
+        "--artifacts-url",
+        "also keep each run in this store (as for run)",
+    )
 
 
 def add_store_arguments(
@@ -157,6 +218,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return validate(args)
 
 
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from .batch_commands import batch
+
+    return batch(args)
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from .model_commands import run
 
@@ -166,6 +233,7 @@ def _cmd_model(args: argparse.Namespace) -> int:
 LOCAL_COMMANDS: dict[str, Command] = {
     "run": _cmd_run,
     "validate": _cmd_validate,
+    "batch": _cmd_batch,
     "model": _cmd_model,
 }
 

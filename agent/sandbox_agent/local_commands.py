@@ -286,9 +286,31 @@ async def until_signalled(work: Coroutine[Any, Any, T]) -> T:
 
 
 def validate(args: argparse.Namespace) -> int:
+    from .taskfile import read_document
+
+    document = read_document(args.task, "task")
+    if isinstance(document, dict) and document.get("kind") == "SandboxTaskSet":
+        return validate_set(args.task)
     task = load_task_file(args.task)
     missing = missing_input_files(task, args.task.resolve().parent)
     if missing:
         raise TaskSpecError(f"{args.task}: " + "; ".join(missing))
     print(json.dumps(task.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2))
+    return EXIT_OK
+
+
+def validate_set(path: Path) -> int:
+    """A set file checked as `sandboxctl batch` checks it (its items read, every item-sample's
+    task built); one line of counts on success."""
+    from .batch import load_checked_set
+    from .runner import RunOptions
+
+    opts = RunOptions()
+    taskset, items, _ = load_checked_set(path, opts.store_options, opts.env)
+    samples = taskset.spec.samples_per_item
+    grader = taskset.spec.grader.type if taskset.spec.grader else "none"
+    print(
+        f"{path}: SandboxTaskSet {taskset.metadata.name or '(unnamed)'}: {len(items)} items x "
+        f"{samples} samples = {len(items) * samples} tasks, grader {grader}"
+    )
     return EXIT_OK
