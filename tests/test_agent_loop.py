@@ -468,3 +468,14 @@ def test_malformed_replies_empty_choices_and_resets_are_retried(
     outcome = run_local(task_doc(limits={"maxLlmRetries": 5}))
     assert outcome.result.answer == "robust"
     assert outcome.result.usage.llm_retries == 3
+
+
+def test_https_endpoints_share_one_verifying_tls_context() -> None:
+    import ssl
+
+    from sandbox_agent.llm import verified_context
+
+    first, second = verified_context(), verified_context()
+    assert first is second  # the CA bundle is loaded once per process, not once per run
+    assert first.verify_mode is ssl.CERT_REQUIRED
+    assert first.check_hostname
