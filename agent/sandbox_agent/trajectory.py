@@ -128,7 +128,10 @@ class Trajectory(BaseModel):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".trajectory-", suffix=".json")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.model_dump(mode="json", by_alias=True), fh, ensure_ascii=False)
+                # dumps, not dump: json.dump streams through the pure-Python encoder.
+                fh.write(
+                    json.dumps(self.model_dump(mode="json", by_alias=True), ensure_ascii=False)
+                )
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -370,4 +371,11 @@ def host_env_for_sandbox(extra: dict[str, str]) -> dict[str, str]:
 
 
 def which(cmd: str) -> str | None:
-    return shutil.which(cmd, path=os.environ.get("PATH"))
+    """shutil.which, remembered per PATH: every sandbox start looks up the same few programs
+    (bwrap, setpriv, unshare, prlimit), each a stat of every PATH directory."""
+    return _which(cmd, os.environ.get("PATH"))
+
+
+@functools.lru_cache(maxsize=64)
+def _which(cmd: str, path: str | None) -> str | None:
+    return shutil.which(cmd, path=path)

@@ -46,6 +46,7 @@ from .base import (
     execd_source,
     host_env_for_sandbox,
     terminate,
+    which,
 )
 from .limits import MIB, Enforcement, SandboxLimits, human_bytes
 from .seccomp import filter_program, machine, supported
@@ -158,7 +159,7 @@ def _stub_etc() -> Path:
 
 
 def bwrap_path() -> str | None:
-    return shutil.which("bwrap")
+    return which("bwrap")
 
 
 @functools.cache
@@ -249,7 +250,7 @@ def _host_uid_base() -> int:
 
 def _demote(uid: int) -> list[str]:
     """A command prefix that runs the rest as host uid:gid `uid` with no groups or capabilities."""
-    setpriv = shutil.which("setpriv")
+    setpriv = which("setpriv")
     if setpriv is not None:
         return [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
     return [sys.executable, "-I", "-S", "-c", _DEMOTE, str(uid)]
@@ -270,10 +271,10 @@ class _UserNamespace:
 
     @staticmethod
     def available() -> bool:
-        return os.geteuid() == 0 and shutil.which("unshare") is not None
+        return os.geteuid() == 0 and which("unshare") is not None
 
     async def open(self) -> int:
-        unshare = shutil.which("unshare")
+        unshare = which("unshare")
         assert unshare is not None
         holder = await asyncio.create_subprocess_exec(
             *_demote(self.base),

@@ -25,7 +25,6 @@ import contextlib
 import os
 import re
 import secrets
-import shutil
 import signal
 import time
 from collections.abc import Sequence
@@ -438,7 +437,9 @@ class SandboxLimits:
         self.config = config
         self.cgroup: SandboxCgroup | None = None
         self.rlimits: dict[str, int] = {}
-        self.prlimit = shutil.which("prlimit")
+        from .base import which  # base imports this module
+
+        self.prlimit = which("prlimit")
         self.enforcement = Enforcement("none")
 
     def setup(self, parents: CgroupParents | None = None) -> Enforcement:
