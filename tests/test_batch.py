@@ -312,3 +312,18 @@ def test_validate_checks_a_set_file_and_counts_its_tasks(tmp_path: Path) -> None
         2,
         f"sandboxctl validate: {path}: items[0].expected: the numeric grader needs one\n",
     )
+
+
+async def test_a_math_grader_without_math_verify_is_refused_with_the_install_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sandbox_agent.math_grading
+
+    monkeypatch.setattr(sandbox_agent.math_grading, "math_verify_installed", lambda: False)
+    path = write_set(tmp_path, 1, grader={"type": "math"})
+    with pytest.raises(TaskSpecError) as caught:
+        await run_set(path, tmp_path / "out", RunOptions(base_url="http://127.0.0.1:9/v1"))
+    assert str(caught.value) == (
+        "spec.grader: the math grader needs math-verify: pip install 'llm-sandbox-operator[grading]'"
+    )
+    assert not (tmp_path / "out").exists()

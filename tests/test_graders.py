@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from multiprocessing.connection import Connection
 
 import pytest
 from pydantic import ValidationError
@@ -203,9 +205,26 @@ async def test_the_math_worker_grades_in_its_own_process() -> None:
 
 
 @needs_math_verify
-async def test_a_worker_that_hangs_is_replaced_and_scores_zero(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def _stuck(conn: Connection) -> None:
+    """A stand-in worker that starts, then never answers (sympy on a crafted expression)."""
+    conn.send(("ready", ""))
+    conn.recv()
+    time.sleep(3600)
+
+
+async def test_an_answer_that_keeps_the_worker_busy_scores_zero_and_the_worker_is_replaced() -> (
+    None
+):
+    worker = MathWorker(serve=_stuck)
+    try:
+        found = await worker.grade(r"\boxed{1}", "1", 0.5)
+        assert (found.score, found.message) == (0.0, "grading took longer than 6s")
+        assert worker._process is None  # killed; the next answer starts a new one
+    finally:
+        worker.close()
+
+
+async def test_a_worker_that_died_is_started_again() -> None:
     worker = MathWorker()
     try:
         await worker.grade("1", "1", 1)
@@ -234,3 +253,18 @@ def test_a_verifier_scores_by_its_last_number_else_its_exit_code(
 ) -> None:
     found = verifier_grade(exit_code, stdout)
     assert (found.score, found.message) == (score, message)
+
+
+@needs_math_verify
+def test_one_worker_serves_one_event_loop_after_another() -> None:
+    worker = MathWorker()
+
+    async def two_at_once() -> list[float]:
+        found = await asyncio.gather(worker.grade("1/2", "0.5", 5), worker.grade("2", "3", 5))
+        return [g.score for g in found]
+
+    try:
+        assert asyncio.run(two_at_once()) == [1.0, 0.0]
+        assert asyncio.run(two_at_once()) == [1.0, 0.0]  # a second loop, the same worker
+    finally:
+        worker.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import multiprocessing
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
@@ -72,13 +73,23 @@ class MathWorker:
     """One worker process that grades maths answers one at a time. An answer that takes longer
     than twice its timeout (plus a margin) scores 0 and the worker is replaced."""
 
-    def __init__(self) -> None:
+    def __init__(self, serve: Callable[[Connection], None] | None = None) -> None:
+        # What the worker runs: _serve (tests put a stand-in here).
+        self._serve = serve or _serve
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
-        self._lock = asyncio.Lock()
+        self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+
+    def _lock(self) -> asyncio.Lock:
+        """One lock per event loop: a process may run several (asyncio.run after asyncio.run),
+        and a lock serves the loop it was first waited on in only."""
+        loop = asyncio.get_running_loop()
+        for old in [other for other in self._locks if other.is_closed()]:
+            del self._locks[old]
+        return self._locks.setdefault(loop, asyncio.Lock())
 
     async def grade(self, answer: str, expected: str, timeout_seconds: float) -> Grade:
-        async with self._lock:
+        async with self._lock():
             conn = await self._started()
             conn.send((answer[-MAX_GRADED_CHARS:], expected, timeout_seconds))
             budget = 2 * timeout_seconds + 5
@@ -98,7 +109,7 @@ class MathWorker:
         self.close()
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=_serve, args=(child,), daemon=True, name="math-grader")
+        process = ctx.Process(target=self._serve, args=(child,), daemon=True, name="math-grader")
         process.start()
         child.close()
         self._process, self._conn = process, parent
