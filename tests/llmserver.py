@@ -251,6 +251,9 @@ def _error_body(status: int, message: str) -> bytes:
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog is 5: 32 clients connecting at once overflowed it, and each
+    # dropped SYN cost its client a 1 s retransmit (an inference server's backlog is thousands).
+    request_queue_size = 1024
     owner: ScriptedLLMServer
 
 

@@ -25,6 +25,8 @@ from sandbox_agent.backends import BACKENDS, Sandbox, SandboxConfig
 from sandbox_agent.backends import limits as limits_module
 from sandbox_agent.backends.limits import (
     CGROUP_PREFIX,
+    SANDBOX_CPU_SHARES,
+    SANDBOX_CPU_WEIGHT,
     CgroupParents,
     Enforcement,
     SandboxCgroup,
@@ -664,6 +666,8 @@ def test_the_limit_files_written_on_cgroup_v2(tmp_path: Path) -> None:
     assert (path / "memory.swap.max").read_text() == "0"
     assert (path / "pids.max").read_text() == str(PIDS)
     assert (path / "cpu.max").read_text() == "150000 100000"
+    # Under contention a sandbox weighs a sixteenth of the agent process that drives it.
+    assert (path / "cpu.weight").read_text() == str(SANDBOX_CPU_WEIGHT)
     # Our children get the controllers only if our own cgroup hands them down.
     assert enabled == ["+memory", "+pids", "+cpu"]
     assert enforced["memory"].startswith("256 MiB (cgroup v2, no swap")
@@ -690,4 +694,5 @@ def test_the_limit_files_written_on_cgroup_v1(tmp_path: Path) -> None:
     assert (pids_dir / "pids.max").read_text() == str(PIDS)
     assert (cpu_dir / "cpu.cfs_quota_us").read_text() == "50000"
     assert (cpu_dir / "cpu.cfs_period_us").read_text() == "100000"
+    assert (cpu_dir / "cpu.shares").read_text() == str(SANDBOX_CPU_SHARES)
     assert "no swap" in enforced["memory"]

@@ -44,6 +44,10 @@ CPU_PERIOD_US = 100_000
 MIN_CPU_QUOTA_US = 1_000
 # The controllers a sandbox's cgroup uses, in the order their limits are written.
 CONTROLLERS = ("memory", "pids", "cpu")
+# A sandbox's CPU weight against the processes of ours beside it: 1/16 of the default (1024 for
+# v1's cpu.shares, 100 for v2's cpu.weight).
+SANDBOX_CPU_SHARES = 64
+SANDBOX_CPU_WEIGHT = 6
 CGROUP_PREFIX = "llmsandbox-"
 # How long stop() keeps killing and retrying rmdir before it reports processes that survived.
 RELEASE_TIMEOUT = 10.0
@@ -303,6 +307,7 @@ class SandboxCgroup:
         """Write the config's limits; return (enforced, failed) as resource -> sentence."""
         enforced: dict[str, str] = {}
         failed: dict[str, str] = {}
+        self._lower_cpu_weight()
         for resource, setter in (
             ("memory", self._set_memory),
             ("pids", self._set_pids),
@@ -318,6 +323,24 @@ class SandboxCgroup:
             except OSError as exc:
                 failed[resource] = f"writing the {self.mechanism} limit failed: {exc.strerror}"
         return enforced, failed
+
+    def _lower_cpu_weight(self) -> None:
+        """The sandbox's share of a busy CPU: SANDBOX_CPU_SHARES (v1) or SANDBOX_CPU_WEIGHT (v2),
+        a sixteenth of the default. The scheduler weighs each cgroup as one process of ours, so
+        at the default 32 sandboxes starved the one agent process that drives them (its event
+        loop stalled for a third of a batch's time). Alone, a sandbox still gets a whole CPU: a
+        weight only matters when the CPU is contended. Best effort: no cpu controller, no
+        change."""
+        path = self.dirs.get("cpu")
+        if path is None:
+            return
+        name, value = (
+            ("cpu.shares", SANDBOX_CPU_SHARES)
+            if self.version == 1
+            else ("cpu.weight", SANDBOX_CPU_WEIGHT)
+        )
+        with contextlib.suppress(OSError):
+            _write(path / name, str(value))
 
     def _set_memory(self, path: Path, config: SandboxConfig) -> str:
         limit = config.memory_bytes
