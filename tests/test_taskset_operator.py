@@ -251,7 +251,11 @@ def test_the_cluster_client_submits_a_set_and_streams_each_finished_task(
         async with ClusterClient.connect() as client:
             name = await client.submit_set(parse_set(body), namespace="default")
             seen = [r async for r in client.stream_results(name, "default", poll_seconds=0.2)]
-            return seen, await client.set_status(name, "default")
+            done = await client.wait_set(name, "default", poll_seconds=0.2)
+            task = await client.wait_task(seen[0].name, "default", poll_seconds=0.2)
+            assert task["phase"] == "Succeeded"
+            assert done == await client.set_status(name, "default")
+            return seen, done
 
     for key, value in k8s.env().items():
         monkeypatch.setenv(key, value)

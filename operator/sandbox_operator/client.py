@@ -4,7 +4,7 @@ for it, and stream a set's finished tasks as they finish (for eval and RL code).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -98,11 +98,7 @@ class ClusterClient:
         self, name: str, namespace: str, poll_seconds: float = 2.0
     ) -> dict[str, Any]:
         """The task's status once it is terminal."""
-        while True:
-            status = await self.task_status(name, namespace)
-            if status.get("phase") in TERMINAL_PHASES:
-                return status
-            await asyncio.sleep(poll_seconds)
+        return await self._wait(TASKS, name, namespace, TERMINAL_PHASES, poll_seconds)
 
     async def stream_results(
         self, set_name: str, namespace: str, poll_seconds: float = 2.0
@@ -131,8 +127,18 @@ class ClusterClient:
         self, name: str, namespace: str, poll_seconds: float = 2.0
     ) -> dict[str, Any]:
         """The set's status once it is terminal."""
+        return await self._wait(TASKSETS, name, namespace, TERMINAL_SET_PHASES, poll_seconds)
+
+    async def _wait(
+        self,
+        resource: str,
+        name: str,
+        namespace: str,
+        terminal: Collection[str],
+        poll_seconds: float,
+    ) -> dict[str, Any]:
         while True:
-            status = await self.set_status(name, namespace)
-            if status.get("phase") in TERMINAL_SET_PHASES:
+            status = await self._status(resource, name, namespace)
+            if status.get("phase") in terminal:
                 return status
             await asyncio.sleep(poll_seconds)
