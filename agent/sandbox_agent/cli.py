@@ -177,9 +177,9 @@ def add_batch_parser(sub: Any) -> None:
     )
     add_store_arguments(
         batch,
-        "read itemsFrom.url from a store",
+        "how an itemsFrom.url is read and, with --artifacts-url, where each run is kept too",
         "--artifacts-url",
-        "also keep each run in this store (as for run)",
+        "also keep each run in this store, under URL/local/TASK/ATTEMPT/ (as for run)",
     )
 
 
