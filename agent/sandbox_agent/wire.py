@@ -10,6 +10,8 @@ API_GROUP = "llmsandbox.io"
 API_VERSION = "v1alpha1"
 KIND = "SandboxTask"
 PLURAL = "sandboxtasks"
+# The SandboxTaskSet custom resource (same group and version).
+SET_PLURAL = "sandboxtasksets"
 
 # The sandbox image for tasks that name none.
 DEFAULT_SANDBOX_IMAGE = "llm-sandbox/sandbox-python:0.1.0"

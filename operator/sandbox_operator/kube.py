@@ -22,10 +22,10 @@ import kopf
 from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox_agent import __version__
-from sandbox_agent.wire import API_GROUP, API_VERSION, PLURAL
+from sandbox_agent.wire import API_GROUP, API_VERSION, PLURAL, SET_PLURAL
 
 TASKS = PLURAL
-TASKSETS = "sandboxtasksets"
+TASKSETS = SET_PLURAL
 # Every API call this client may make, as (verb, resource): the RBAC role is derived from it.
 API_CALLS: tuple[tuple[str, str], ...] = (
     ("get", "sandboxtasks"),

@@ -19,7 +19,6 @@ from sandbox_agent.wire import (
 )
 
 SET_KIND = "SandboxTaskSet"
-SET_PLURAL = "sandboxtasksets"
 LABEL_SET = f"{API_GROUP}/taskset"
 """The set's name (at most 40 characters, so always a valid label value)."""
 LABEL_SET_UID = f"{API_GROUP}/taskset-uid"

@@ -15,10 +15,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from .kube import ConflictError, KubeClient, KubeError
+from .kube import TASKS, TASKSETS, ConflictError, KubeClient, KubeError
 from .metrics import Metrics
 from .taskset_children import (
-    SET_PLURAL,
     ChildState,
     child_result,
     foreign_child_problem,
@@ -41,8 +40,6 @@ from .taskset_items import load_items
 from .taskset_status import SetReason, contains, parse_ranges
 
 log = logging.getLogger("sandbox_operator")
-
-TASKS = "sandboxtasks"
 
 
 def _now() -> datetime:
@@ -74,7 +71,7 @@ class TaskSetController:
         scopes: list[str | None] = list(namespaces) or [None]
         for ns in scopes:
             try:
-                sets = await self.kube.list(SET_PLURAL, ns)
+                sets = await self.kube.list(TASKSETS, ns)
             except KubeError as exc:
                 if exc.status != 404:
                     raise
@@ -215,7 +212,7 @@ class TaskSetController:
                     return
             elif isinstance(action, DeleteSet):
                 log.info("set %s/%s: TTL passed, deleting it", rec.ref.namespace, rec.ref.name)
-                await self.kube.delete(SET_PLURAL, rec.ref.namespace, rec.ref.name, uid=rec.ref.uid)
+                await self.kube.delete(TASKSETS, rec.ref.namespace, rec.ref.name, uid=rec.ref.uid)
                 self._forget(rec.ref.uid)
 
     async def _create_children(self, rec: SetRecord, action: CreateChildren) -> str | None:
@@ -244,7 +241,7 @@ class TaskSetController:
     async def _write(self, rec: SetRecord, action: WriteSetStatus) -> bool:
         try:
             updated = await self.kube.patch_status(
-                SET_PLURAL, rec.ref.namespace, rec.ref.name, action.status.to_api()
+                TASKSETS, rec.ref.namespace, rec.ref.name, action.status.to_api()
             )
         except KubeError as exc:
             if exc.status == 404:
