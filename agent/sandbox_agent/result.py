@@ -133,6 +133,12 @@ class TaskResult(WireModel):
     grader: Annotated[str | None, Field(max_length=32)] = None
     grade_message: Annotated[str | None, Field(max_length=1024)] = None
 
+    @property
+    def counted_score(self) -> float | None:
+        """The score where it counts: an ending that is the model's own (is_scored). A pod that
+        failed after the agent graded its answer (OOM, eviction) says nothing about the model."""
+        return self.score if is_scored(self.exit_reason) else None
+
     def to_json(self) -> str:
         # ASCII-escaped: the result is one log line whatever the answer holds (no raw U+2028,
         # U+0085 or other characters that a reader could take for a line break).

@@ -19,7 +19,6 @@ from sandbox_agent.result import (
     ExitReason,
     Phase,
     TaskResult,
-    is_scored,
     phase_for,
 )
 
@@ -481,9 +480,7 @@ def finish(
     status.artifacts_url = result.artifacts_url
     status.artifacts_error = result.artifacts_error
     status.message = result.message or None
-    # A score counts only for an ending that is the model's: a pod that failed after the agent
-    # graded its answer (OOM, eviction) says nothing about the model.
-    graded = result.score is not None and is_scored(result.exit_reason)
+    graded = result.counted_score is not None
     status.score = result.score if graded else None
     status.grader = result.grader if graded else None
     status.grade_message = (result.grade_message or None) if graded else None

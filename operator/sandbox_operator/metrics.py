@@ -10,7 +10,7 @@ from prometheus_client.registry import Collector
 
 from sandbox_agent import __version__
 from sandbox_agent.graders import GRADER_TYPES
-from sandbox_agent.result import Phase, TaskResult, is_scored
+from sandbox_agent.result import Phase, TaskResult
 
 _DURATION_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600)
 # Scores lie in [0, 1]; most graders give 0 or 1, partial credit falls in between.
@@ -150,10 +150,11 @@ class Metrics:
             self.tool_calls.labels(tool=tool).inc(n)
         if result.artifacts_error:
             self.artifact_failures.inc()
-        if result.score is not None and is_scored(result.exit_reason):
+        score = result.counted_score
+        if score is not None:
             # A bounded label: the known grader types only.
             grader = result.grader if result.grader in GRADER_TYPES else "other"
-            self.task_score.labels(grader=grader).observe(result.score)
+            self.task_score.labels(grader=grader).observe(score)
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
