@@ -15,8 +15,8 @@ from .batch import (
     BatchOutcome,
     BatchProgress,
     BatchRow,
+    checked_items,
     concurrently,
-    load_items,
     load_set_file,
     run_batch,
 )
@@ -33,7 +33,7 @@ from .runner import (
     start_local_model,
 )
 from .task import SandboxTask, SandboxTaskSpec, ToolCallFormat, parse_task
-from .taskset import SandboxTaskSet
+from .taskset import SandboxTaskSet, template_task
 
 
 def as_task(task: SandboxTask | SandboxTaskSpec | dict[str, object] | str) -> SandboxTask:
@@ -106,7 +106,7 @@ async def run_set(
         taskset = load_set_file(taskset)
     else:
         set_dir = Path.cwd()
-    items = await load_items(taskset, set_dir, opts.store_options, opts.env)
+    items = await checked_items(taskset, set_dir, opts.store_options, opts.env)
     return await run_batch(
         taskset, items, set_dir, out_dir, opts,
         parallel=parallel, resume=resume, on_progress=on_progress, on_row=on_row,
@@ -150,8 +150,7 @@ def set_for_local_model(taskset: SandboxTaskSet, model: KnownModel) -> SandboxTa
 
 def local_set_context(taskset: SandboxTaskSet) -> int:
     """The local server's context for the set's tasks (local_context of its template)."""
-    limits = taskset.spec.template.limits
-    return local_context(SandboxTask(spec=SandboxTaskSpec(prompt="-", limits=limits)))
+    return local_context(template_task(taskset))
 
 
 __all__ = ["RunOptions", "RunOutcome", "run", "run_many", "run_set"]

@@ -24,7 +24,7 @@ from .errors import TaskSpecError
 from .graders import MathGrader
 from .result import ExitReason, Phase, TaskResult, WireModel, is_scored
 from .runner import LOCAL_MODEL_LOG, RunOptions, RunOutcome, run_name, run_task
-from .task import ObjectMeta, SandboxTask, SandboxTaskSpec
+from .task import ObjectMeta, SandboxTask
 from .taskfile import load_file, missing_input_files
 from .taskset import (
     Child,
@@ -39,6 +39,7 @@ from .taskset import (
     parse_items,
     parse_set,
     summarise,
+    template_task,
 )
 
 RESULTS_FILE = "results.jsonl"
@@ -120,19 +121,35 @@ async def load_items(
     return items
 
 
+async def checked_items(
+    taskset: SandboxTaskSet, set_dir: Path, options: StoreOptions, env: dict[str, str]
+) -> list[SetItem]:
+    """The set's items (load_items), with everything refused that would fail every run
+    (check_runnable): what run_batch takes."""
+    items = await load_items(taskset, set_dir, options, env)
+    check_runnable(taskset, items, set_dir)
+    return items
+
+
 def load_checked_set(
     path: Path, options: StoreOptions, env: dict[str, str]
 ) -> tuple[SandboxTaskSet, list[SetItem], Path]:
-    """A set file, its items and the directory its paths are relative to, with everything
-    refused that would fail every run; errors name the file, then the item and field."""
+    """A set file, its checked items and the directory its paths are relative to."""
     taskset = load_set_file(path)
+    return (taskset, *check_set_file(path, taskset, options, env))
+
+
+def check_set_file(
+    path: Path, taskset: SandboxTaskSet, options: StoreOptions, env: dict[str, str]
+) -> tuple[list[SetItem], Path]:
+    """The checked items of the set read from `path`, and its directory; errors name the
+    file, then the item and field."""
     set_dir = path.resolve().parent
     try:
-        items = asyncio.run(load_items(taskset, set_dir, options, env))
-        check_runnable(taskset, items, set_dir)
+        items = asyncio.run(checked_items(taskset, set_dir, options, env))
     except TaskSpecError as exc:
         raise TaskSpecError(f"{path}: {exc}") from None
-    return taskset, items, set_dir
+    return items, set_dir
 
 
 def _lines(data: bytes, where: str) -> list[str]:
@@ -154,10 +171,7 @@ def _file_items(path: Path, where: str) -> list[SetItem]:
 
 def run_name_of(taskset: SandboxTaskSet) -> str:
     """The set's name as a file name (its batch directory's)."""
-    return run_name(SandboxTask(metadata=taskset.metadata, spec=_PROBE_SPEC), None)
-
-
-_PROBE_SPEC = SandboxTaskSpec(prompt="-")
+    return run_name(template_task(taskset), None)
 
 
 def fingerprint(taskset: SandboxTaskSet, items: list[SetItem]) -> str:
@@ -389,10 +403,9 @@ async def run_batch(
 ) -> BatchOutcome:
     """Run every item-sample not yet finished in `out_dir`, `parallel` at once; each finished one
     is a line of results.jsonl as soon as it ends, and summary.json is written at the end (also
-    when interrupted: the summary of what finished)."""
+    when interrupted: the summary of what finished). `items` are checked_items'."""
     if parallel < 1:
         raise TaskSpecError(f"--parallel: must be at least 1 (got {parallel})")
-    check_runnable(taskset, items, set_dir)
     name = taskset.metadata.name or "set"
     samples = taskset.spec.samples_per_item
     every = list(children(name, items, samples))

@@ -21,8 +21,7 @@ from .errors import TaskSpecError
 from .local_commands import ProgressPrinter, TerminatedError, until_signalled, with_local_model
 from .procenv import hide_from_environ
 from .runner import RunOptions, local_model_wanted
-from .task import SandboxTask, SandboxTaskSpec
-from .taskset import SandboxTaskSet, SetItem
+from .taskset import SandboxTaskSet, SetItem, template_task
 
 BATCHES_DIR = "sandboxctl-batches"
 
@@ -43,12 +42,10 @@ def batch(args: argparse.Namespace) -> int:
         store_options=store_options_from(args),
     )
     # Everything that can be refused is, before a model is pulled or a sandbox started.
-    taskset, items, _ = load_checked_set(args.taskset, opts.store_options, opts.env)
+    taskset, items, set_dir = load_checked_set(args.taskset, opts.store_options, opts.env)
     out = args.out or Path(BATCHES_DIR) / f"{run_name_of(taskset)}-{attempt_id()}"
     notes = ProgressPrinter(sys.stderr, quiet=args.quiet)
-    probe = SandboxTask(spec=SandboxTaskSpec.model_validate(
-        {**taskset.spec.template.model_dump(by_alias=True, exclude_none=True), "prompt": "-"}
-    ))  # fmt: skip
+    probe = template_task(taskset)
     wanted = local_model_wanted(probe, opts)
     if wanted is not None and not with_local_model(probe, opts, wanted, notes):
         return EXIT_TASK_FAILED
@@ -56,7 +53,7 @@ def batch(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"batch: {out}", file=sys.stderr)
     try:
-        outcome = asyncio.run(until_signalled(_run(taskset, items, args, out, opts, bar)))
+        outcome = asyncio.run(until_signalled(_run(taskset, items, set_dir, args, out, opts, bar)))
     except (KeyboardInterrupt, TerminatedError) as stop:
         bar.end()
         signum = stop.signum if isinstance(stop, TerminatedError) else signal.SIGINT
@@ -78,12 +75,12 @@ def batch(args: argparse.Namespace) -> int:
 async def _run(
     taskset: SandboxTaskSet,
     items: list[SetItem],
+    set_dir: Path,
     args: argparse.Namespace,
     out: Path,
     opts: RunOptions,
     bar: ProgressBar,
 ) -> BatchOutcome:
-    set_dir = args.taskset.resolve().parent
     async with _endpoint(taskset, opts, out) as (ready_set, ready_opts):
         return await run_batch(
             ready_set, items, set_dir, out, ready_opts,

@@ -286,12 +286,13 @@ async def until_signalled(work: Coroutine[Any, Any, T]) -> T:
 
 
 def validate(args: argparse.Namespace) -> int:
-    from .taskfile import read_document
+    from .task import parse_task
+    from .taskfile import parse_read, read_document
 
     document = read_document(args.task, "task")
     if isinstance(document, dict) and document.get("kind") == "SandboxTaskSet":
-        return validate_set(args.task)
-    task = load_task_file(args.task)
+        return validate_set(args.task, document)
+    task = parse_read(args.task, document, parse_task, "SandboxTask")
     missing = missing_input_files(task, args.task.resolve().parent)
     if missing:
         raise TaskSpecError(f"{args.task}: " + "; ".join(missing))
@@ -299,14 +300,17 @@ def validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def validate_set(path: Path) -> int:
-    """A set file checked as `sandboxctl batch` checks it (its items read, every item-sample's
-    task built); one line of counts on success."""
-    from .batch import load_checked_set
+def validate_set(path: Path, document: object) -> int:
+    """A set file (read as `document`) checked as `sandboxctl batch` checks it (its items read,
+    every item-sample's task built); one line of counts on success."""
+    from .batch import check_set_file
     from .runner import RunOptions
+    from .taskfile import parse_read
+    from .taskset import parse_set
 
     opts = RunOptions()
-    taskset, items, _ = load_checked_set(path, opts.store_options, opts.env)
+    taskset = parse_read(path, document, parse_set, "SandboxTaskSet")
+    items, _ = check_set_file(path, taskset, opts.store_options, opts.env)
     samples = taskset.spec.samples_per_item
     grader = taskset.spec.grader.type if taskset.spec.grader else "none"
     print(

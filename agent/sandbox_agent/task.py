@@ -23,7 +23,7 @@ from pydantic.alias_generators import to_camel
 
 from .apimodel import ApiModel
 from .errors import TaskSpecError
-from .graders import Grading
+from .graders import GRADER_TYPES, Grading
 from .wire import (
     DEFAULT_SANDBOX_IMAGE,
     NAME_PATTERN,
@@ -319,14 +319,12 @@ _PATTERN_HINTS = {
 }
 
 
-# A grader's type, which pydantic puts in the location of a tagged union's errors.
-_GRADER_TAGS = frozenset({"exact", "numeric", "regex", "choice", "math", "command"})
-
-
 def _field_path(loc: tuple[int | str, ...]) -> str:
     path = ""
     for i, part in enumerate(loc):
-        if i and loc[i - 1] == "grader" and part in _GRADER_TAGS:
+        if (
+            i and loc[i - 1] == "grader" and part in GRADER_TYPES
+        ):  # pydantic puts the tag in the location
             continue
         if isinstance(part, int):
             path += f"[{part}]"

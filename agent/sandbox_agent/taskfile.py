@@ -23,7 +23,11 @@ def load_task_file(path: Path) -> SandboxTask:
 
 def load_file(path: Path, parse: Callable[[object], T], what: str, kind: str) -> T:
     """One `what` file (a task, a set) read and parsed as `kind`; errors name the file."""
-    document = read_document(path, what)
+    return parse_read(path, read_document(path, what), parse, kind)
+
+
+def parse_read(path: Path, document: object, parse: Callable[[object], T], kind: str) -> T:
+    """The document read from `path` parsed as `kind`; errors name the file."""
     try:
         return parse(document)
     except TaskSpecError as exc:

@@ -17,13 +17,14 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .apimodel import ApiModel
 from .errors import TaskSpecError
-from .graders import CommandGrader, GraderSpec, Grading
+from .graders import GraderSpec, Grading
 from .result import ExitReason, Phase, is_scored
 from .task import (
     MAX_PROMPT_CHARS,
     ConfigMapKeyRef,
     InputFile,
     ObjectMeta,
+    SandboxTask,
     SandboxTaskSpec,
     format_validation_error,
     parse_document,
@@ -182,6 +183,16 @@ class SandboxTaskSet(ApiModel):
         if meta.name is not None and len(meta.name) > 40:
             raise ValueError("name: at most 40 characters (its tasks are named SET-ITEM-SAMPLE)")
         return meta
+
+
+def template_task(taskset: SandboxTaskSet) -> SandboxTask:
+    """The set's template as one task (named as the set, a placeholder prompt): what the
+    endpoint, the local model's context and the batch directory's name are decided from."""
+    spec = taskset.spec.template.model_dump(by_alias=True, exclude_none=True)
+    return SandboxTask(
+        metadata=taskset.metadata,
+        spec=SandboxTaskSpec.model_validate({**spec, "prompt": "-"}),
+    )
 
 
 def parse_set(data: object) -> SandboxTaskSet:
@@ -469,7 +480,3 @@ def pass_at_ks(per_item: dict[str, list[float]], samples: int) -> dict[str, floa
         if values:
             found[str(k)] = round(sum(values) / len(values), 6)
     return found
-
-
-def is_command_graded(spec: SandboxTaskSetSpec) -> bool:
-    return isinstance(spec.grader, CommandGrader)
