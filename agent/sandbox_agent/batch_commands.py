@@ -12,13 +12,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from .api import local_set_context, served_model, set_for_local_model
-from .artifacts import attempt_id, store_options_from
+from .artifacts import attempt_id
 from .batch import BatchOutcome, load_checked_set, run_batch, run_name_of
 from .batch_display import ProgressBar, summary_table
 from .cli import EXIT_OK, EXIT_TASK_FAILED
 from .display import for_terminal
 from .errors import TaskSpecError
-from .local_commands import ProgressPrinter, TerminatedError, until_signalled, with_local_model
+from .local_commands import (
+    ProgressPrinter,
+    TerminatedError,
+    run_options_from,
+    until_signalled,
+    with_local_model,
+)
 from .procenv import hide_from_environ
 from .runner import RunOptions, local_model_wanted
 from .taskset import SandboxTaskSet, SetItem, template_task
@@ -32,15 +38,7 @@ def batch(args: argparse.Namespace) -> int:
         raise TaskSpecError(f"--parallel: must be at least 1 (got {args.parallel})")
     if args.resume and args.out is None:
         raise TaskSpecError("--resume: give the batch's directory with --out DIR")
-    opts = RunOptions(
-        backend=args.backend,
-        model=args.model,
-        base_url=args.base_url,
-        image=args.image,
-        allow_host_network=args.allow_host_network,
-        artifacts_url=args.artifacts_url,
-        store_options=store_options_from(args),
-    )
+    opts = run_options_from(args)
     # Everything that can be refused is, before a model is pulled or a sandbox started.
     taskset, items, set_dir = load_checked_set(args.taskset, opts.store_options, opts.env)
     out = args.out or Path(BATCHES_DIR) / f"{run_name_of(taskset)}-{attempt_id()}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -136,11 +137,10 @@ def _load(args: argparse.Namespace) -> tuple[SandboxTask, Path, Path | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .artifacts import store_options_from
     from .local_model import LocalModelError
     from .procenv import hide_from_environ
     from .result import Phase
-    from .runner import RunOptions, local_model_wanted, plan_run, run_task
+    from .runner import local_model_wanted, plan_run, run_task
 
     # The process backend's commands run as this user and could read the key from
     # /proc/PID/environ (`ps e`); os.environ, which the run reads, keeps it.
@@ -148,17 +148,7 @@ def run(args: argparse.Namespace) -> int:
     task, task_dir, task_file = _load(args)
     if args.max_steps is not None:
         task = with_max_steps(task, args.max_steps)
-    opts = RunOptions(
-        backend=args.backend,
-        model=args.model,
-        base_url=args.base_url,
-        image=args.image,
-        out_dir=args.out,
-        overwrite=args.overwrite,
-        allow_host_network=args.allow_host_network,
-        artifacts_url=args.artifacts_url,
-        store_options=store_options_from(args),
-    )
+    opts = dataclasses.replace(run_options_from(args), out_dir=args.out, overwrite=args.overwrite)
     progress = ProgressPrinter(sys.stderr, quiet=args.quiet)
     wanted = local_model_wanted(task, opts)
     # Everything that can be refused is, before a model is pulled.
@@ -202,6 +192,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(status_block(outcome))
     return EXIT_OK if outcome.result.phase is Phase.SUCCEEDED else EXIT_TASK_FAILED
+
+
+def run_options_from(args: argparse.Namespace) -> RunOptions:
+    """The options `run` and `batch` share: backend, endpoint, image, network and store flags."""
+    from .artifacts import store_options_from
+    from .runner import RunOptions
+
+    return RunOptions(
+        backend=args.backend,
+        model=args.model,
+        base_url=args.base_url,
+        image=args.image,
+        allow_host_network=args.allow_host_network,
+        artifacts_url=args.artifacts_url,
+        store_options=store_options_from(args),
+    )
 
 
 def remove_if_empty(directories: list[Path]) -> None:
