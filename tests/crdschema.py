@@ -12,8 +12,10 @@ import jsonschema
 from sandbox_operator.crd import crd_manifest
 
 
-def open_api() -> dict[str, Any]:
-    schema: dict[str, Any] = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+def open_api(manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The openAPIV3Schema of `manifest` (the SandboxTask CRD when none is given)."""
+    crd = crd_manifest() if manifest is None else manifest
+    schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     return schema
 
 
@@ -38,6 +40,8 @@ def _cel_rules(
     validator: Any, rules: list[dict[str, str]], instance: Any, schema: Any
 ) -> Iterator[jsonschema.ValidationError]:
     for rule in rules:
+        if "oldSelf" in rule["rule"]:
+            continue  # a transition rule: the server evaluates it on updates only
         found = _MATCHES.fullmatch(rule["rule"])
         if found is None:
             # Deliberate: a rule of another form must be taught to this checker, not skipped.
@@ -49,7 +53,15 @@ def _cel_rules(
 _Validator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
     jsonschema.Draft4Validator, {"x-kubernetes-validations": _cel_rules}
 )
-VALIDATOR = _Validator(as_jsonschema(open_api()))
+
+
+def validator_for(manifest: dict[str, Any] | None = None) -> Any:
+    """What the API server accepts on create for `manifest`'s objects (the SandboxTask CRD's by
+    default): its schema and its CEL rules."""
+    return _Validator(as_jsonschema(open_api(manifest)))
+
+
+VALIDATOR = validator_for()
 
 
 def schema_path(error: jsonschema.ValidationError) -> str:

@@ -4,14 +4,12 @@ accepting the examples."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
-from crdschema import as_jsonschema
+from crdschema import open_api, validator_for
 from sandbox_agent.taskset import parse_set
 from sandbox_operator.crd import set_crd_manifest, set_crd_yaml
 from test_crd import structural_problems
@@ -24,20 +22,6 @@ COMMITTED = [
 EXAMPLES = sorted((ROOT / "examples").glob("taskset-*.yaml"))
 
 
-def open_api() -> dict[str, Any]:
-    schema: dict[str, Any] = set_crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    return schema
-
-
-def without_cel(node: Any) -> Any:
-    """The schema without its CEL rules (self == oldSelf needs an update to judge)."""
-    if isinstance(node, list):
-        return [without_cel(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    return {k: without_cel(v) for k, v in node.items() if k != "x-kubernetes-validations"}
-
-
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_committed_set_crd_is_the_generated_one(path: Path) -> None:
     assert path.exists(), f"{path.relative_to(ROOT)} is missing: run scripts/gen-crd.sh"
@@ -47,7 +31,7 @@ def test_the_committed_set_crd_is_the_generated_one(path: Path) -> None:
 
 
 def test_the_set_crd_is_structural_and_valid_for_kubernetes() -> None:
-    assert structural_problems(open_api()) == []
+    assert structural_problems(open_api(set_crd_manifest())) == []
     assert kubernetes_validate.validate(set_crd_manifest(), "1.31", strict=True) == "1.31"
 
 
@@ -59,14 +43,14 @@ def test_the_set_crd_prints_items_done_accuracy_tokens_and_age() -> None:
 
 
 def test_the_spec_of_a_set_cannot_change_once_created() -> None:
-    rules = open_api()["properties"]["spec"]["x-kubernetes-validations"]
+    rules = open_api(set_crd_manifest())["properties"]["spec"]["x-kubernetes-validations"]
     assert [r["rule"] for r in rules] == ["self == oldSelf"]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_every_set_example_is_accepted_by_the_schema_and_the_model(path: Path) -> None:
     doc = yaml.safe_load(path.read_text())
-    validator = jsonschema.Draft4Validator(as_jsonschema(without_cel(open_api())))
+    validator = validator_for(set_crd_manifest())
     assert [e.message for e in validator.iter_errors(doc)] == []
     taskset = parse_set(doc)
     assert taskset.spec.items is not None
@@ -77,5 +61,5 @@ def test_every_set_example_is_accepted_by_the_schema_and_the_model(path: Path) -
 
 def test_the_schema_keeps_an_items_own_fields_as_its_vars() -> None:
     # `a: 3` is not an item field: the server keeps it (the model reads it as a var).
-    item = open_api()["properties"]["spec"]["properties"]["items"]["items"]
+    item = open_api(set_crd_manifest())["properties"]["spec"]["properties"]["items"]["items"]
     assert item["x-kubernetes-preserve-unknown-fields"] is True
