@@ -284,9 +284,18 @@ class _Tasks:
     async def patch_status(
         self, resource: str, namespace: str, name: str, status: dict[str, Any]
     ) -> dict[str, Any]:
-        found = self.objects[resource][name]
+        from sandbox_operator.kube import KubeError
+
+        found = self.objects[resource].get(name)
+        if found is None:
+            raise KubeError(404, "NotFound", f'{resource} "{name}" not found')
         found["status"] = status
         return found
+
+    async def delete(
+        self, resource: str, namespace: str, name: str, uid: str | None = None
+    ) -> None:
+        self.objects[resource].pop(name, None)
 
 
 def child(name: str) -> dict[str, Any]:
@@ -334,3 +343,29 @@ async def test_without_the_set_crd_the_operator_starts_and_says_what_to_apply(
         "the SandboxTaskSet CRD is not installed (kubectl apply -f manifests/crd-taskset.yaml)"
         in caplog.text
     )
+
+
+async def test_a_stale_event_of_a_set_the_operator_deleted_creates_nothing() -> None:
+    """Events written before the TTL deleted the set may still be queued (the watch is behind):
+    one of them, Running with children to create, must not bring the set back to life."""
+    from sandbox_operator.metrics import Metrics
+    from sandbox_operator.taskset_controller import TaskSetController
+
+    done = {"phase": "Succeeded", "completionTime": "2025-01-01T00:00:00Z", "finished": 8,
+            "items": 4, "tasks": 8, "progress": {"created": 8, "folded": "0-7"}}  # fmt: skip
+    api = _Tasks([body(done, ttlSecondsAfterFinished=0)], [])
+    sets = TaskSetController(api, Metrics(dict, 1))  # type: ignore[arg-type]
+    await sets.prime(["default"])
+    await sets.resync()
+    assert api.objects["sandboxtasksets"] == {}, "the TTL has passed: the set is deleted"
+    stale = body({"phase": "Running", "items": 4, "tasks": 8, "progress": {"created": 2}})
+    await sets.on_set("MODIFIED", stale)
+    assert api.objects["sandboxtasks"] == {}
+    assert sets.sets == {}
+    # Its DELETED event ends the matter; a new set of the same name (a new uid) runs.
+    await sets.on_set("DELETED", stale)
+    again = body()
+    again["metadata"]["uid"] = "second-uid"
+    api.objects["sandboxtasksets"]["s"] = again
+    await sets.on_set("ADDED", again)
+    assert sorted(api.objects["sandboxtasks"]) == ["s-i0-0", "s-i0-1", "s-i1-0"]

@@ -41,6 +41,9 @@ from .taskset_status import SetReason, contains, parse_ranges
 
 log = logging.getLogger("sandbox_operator")
 
+_DELETED_KEPT = 10_000
+"""Deleted sets' uids remembered until their DELETED event (a missed one stays till evicted)."""
+
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -61,6 +64,10 @@ class TaskSetController:
         # Per set uid: unfinished children the start-up list showed that no event has shown
         # since. One deleted before the watch began gets no event: resync asks for it.
         self._unconfirmed: dict[str, set[str]] = {}
+        # Uids of sets this operator deleted (TTL): events written before the deletion may still
+        # be queued behind it, and one of them must not bring the set back (create children of
+        # a deleted set). Kept until the set's DELETED event, at most _DELETED_KEPT of them.
+        self._deleted: dict[str, None] = {}
 
     def _lock(self, uid: str) -> asyncio.Lock:
         return self._locks.setdefault(uid, asyncio.Lock())
@@ -95,6 +102,9 @@ class TaskSetController:
         uid = body["metadata"]["uid"]
         if event_type == "DELETED":
             self._forget(uid)
+            self._deleted.pop(uid, None)
+            return
+        if uid in self._deleted:
             return
         incoming = SetRecord.parse(body)
         known = self.sets.get(uid)
@@ -128,6 +138,11 @@ class TaskSetController:
             return set_uid  # a stale event: the child had already finished
         known[meta["name"]] = ChildState(meta["name"], str(meta["uid"]), result)
         return set_uid
+
+    def _remember_deleted(self, uid: str) -> None:
+        self._deleted[uid] = None
+        while len(self._deleted) > _DELETED_KEPT:
+            del self._deleted[next(iter(self._deleted))]
 
     def _forget(self, uid: str) -> None:
         self.sets.pop(uid, None)
@@ -214,6 +229,7 @@ class TaskSetController:
                 log.info("set %s/%s: TTL passed, deleting it", rec.ref.namespace, rec.ref.name)
                 await self.kube.delete(TASKSETS, rec.ref.namespace, rec.ref.name, uid=rec.ref.uid)
                 self._forget(rec.ref.uid)
+                self._remember_deleted(rec.ref.uid)
 
     async def _create_children(self, rec: SetRecord, action: CreateChildren) -> str | None:
         """Create the children, one at a time in order; a 409 adopts the task found when it is
@@ -246,6 +262,7 @@ class TaskSetController:
         except KubeError as exc:
             if exc.status == 404:
                 self._forget(rec.ref.uid)
+                self._remember_deleted(rec.ref.uid)
                 return False
             raise
         self.sets[rec.ref.uid] = SetRecord.parse(updated)
