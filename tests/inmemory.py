@@ -103,6 +103,7 @@ class ScriptedModel:
         self.clock = clock or FakeClock()
         self.requests: list[Request] = []
         self.retries = 0
+        self.throttled = 0
 
     def _next(self) -> Turn:
         if self.script:

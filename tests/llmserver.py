@@ -332,6 +332,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _chat(self, request: JSONDict) -> None:
         owner = self.server.owner
+        busy = owner._admit()
+        if busy is not None:
+            self._send(busy.status, busy.body or b"", busy.headers)
+            return
+        try:
+            self._answer(owner, request)
+        finally:
+            owner._done()
+
+    def _answer(self, owner: ScriptedLLMServer, request: JSONDict) -> None:
         number, reply = owner._next_reply(request)
         if reply is None:
             msg = f"scripted LLM server: script exhausted at request {number}"
@@ -421,6 +431,13 @@ class ScriptedLLMServer:
         self.base_url = ""
         # What GET /v1/models answers (a body or a status); None: a list naming MODEL_ID.
         self.models_reply: Reply | None = None
+        # An endpoint at capacity (`throttle`): chat requests beyond `_capacity` in flight are
+        # answered 429 at once; how many were, and the most in flight at any time.
+        self._capacity: int | None = None
+        self._retry_after_ms = 0
+        self._in_flight = 0
+        self.throttled = 0
+        self.peak_in_flight = 0
 
     # lifecycle -------------------------------------------------------------------------
 
@@ -479,6 +496,31 @@ class ScriptedLLMServer:
         """The reply used when the queue is empty (None: HTTP 500 "script exhausted")."""
         with self._lock:
             self._default = reply
+
+    def throttle(self, capacity: int | None, retry_after_ms: int = 0) -> None:
+        """Serve at most `capacity` chat requests at once; each one beyond is answered 429
+        (with `retry-after-ms` when given) without being counted as a scripted request, as a
+        busy inference server does. None: no limit."""
+        with self._lock:
+            self._capacity = capacity
+            self._retry_after_ms = retry_after_ms
+
+    def _admit(self) -> Reply | None:
+        """A 429 for a chat request beyond the capacity, else None (and it is in flight)."""
+        with self._lock:
+            if self._capacity is not None and self._in_flight >= self._capacity:
+                self.throttled += 1
+                headers = (
+                    {"retry-after-ms": str(self._retry_after_ms)} if self._retry_after_ms else {}
+                )
+                return error(429, message="scripted LLM server: at capacity", headers=headers)
+            self._in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+            return None
+
+    def _done(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     @property
     def pending(self) -> int:

@@ -234,3 +234,29 @@ def test_the_canary_runs_under_the_runtime_class_task_pods_must_use() -> None:
     gvisor = SETTINGS.model_copy(update={"required_runtime_class": "gvisor"})
     assert canary_pod("default", TARGET, gvisor)["spec"]["runtimeClassName"] == "gvisor"
     assert "runtimeClassName" not in canary_pod("default", TARGET, SETTINGS)["spec"]
+
+
+def test_the_canary_runs_where_task_pods_run_and_pulls_as_they_do() -> None:
+    placed = OperatorSettings.model_validate(
+        {
+            "agent_image": "registry.example.com/llm-sandbox/agent:0.1.0",
+            "agent_image_pull_policy": "Always",
+            "task_scheduling": {
+                "nodeSelector": {"llmsandbox.io/pool": "sandbox"},
+                "tolerations": [{"key": "llmsandbox.io/sandbox", "operator": "Exists"}],
+                "priorityClassName": "llmsandbox-batch",
+            },
+            "task_image_pull_secrets": [{"name": "regcred"}, {"name": "regcred"}],
+        }
+    )
+    pod = canary_pod("default", TARGET, placed)
+    spec = pod["spec"]
+    assert spec["nodeSelector"] == {"llmsandbox.io/pool": "sandbox"}
+    assert spec["tolerations"] == [{"key": "llmsandbox.io/sandbox", "operator": "Exists"}]
+    assert spec["priorityClassName"] == "llmsandbox-batch"
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert spec["containers"][0]["imagePullPolicy"] == "Always"
+    kubernetes_validate.validate(pod, "1.29", strict=True)
+    plain = canary_pod("default", TARGET, SETTINGS)["spec"]
+    assert not {"nodeSelector", "tolerations", "imagePullSecrets"} & set(plain)
+    assert "imagePullPolicy" not in plain["containers"][0]

@@ -51,6 +51,7 @@ NON_DEFAULT: dict[str, Any] = {
         }
     },
     "maxRunningTasks": 50,
+    "kueue": {"defaultQueueName": "team-queue", "maxPreemptions": 3},
     "taskTTLSeconds": 86400,
     "keepFinishedPods": True,
     "artifacts": {
@@ -70,6 +71,57 @@ NON_DEFAULT: dict[str, Any] = {
         "tmpSizeLimit": "512Mi",
         "requiredRuntimeClass": "gvisor",
         "userSplit": False,
+    },
+    "agent": {"image": {"pullPolicy": "Always"}},
+    "operator": {
+        "imagePullSecrets": [{"name": "regcred"}],
+        "nodeSelector": {"node-role.example.com/system": "true"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "system"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}
+                            ]
+                        }
+                    ]
+                }
+            }
+        },
+        "priorityClassName": "platform",
+    },
+    "taskPods": {
+        "nodeSelector": {"llmsandbox.io/pool": "sandbox"},
+        "tolerations": [
+            {"key": "llmsandbox.io/sandbox", "operator": "Exists", "effect": "NoSchedule"}
+        ],
+        "affinity": {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 50,
+                        "podAffinityTerm": {
+                            "labelSelector": {"matchLabels": {"app": "db"}},
+                            "topologyKey": "kubernetes.io/hostname",
+                        },
+                    }
+                ]
+            }
+        },
+        "priorityClassName": "llmsandbox-batch",
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "llm-sandbox"}},
+            }
+        ],
+        "allowedSchedulingFields": ["nodeSelector", "tolerations"],
+        "imagePullSecrets": [{"name": "regcred"}],
+        "allowedImagePullSecrets": ["team-a-registry"],
     },
 }
 
@@ -271,12 +323,42 @@ def test_env_is_accepted_by_the_operators_settings(
     settings = OperatorSettings()
     custom = which == "custom_objects"
     assert settings.max_running_tasks == (50 if custom else 10)
+    assert settings.default_queue_name == ("team-queue" if custom else None)
+    assert settings.max_preemptions == (3 if custom else 10)
     assert settings.task_ttl_seconds == (86400 if custom else None)
     assert settings.keep_finished_pods is custom
     assert settings.artifacts_url == ("s3://eval-runs/cluster-a" if custom else None)
     assert settings.artifacts_credentials_secret == ("store-creds" if custom else None)
     assert settings.artifacts_max_total_bytes == (1073741824 if custom else 256 * 1024 * 1024)
     assert [r.cidrs for r in settings.artifacts_egress] == ([["10.20.0.0/16"]] if custom else [])
+    task_pods = NON_DEFAULT["taskPods"]
+    placement = {k: v for k, v in task_pods.items() if not k.startswith("allowed")}
+    placement.pop("imagePullSecrets")
+    assert settings.task_scheduling.pod_fields() == (placement if custom else {})
+    assert settings.allowed_scheduling_fields == (
+        task_pods["allowedSchedulingFields"]
+        if custom
+        else ["nodeSelector", "affinity", "topologySpreadConstraints"]
+    )
+    assert [r.name for r in settings.task_image_pull_secrets] == (["regcred"] if custom else [])
+    assert settings.allowed_image_pull_secrets == (["team-a-registry"] if custom else [])
+    assert settings.agent_image_pull_policy == ("Always" if custom else "IfNotPresent")
+
+
+def test_without_task_pod_placement_the_setting_is_an_empty_object(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    assert operator_env(default_objects)["LLMSANDBOX_TASK_SCHEDULING"] == "{}"
+
+
+def test_the_operator_pod_gets_its_own_placement_and_pull_secrets(
+    custom_objects: list[dict[str, Any]],
+) -> None:
+    (deployment,) = by_kind(custom_objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    for field in ("imagePullSecrets", "nodeSelector", "tolerations", "affinity"):
+        assert pod[field] == NON_DEFAULT["operator"][field]
+    assert pod["priorityClassName"] == "platform"
 
 
 def test_custom_values_reach_the_operator_as_json(custom_objects: list[dict[str, Any]]) -> None:
@@ -480,7 +562,9 @@ def test_alerts_query_only_exported_metrics(custom_objects: list[dict[str, Any]]
 @pytest.mark.parametrize(
     "bad",
     [
-        {"maxRunningTasks": 0},
+        {"maxRunningTasks": -1},
+        {"kueue": {"defaultQueueName": "Team_Queue"}},
+        {"kueue": {"maxPreemptions": -1}},
         {"watchedNamespaces": ["Not_A_Namespace"]},
         {"operator": {"image": {"pullPolicy": "Sometimes"}}},
         {"tokenPrices": {"m": {"prompt_per_million": -1, "completion_per_million": 1}}},
@@ -494,6 +578,33 @@ def test_alerts_query_only_exported_metrics(custom_objects: list[dict[str, Any]]
         {"sandbox": {"maxLimits": {"gpu": "1"}}},
         {"sandbox": {"maxLimits": {"memory": "8 GB"}}},
         {"sandbox": {"requiredRuntimeClass": "gVisor"}},
+        {"agent": {"image": {"pullPolicy": "always"}}},
+        {"taskPods": {"nodeSelector": {"pool": "not a value"}}},
+        {"taskPods": {"nodeSelector": {"Not A Key": "x"}}},
+        {"taskPods": {"tolerations": [{"key": "a", "operator": "Equals"}]}},
+        {"taskPods": {"tolerations": [{"key": "a", "effect": "NoRun"}]}},
+        {"taskPods": {"affinity": {"nodeAfinity": {}}}},
+        {
+            "taskPods": {
+                "affinity": {
+                    "podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{}]}
+                }
+            }
+        },
+        {"taskPods": {"priorityClassName": "High"}},
+        {
+            "taskPods": {
+                "topologySpreadConstraints": [
+                    {"maxSkew": 0, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}
+                ]
+            }
+        },
+        {"taskPods": {"allowedSchedulingFields": ["schedulerName"]}},
+        {"taskPods": {"imagePullSecrets": ["regcred"]}},
+        {"taskPods": {"allowedImagePullSecrets": ["Team_A"]}},
+        {"taskPods": {"nodeSelektor": {}}},
+        {"operator": {"tolerations": [{"key": "a", "effect": "Never"}]}},
+        {"operator": {"imagePullSecrets": [{"name": "regcred", "namespace": "x"}]}},
         {"unknownKey": True},
     ],
 )

@@ -289,6 +289,25 @@ def test_validate_prints_the_parsed_spec_with_defaults(tmp_path: Path) -> None:
     assert spec["sandbox"]["network"]["mode"] == "isolated"
 
 
+def test_a_kueue_queue_name_is_accepted_and_ignored_by_a_local_run(
+    tmp_path: Path, llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.script(tool_call("submit", {"answer": "ok"}))
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(task_doc("p", queueName="team-a")))
+    checked = sandboxctl("validate", "task.yaml", cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["spec"]["queueName"] == "team-a"
+    proc = sandboxctl(
+        "run", "task.yaml", "--backend", "process", "--out", "out", cwd=tmp_path,
+        env=endpoint_env(llm_server),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "  note: spec.queueName: for the task's pod on a cluster; sandboxctl run ignores them\n"
+        in (proc.stderr)
+    )
+
+
 def test_escape_sequences_from_the_sandbox_are_shown_not_obeyed(
     tmp_path: Path, llm_server: ScriptedLLMServer
 ) -> None:
@@ -512,6 +531,33 @@ def test_image_is_checked_and_said_to_be_unused_off_docker(
         "  note: --image is for the docker backend; the process backend runs this machine's "
         "own programs (--backend docker to use the image)\n"
     ) in good.stderr
+
+
+def test_placement_fields_run_locally_and_are_said_to_apply_on_a_cluster_only(
+    tmp_path: Path, llm_server: ScriptedLLMServer
+) -> None:
+    llm_server.script(tool_call("submit", {"answer": "ok"}))
+    doc = task_doc(
+        "p",
+        scheduling={
+            "nodeSelector": {"pool": "sandbox"},
+            "tolerations": [{"key": "sandbox", "operator": "Exists"}],
+        },
+    )
+    doc["spec"]["sandbox"]["imagePullSecrets"] = [{"name": "regcred"}]
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(doc))
+    checked = sandboxctl("validate", "task.yaml", cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    proc = sandboxctl(
+        "run", "task.yaml", "--backend", "process", "--out", "out", cwd=tmp_path,
+        env=endpoint_env(llm_server),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "  note: spec.scheduling.nodeSelector, spec.scheduling.tolerations, "
+        "spec.sandbox.imagePullSecrets: for the task's pod on a cluster; sandboxctl run ignores "
+        "them\n"
+    ) in proc.stderr
 
 
 def imported_by(*args: str, cwd: Path) -> set[str]:

@@ -405,7 +405,7 @@ def test_admission_starts_the_first_attempt_and_counts_the_wait() -> None:
     )
     assert condition(start.status, "Admitted") == ("True", "Admitted")
     assert start.tallies == (Admitted(60.0),)
-    assert decide.ATTEMPT_CLEARS == ("queuePosition", "podUID")
+    assert decide.ATTEMPT_CLEARS == ("queuePosition", "podUID", "ungatedTime")
 
 
 def test_the_first_attempts_status_is_written_once_its_pod_exists_a_retrys_before() -> None:
@@ -452,11 +452,17 @@ def test_an_unrecorded_pod_that_is_not_the_first_attempts_is_left_alone_or_refus
     assert "delete it, then create the task again" in (write.status.message or "")
 
 
-def test_a_queued_task_is_told_its_place_and_the_cap() -> None:
-    write = decide.queued_status(4, SETTINGS, NOW)
+def test_a_queued_task_is_told_its_place_and_what_it_waits_for() -> None:
+    write = decide.queued_status(4, decide.Waiting(10), NOW)
     assert (write.status.phase, write.status.queue_position) == (Phase.QUEUED, 4)
     assert condition(write.status, "Admitted") == ("False", "Queued")
+    assert write.status.conditions[0].message == "waiting for one of 10 run slots (position 4)"
     assert write.tallies == ()
+    group = "m @ http://vllm:8000/v1"
+    write = decide.queued_status(2, decide.Waiting(0, group, limit=3, running=3), NOW)
+    assert write.status.conditions[0].message == (
+        "waiting for endpoint m @ http://vllm:8000/v1: 3 of its 3 tasks running (position 2)"
+    )
 
 
 # -- the periodic start-timeout check and reaping ----------------------------------------------
@@ -605,10 +611,19 @@ def test_an_unreadable_status_reads_as_a_new_task() -> None:
         ({"phase": "Queued"}, pending(pod_uid=None)),
         (pending(pod_uid=None), pending()),
         (pending(), {**pending(), "phase": "Running"}),
+        (pending(), pending(ungatedTime="2026-03-01T11:59:50Z")),
         ({**pending(), "phase": "Running"}, pending(attempt=2, pod_uid=None)),
         (pending(attempt=2), {"phase": "Failed", "attempt": 1}),
     ],
-    ids=["queued", "admitted", "pod-recorded", "running", "retried", "terminal"],
+    ids=[
+        "queued",
+        "admitted",
+        "pod-recorded",
+        "running",
+        "released-by-kueue",
+        "retried",
+        "terminal",
+    ],
 )
 def test_the_operators_writes_only_move_a_task_forward(
     older: dict[str, Any] | None, newer: dict[str, Any]
@@ -629,3 +644,278 @@ def test_an_equal_progress_or_a_spec_edit_is_not_stale() -> None:
     later = copy.deepcopy(body)
     later["metadata"]["generation"] = 2
     assert is_stale(TaskRecord.parse(body), TaskRecord.parse(later))
+
+
+# -- Kueue: a pod held by its admission gate, a pod it stops ---------------------------------
+
+RELEASED = "2026-03-01T11:55:00Z"
+
+
+def kueue_pod(
+    phase: str = "Pending", *, gated: bool = True, stop: str | None = None, **kw: Any
+) -> dict[str, Any]:
+    """The task's pod as Kueue's webhook leaves it (managed label, admission gate while held),
+    with Kueue's TerminationTarget condition when `stop` names its reason."""
+    pod = task_pod(phase, **kw)
+    pod["metadata"]["labels"].update(
+        {"kueue.x-k8s.io/queue-name": "team-a", "kueue.x-k8s.io/managed": "true"}
+    )
+    pod["metadata"]["finalizers"] = ["kueue.x-k8s.io/managed"]
+    if gated:
+        pod["spec"]["schedulingGates"] = [{"name": "kueue.x-k8s.io/admission"}]
+    if stop is not None:
+        pod["status"]["conditions"] = [
+            {
+                "type": "TerminationTarget",
+                "status": "True",
+                "reason": stop,
+                "message": "Preempted to accommodate a workload (UID: w2) in the ClusterQueue",
+            }
+        ]
+    return pod
+
+
+def kueue_record(status: dict[str, Any], **spec: Any) -> TaskRecord:
+    return record(status, queueName="team-a", **spec)
+
+
+def scheduled(status: TaskStatus) -> tuple[str, str, str]:
+    found = next(c for c in status.conditions if c.type == "PodScheduled")
+    return found.status, found.reason, found.message
+
+
+def test_a_pod_held_by_kueue_shows_waiting_for_kueue_on_the_task_once() -> None:
+    rec = kueue_record(pending())
+    [write] = follow(rec, kueue_pod())
+    assert isinstance(write, WriteStatus)
+    assert scheduled(write.status) == (
+        "False",
+        "WaitingForKueue",
+        "pod t-a1 waits for Kueue to admit it in LocalQueue 'team-a' (scheduling gate "
+        "kueue.x-k8s.io/admission); `kubectl get workloads -n default` shows why it waits",
+    )
+    assert write.status.phase is Phase.PENDING
+    assert write.status.ungated_time is None
+    assert write.tallies == ()
+    # The next event of the still-held pod writes nothing.
+    assert follow(rec.with_status(write.status), kueue_pod()) == []
+
+
+def test_a_pod_kueue_released_records_when_that_was_first_seen_once() -> None:
+    [held] = follow(kueue_record(pending()), kueue_pod())
+    assert isinstance(held, WriteStatus)
+    rec = kueue_record(pending()).with_status(held.status)
+    [write] = follow(rec, kueue_pod(gated=False))
+    assert isinstance(write, WriteStatus)
+    assert write.status.ungated_time == "2026-03-01T12:00:00Z"
+    assert scheduled(write.status) == (
+        "False",
+        "AdmittedByKueue",
+        "Kueue admitted pod t-a1; the scheduler places it next",
+    )
+    assert follow(rec.with_status(write.status), kueue_pod(gated=False)) == []
+
+
+def test_a_pod_without_kueue_writes_nothing_while_it_starts() -> None:
+    assert follow(record(pending()), task_pod("Pending")) == []
+
+
+@pytest.mark.parametrize(
+    ("gated", "released", "expected"),
+    [
+        pytest.param(True, None, [], id="held-by-kueue-never-times-out"),
+        pytest.param(False, None, [], id="released-but-not-yet-recorded"),
+        pytest.param(False, "2026-03-01T11:55:01Z", [], id="within-the-timeout-of-the-release"),
+        pytest.param(
+            False,
+            "2026-03-01T11:54:59Z",
+            [("write", Phase.FAILED, ExitReason.START_TIMEOUT, 1, "pod-uid"), ("delete", "t-a1")],
+            id="past-the-timeout-of-the-release",
+        ),
+    ],
+)
+def test_the_start_timeout_of_a_kueue_pod_counts_from_its_release(
+    gated: bool, released: str | None, expected: list[Any]
+) -> None:
+    # Created an hour ago: only the time since Kueue released it counts (300 s here).
+    pod = kueue_pod(gated=gated)
+    pod["metadata"]["creationTimestamp"] = "2026-03-01T11:00:00Z"
+    status = pending() if released is None else pending(ungatedTime=released)
+    assert shape(decide.start_timeout(kueue_record(status), pod, NOW, SETTINGS)) == expected
+
+
+def test_a_kueue_pods_start_timeout_says_it_counted_from_kueues_admission() -> None:
+    [write, _] = decide.start_timeout(
+        kueue_record(pending(ungatedTime="2026-03-01T11:00:00Z")),
+        kueue_pod(gated=False),
+        NOW,
+        SETTINGS,
+    )
+    assert isinstance(write, WriteStatus)
+    assert (write.status.message or "").startswith(
+        "the pod did not start within 300s of Kueue admitting it ("
+    )
+
+
+@pytest.mark.parametrize(
+    ("pod", "deleted", "expected"),
+    [
+        pytest.param(
+            kueue_pod("Running", gated=False, stop="WorkloadEvictedDueToPreempted"),
+            False,
+            [("delete", "t-a1"), ("start", 2, Phase.PENDING)],
+            id="marked-while-running",
+        ),
+        pytest.param(
+            kueue_pod(
+                "Running",
+                gated=False,
+                stop="WorkloadEvictedDueToPreempted",
+                deletionTimestamp="2026-03-01T11:59:59Z",
+            ),
+            False,
+            [("start", 2, Phase.PENDING)],
+            id="kueue-deletes-it-already",
+        ),
+        pytest.param(
+            kueue_pod("Failed", gated=False, stop="WorkloadEvictedDueToPodsReadyTimeout"),
+            True,
+            [("start", 2, Phase.PENDING)],
+            id="deleted-after-the-mark",
+        ),
+        pytest.param(
+            kueue_pod(
+                "Succeeded",
+                gated=False,
+                stop="WorkloadEvictedDueToPreempted",
+                containers=agent_done(
+                    TaskResult(
+                        phase=Phase.FAILED, exit_reason=ExitReason.SANDBOX_ERROR, cause="x"
+                    ).to_json()
+                ),
+            ),
+            False,
+            [("start", 2, Phase.PENDING)],
+            id="the-agents-report-of-the-kill-is-not-the-end",
+        ),
+        pytest.param(
+            kueue_pod(
+                "Succeeded",
+                gated=False,
+                stop="WorkloadEvictedDueToPreempted",
+                containers=agent_done(RESULT.to_json()),
+            ),
+            False,
+            [("write", Phase.SUCCEEDED, ExitReason.SUBMITTED, 1, "pod-uid"), ("delete", "t-a1")],
+            id="an-answer-submitted-before-the-stop-is-kept",
+        ),
+    ],
+)
+def test_a_pod_kueue_stops_is_made_again_as_the_next_attempt(
+    pod: dict[str, Any], deleted: bool, expected: list[Any]
+) -> None:
+    # retries=0: a stop by Kueue is no failure, so it needs no retry left.
+    rec = kueue_record({**pending(), "phase": "Running"}, retries=0)
+    assert shape(follow(rec, pod, deleted)) == expected
+
+
+def test_kueues_stop_is_counted_apart_from_the_retries_and_said_on_the_task() -> None:
+    rec = kueue_record({**pending(), "phase": "Running"}, retries=0)
+    pod = kueue_pod("Running", gated=False, stop="WorkloadEvictedDueToPreempted")
+    _, start = follow(rec, pod)
+    assert isinstance(start, StartAttempt)
+    assert start.status is not None
+    assert (start.status.attempt, start.status.preemptions, start.status.pod_uid) == (2, 1, None)
+    assert condition(start.status, "Complete") == ("False", "Preempted")
+    assert start.status.message == (
+        "attempt 1: Kueue stopped pod t-a1 (WorkloadEvictedDueToPreempted: Preempted to "
+        "accommodate a workload (UID: w2) in the ClusterQueue); starting attempt 2 (Kueue's stop "
+        "1 of at most 10, not counted against spec.retries)"
+    )
+    assert start.tallies == (Retried(ExitReason.PREEMPTED),)
+    assert start.after_pod is False  # written before the next pod is made
+
+
+def test_the_next_attempt_keeps_the_count_of_kueues_stops() -> None:
+    rec = kueue_record({**pending(attempt=3), "preemptions": 2}, retries=0)
+    status = decide.attempt_status(rec, 4, NOW, retry_note="again")
+    assert (status.attempt, status.preemptions, status.ungated_time) == (4, 2, None)
+
+
+def test_kueues_stops_leave_the_tasks_retries_for_its_failures() -> None:
+    # Attempts 1 and 2 were stopped by Kueue: attempt 3 is the first failure, and retries=1.
+    rec = kueue_record({**pending(attempt=3), "preemptions": 2}, retries=1)
+    assert shape(follow(rec, task_pod("Running", attempt=3), deleted=True)) == [
+        ("start", 4, Phase.PENDING)
+    ]
+    spent = kueue_record({**pending(attempt=4), "preemptions": 2}, retries=1)
+    assert shape(follow(spent, task_pod("Running", attempt=4), deleted=True)) == [
+        ("write", Phase.FAILED, ExitReason.POD_LOST, 4, "pod-uid")
+    ]
+
+
+def test_a_task_kueue_stops_more_often_than_the_operator_allows_fails_preempted() -> None:
+    settings = operator_settings(max_preemptions=2)
+    rec = kueue_record({**pending(attempt=3), "phase": "Running", "preemptions": 2})
+    pod = kueue_pod("Running", gated=False, stop="WorkloadEvictedDueToPreempted", attempt=3)
+    write, delete = decide.follow_pod(
+        rec, pod, deleted=False, pods=[pod], now=NOW, settings=settings
+    )
+    assert delete == DeletePod("t-a3")
+    assert isinstance(write, WriteStatus)
+    assert (write.status.phase, write.status.exit_reason) == (Phase.FAILED, ExitReason.PREEMPTED)
+    assert condition(write.status, "Complete") == ("True", "Preempted")
+    assert write.status.message == (
+        "Kueue stopped pod t-a3 (WorkloadEvictedDueToPreempted: Preempted to accommodate a "
+        "workload (UID: w2) in the ClusterQueue), after 2 earlier stops; the operator makes a "
+        "task's pod again at most 2 times (LLMSANDBOX_MAX_PREEMPTIONS)"
+    )
+
+
+@pytest.mark.parametrize(
+    "reason", ["WorkloadEvictedDueToDeactivated", "WorkloadEvictedDueToInactiveWorkload"]
+)
+def test_a_pod_whose_workload_kueue_deactivated_cancels_the_task(reason: str) -> None:
+    rec = kueue_record({**pending(), "phase": "Running"})
+    write, delete = follow(rec, kueue_pod("Running", gated=False, stop=reason))
+    assert delete == DeletePod("t-a1")
+    assert isinstance(write, WriteStatus)
+    assert (write.status.phase, write.status.exit_reason) == (Phase.CANCELLED, ExitReason.CANCELLED)
+    assert condition(write.status, "Complete") == ("True", "Cancelled")
+    assert (write.status.message or "").endswith(
+        "its Workload was deactivated, so the task is not run again"
+    )
+
+
+def test_kueues_topology_gate_holds_the_pod_too_and_the_task_names_both() -> None:
+    pod = kueue_pod()
+    pod["spec"]["schedulingGates"].append({"name": "kueue.x-k8s.io/topology"})
+    [write] = follow(kueue_record(pending()), pod)
+    assert isinstance(write, WriteStatus)
+    assert (
+        "(scheduling gates kueue.x-k8s.io/admission, kueue.x-k8s.io/topology)"
+        in (scheduled(write.status)[2])
+    )
+    # Admitted, but not yet placed by topology-aware scheduling: still held, no clock running.
+    pod["spec"]["schedulingGates"] = [{"name": "kueue.x-k8s.io/topology"}]
+    pod["metadata"]["creationTimestamp"] = "2026-03-01T11:00:00Z"
+    assert decide.start_timeout(kueue_record(pending()), pod, NOW, SETTINGS) == []
+
+
+def test_only_a_true_termination_target_is_kueues_stop() -> None:
+    pod = kueue_pod("Running", gated=False, stop="WorkloadEvictedDueToPreempted")
+    pod["status"]["conditions"][0]["status"] = "False"
+    assert follow(kueue_record({**pending(), "phase": "Running"}), pod) == []
+
+
+def test_a_pod_found_with_what_kueue_adds_is_adopted_as_the_operators() -> None:
+    # An operator stopped between creating the pod and recording it: Kueue's webhook had added
+    # its label, finalizer and gate, and on admission a flavor's node selector and toleration.
+    pod = kueue_pod()
+    pod["spec"]["nodeSelector"] = {"llmsandbox.io/pool": "sandbox"}
+    pod["spec"]["tolerations"] = [{"key": "sandbox", "operator": "Exists"}]
+    pod["metadata"]["annotations"]["kueue.x-k8s.io/role-hash"] = "a1b2c3"
+    assert shape(follow(kueue_record(pending(pod_uid=None)), pod)) == [
+        ("write", Phase.PENDING, None, 1, "pod-uid"),
+        ("write", Phase.PENDING, None, 1, "pod-uid"),
+    ]

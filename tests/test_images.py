@@ -198,7 +198,7 @@ def test_the_operator_image_runs_the_operator_as_nobody(images: None) -> None:
     assert config["User"] == "65534:65534"
     # Without settings it must refuse clearly, not crash: a bad value names its variable.
     bad = docker(
-        "run", "--rm", "-e", "LLMSANDBOX_MAX_RUNNING_TASKS=0", f"llm-sandbox/operator:{TAG}"
+        "run", "--rm", "-e", "LLMSANDBOX_MAX_RUNNING_TASKS=-1", f"llm-sandbox/operator:{TAG}"
     )
     assert bad.returncode == 2
     assert "LLMSANDBOX_MAX_RUNNING_TASKS" in bad.stderr

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from sandbox_agent.task import parse_task
+from sandbox_agent.scheduling import Scheduling
+from sandbox_agent.task import LocalObjectReference, parse_task
 from sandbox_operator.ownership import (
     claim_problem,
     foreign_configmap_problem,
@@ -248,6 +249,28 @@ POD_CASES: list[tuple[str, Edit, str]] = [
         "spec.volumes[5].downwardAPI.items[0].fieldRef.fieldPath",
     ),
 ]
+
+
+def test_the_operators_placed_pod_is_adopted_whatever_admission_added_to_its_placement() -> None:
+    placed = SETTINGS.model_copy(
+        update={
+            "task_scheduling": Scheduling.model_validate(
+                {
+                    "nodeSelector": {"pool": "sandbox"},
+                    "tolerations": [{"key": "sandbox", "operator": "Exists"}],
+                    "priorityClassName": "batch",
+                }
+            ),
+            "task_image_pull_secrets": [LocalObjectReference(name="regcred")],
+        }
+    )
+    desired = build_pod(TASK, namespace="ns", uid=UID, attempt=1, settings=placed)
+    stored = as_stored(desired)  # DefaultTolerationSeconds' tolerations replace the operator's
+    spec = stored["spec"]
+    spec["nodeSelector"]["kueue.x-k8s.io/flavor"] = "spot"  # a RuntimeClass's or Kueue's
+    spec["priority"] = 1000
+    assert desired["spec"]["tolerations"] != spec["tolerations"]
+    assert foreign_pod_problem(stored, desired, UID) is None
 
 
 @pytest.mark.parametrize(("edit", "why"), [c[1:] for c in POD_CASES], ids=[c[0] for c in POD_CASES])

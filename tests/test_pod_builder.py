@@ -11,7 +11,8 @@ import pytest
 
 from conftest import settings_refusal
 from sandbox_agent.podconfig import PodTaskConfig
-from sandbox_agent.task import Resources, SandboxTask, parse_task
+from sandbox_agent.scheduling import SCHEDULING_FIELDS, Scheduling
+from sandbox_agent.task import LocalObjectReference, Resources, SandboxTask, parse_task
 from sandbox_operator.agent_config import resolve_model
 from sandbox_operator.cluster_checks import validate_for_cluster
 from sandbox_operator.errors import SpecError
@@ -290,6 +291,44 @@ def test_the_network_label_follows_the_mode(network: dict[str, Any], label: str)
     task = make_task(sandbox={"network": network})
     assert pod_for(task)["metadata"]["labels"]["llmsandbox.io/network"] == label
     assert configmap_for(task)["metadata"]["labels"]["llmsandbox.io/network"] == label
+
+
+@pytest.mark.parametrize(
+    ("spec", "default", "queue"),
+    [
+        ({"queueName": "team-a"}, None, "team-a"),
+        ({}, "batch", "batch"),
+        ({"queueName": "team-a"}, "batch", "team-a"),
+        ({}, None, None),
+    ],
+    ids=["the-tasks-own", "the-operators-default", "the-task-wins", "none"],
+)
+def test_a_pod_carries_kueues_queue_label_for_the_tasks_local_queue(
+    spec: dict[str, Any], default: str | None, queue: str | None
+) -> None:
+    settings = SETTINGS.model_copy(update={"default_queue_name": default})
+    pod = pod_for(make_task(**spec), settings=settings)
+    assert pod["metadata"]["labels"].get("kueue.x-k8s.io/queue-name") == queue
+    # Only the label: Kueue's webhook adds its gate, and the pod spec is unchanged.
+    assert "schedulingGates" not in pod["spec"]
+    assert pod["spec"] == pod_for(make_task(), settings=SETTINGS)["spec"]
+    assert_valid(pod)
+
+
+def test_the_default_queue_name_must_be_a_local_queue_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    [line] = settings_refusal(monkeypatch, {"LLMSANDBOX_DEFAULT_QUEUE_NAME": "Team A"})
+    assert line.startswith("LLMSANDBOX_DEFAULT_QUEUE_NAME: String should match pattern")
+
+
+def test_a_zero_cap_on_running_tasks_means_none_of_the_operators_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLMSANDBOX_MAX_RUNNING_TASKS", "0")
+    monkeypatch.setenv("LLMSANDBOX_MAX_PREEMPTIONS", "3")
+    settings = load_settings()
+    assert (settings.max_running_tasks, settings.max_preemptions) == (0, 3)
 
 
 def test_configmap_labels_are_the_pods_without_the_attempt() -> None:
@@ -704,12 +743,12 @@ def test_settings_come_from_llmsandbox_variables_with_json_for_structures(
 
 
 def test_bad_settings_name_the_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LLMSANDBOX_MAX_RUNNING_TASKS", "0")
+    monkeypatch.setenv("LLMSANDBOX_MAX_RUNNING_TASKS", "-1")
     monkeypatch.setenv("LLMSANDBOX_AGENT_RESOURCES", '{"limits": {"gpu": "1"}}')
     with pytest.raises(SettingsError) as info:
         load_settings()
     lines = str(info.value).splitlines()
-    assert "LLMSANDBOX_MAX_RUNNING_TASKS: Input should be greater than or equal to 1" in lines
+    assert "LLMSANDBOX_MAX_RUNNING_TASKS: Input should be greater than or equal to 0" in lines
     assert any(
         line.startswith("LLMSANDBOX_AGENT_RESOURCES.limits: unknown resource") for line in lines
     )
@@ -852,3 +891,243 @@ def test_bad_resource_settings_name_the_variable(
 ) -> None:
     lines = settings_refusal(monkeypatch, env)
     assert any(text.startswith(line) for text in lines), lines
+
+
+# -- placement, pull secrets and the agent image's pull policy -------------------------------
+
+PLACED = SETTINGS.model_copy(
+    update={
+        "agent_image_pull_policy": "Always",
+        "task_scheduling": Scheduling.model_validate(
+            {
+                "nodeSelector": {"llmsandbox.io/pool": "sandbox"},
+                "tolerations": [
+                    {"key": "llmsandbox.io/sandbox", "operator": "Exists", "effect": "NoSchedule"}
+                ],
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [
+                                {
+                                    "matchExpressions": [
+                                        {
+                                            "key": "kubernetes.io/arch",
+                                            "operator": "In",
+                                            "values": ["amd64", "arm64"],
+                                        }
+                                    ]
+                                }
+                            ]
+                        }
+                    }
+                },
+                "priorityClassName": "llmsandbox-batch",
+                "topologySpreadConstraints": [
+                    {
+                        "maxSkew": 1,
+                        "topologyKey": "topology.kubernetes.io/zone",
+                        "whenUnsatisfiable": "ScheduleAnyway",
+                        "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "llm-sandbox"}},
+                    }
+                ],
+            }
+        ),
+        "task_image_pull_secrets": [LocalObjectReference(name="regcred")],
+        "allowed_image_pull_secrets": ["team-a-registry"],
+        "allowed_scheduling_fields": list(SCHEDULING_FIELDS),
+    }
+)
+EVERY_PLACEMENT: dict[str, Any] = {
+    "nodeSelector": {"disk": "ssd"},
+    "tolerations": [
+        {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoExecute"},
+        {"operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+    ],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "cores", "operator": "Gt", "values": ["7"]}]},
+                    {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]},
+                ]
+            },
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 20,
+                    "preference": {"matchExpressions": [{"key": "gvisor", "operator": "Exists"}]},
+                }
+            ],
+        },
+        "podAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "labelSelector": {"matchLabels": {"app": "cache"}},
+                        "namespaceSelector": {},
+                        "topologyKey": "topology.kubernetes.io/zone",
+                        "matchLabelKeys": ["llmsandbox.io/taskset"],
+                    },
+                }
+            ]
+        },
+        "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "labelSelector": {
+                        "matchExpressions": [
+                            {"key": "app", "operator": "In", "values": ["db", "queue"]}
+                        ]
+                    },
+                    "namespaces": ["data"],
+                    "topologyKey": "kubernetes.io/hostname",
+                }
+            ]
+        },
+    },
+    "priorityClassName": "llmsandbox-urgent",
+    "topologySpreadConstraints": [
+        {
+            "maxSkew": 2,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "DoNotSchedule",
+            "minDomains": 3,
+            "nodeAffinityPolicy": "Honor",
+            "nodeTaintsPolicy": "Ignore",
+            "labelSelector": {"matchLabels": {"llmsandbox.io/taskset": "maths"}},
+            "matchLabelKeys": ["llmsandbox.io/taskset-item"],
+        }
+    ],
+}
+PLACED_TASK = make_task(
+    scheduling=EVERY_PLACEMENT,
+    sandbox={"imagePullSecrets": [{"name": "team-a-registry"}, {"name": "regcred"}]},
+)
+
+
+@pytest.mark.parametrize(
+    ("task", "settings"),
+    [
+        (PLACED_TASK, PLACED),
+        (make_task(), PLACED),
+        (PLACED_TASK, PLACED.model_copy(update={"task_scheduling": Scheduling()})),
+    ],
+    ids=["both", "the-operators-only", "the-tasks-only"],
+)
+def test_placed_pods_validate_against_kubernetes_1_29_to_1_33(
+    task: SandboxTask, settings: OperatorSettings
+) -> None:
+    assert_valid(pod_for(task, settings=settings))
+
+
+def test_a_pod_without_placement_settings_has_no_placement_fields() -> None:
+    spec = pod_for(make_task())["spec"]
+    placement = {*SCHEDULING_FIELDS, "imagePullSecrets"}
+    assert not placement & set(spec)
+    for name in ("agent", "install-execd"):
+        assert "imagePullPolicy" not in container(pod_for(make_task()), name)
+
+
+def test_the_pod_carries_the_merged_placement_and_pull_secrets() -> None:
+    spec = pod_for(PLACED_TASK, settings=PLACED)["spec"]
+    assert spec["nodeSelector"] == {"llmsandbox.io/pool": "sandbox", "disk": "ssd"}
+    assert [t.get("key") for t in spec["tolerations"]] == ["llmsandbox.io/sandbox", "spot", None]
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    arch = {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64", "arm64"]}
+    assert [term["matchExpressions"][0] for term in terms["nodeSelectorTerms"]] == [arch, arch]
+    assert spec["priorityClassName"] == "llmsandbox-urgent"
+    assert spec["topologySpreadConstraints"] == EVERY_PLACEMENT["topologySpreadConstraints"]
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}, {"name": "team-a-registry"}]
+
+
+def test_the_agent_image_is_pulled_by_the_operators_policy_in_both_its_containers() -> None:
+    pod = pod_for(make_task(), settings=PLACED)
+    for name in ("agent", "install-execd"):
+        assert container(pod, name)["imagePullPolicy"] == "Always"
+    # The sandbox image is the task's: the kubelet's default for its tag applies.
+    assert "imagePullPolicy" not in container(pod, "sandbox")
+
+
+def test_the_builders_refuse_placement_the_operator_does_not_allow() -> None:
+    settings = PLACED.model_copy(update={"allowed_scheduling_fields": ["nodeSelector"]})
+    with pytest.raises(SpecError, match=r"^spec\.scheduling\.tolerations: tasks may not set it"):
+        pod_for(PLACED_TASK, settings=settings)
+    unlisted = make_task(sandbox={"imagePullSecrets": [{"name": "other-team"}]})
+    with pytest.raises(
+        SpecError, match=r"^spec\.sandbox\.imagePullSecrets\[0\]\.name: 'other-team'"
+    ):
+        pod_for(unlisted, settings=PLACED)
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"LLMSANDBOX_TASK_SCHEDULING": '{"tolerations": [{"key": "a", "effect": "Never"}]}'},
+            "LLMSANDBOX_TASK_SCHEDULING.tolerations[0].effect: Input should be 'NoSchedule', "
+            "'PreferNoSchedule' or 'NoExecute'",
+        ),
+        (
+            {"LLMSANDBOX_TASK_SCHEDULING": '{"nodeSelector": {"pool": "a b"}}'},
+            "LLMSANDBOX_TASK_SCHEDULING.nodeSelector.pool: String should match pattern",
+        ),
+        (
+            {"LLMSANDBOX_TASK_SCHEDULING": '{"nodeSelektor": {}}'},
+            "LLMSANDBOX_TASK_SCHEDULING.nodeSelektor: Extra inputs are not permitted",
+        ),
+        (
+            {"LLMSANDBOX_ALLOWED_SCHEDULING_FIELDS": '["tolerations", "schedulerName"]'},
+            "LLMSANDBOX_ALLOWED_SCHEDULING_FIELDS[1]: Input should be 'nodeSelector', "
+            "'tolerations', 'affinity', 'priorityClassName' or 'topologySpreadConstraints'",
+        ),
+        (
+            {"LLMSANDBOX_TASK_IMAGE_PULL_SECRETS": '["regcred"]'},
+            "LLMSANDBOX_TASK_IMAGE_PULL_SECRETS[0]: Input should be a valid dictionary",
+        ),
+        (
+            {"LLMSANDBOX_ALLOWED_IMAGE_PULL_SECRETS": '["Team_A"]'},
+            "LLMSANDBOX_ALLOWED_IMAGE_PULL_SECRETS[0]: String should match pattern",
+        ),
+        (
+            {"LLMSANDBOX_AGENT_IMAGE_PULL_POLICY": "always"},
+            "LLMSANDBOX_AGENT_IMAGE_PULL_POLICY: Input should be 'Always', 'IfNotPresent' or "
+            "'Never'",
+        ),
+    ],
+    ids=[
+        "toleration-effect",
+        "node-label-value",
+        "unknown-field",
+        "allowed-field",
+        "pull-secret-shape",
+        "allowed-pull-secret",
+        "pull-policy",
+    ],
+)
+def test_bad_placement_settings_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], line: str
+) -> None:
+    lines = settings_refusal(monkeypatch, env)
+    assert any(text.startswith(line) for text in lines), lines
+
+
+def test_placement_settings_come_from_json_in_the_pod_specs_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "LLMSANDBOX_TASK_SCHEDULING",
+        json.dumps({"nodeSelector": {"pool": "sandbox"}, "priorityClassName": "batch"}),
+    )
+    monkeypatch.setenv("LLMSANDBOX_TASK_IMAGE_PULL_SECRETS", '[{"name": "regcred"}]')
+    monkeypatch.setenv("LLMSANDBOX_ALLOWED_IMAGE_PULL_SECRETS", '["team-a-registry"]')
+    monkeypatch.setenv("LLMSANDBOX_ALLOWED_SCHEDULING_FIELDS", "[]")
+    monkeypatch.setenv("LLMSANDBOX_AGENT_IMAGE_PULL_POLICY", "IfNotPresent")
+    settings = load_settings()
+    assert settings.task_scheduling.pod_fields() == {
+        "nodeSelector": {"pool": "sandbox"},
+        "priorityClassName": "batch",
+    }
+    assert [ref.name for ref in settings.task_image_pull_secrets] == ["regcred"]
+    assert settings.allowed_image_pull_secrets == ["team-a-registry"]
+    assert settings.allowed_scheduling_fields == []
+    assert settings.agent_image_pull_policy == "IfNotPresent"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from sandbox_agent.result import RESULT_LOG_PREFIX, ExitReason, TaskResult, termination_message
-from sandbox_operator.admission import Candidate, positions, queue_order, to_admit
+from sandbox_operator.admission import Candidate, positions, queue_order, to_admit_within
 from sandbox_operator.agent_report import ResultError, parse_log_result, parse_termination_message
 from sandbox_operator.failures import PodState, assess_pod, start_timed_out
 
@@ -29,9 +29,13 @@ def test_the_queue_is_ordered_by_priority_then_age() -> None:
 
 def test_admission_fills_only_free_slots() -> None:
     waiting = [cand(f"t{i}", created=f"2026-01-01T00:00:0{i}Z") for i in range(5)]
-    assert [c.name for c in to_admit(waiting, running=1, max_running=3)] == ["t0", "t1"]
-    assert to_admit(waiting, running=3, max_running=3) == []
-    assert to_admit(waiting, running=7, max_running=3) == []
+
+    def one_group(c: Candidate) -> str:
+        return "all"
+
+    assert [c.name for c in to_admit_within(waiting, 2, one_group, {})] == ["t0", "t1"]
+    assert to_admit_within(waiting, 0, one_group, {}) == []
+    assert len(to_admit_within(waiting, None, one_group, {})) == 5  # no global cap
 
 
 def pod(

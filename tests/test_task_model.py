@@ -124,6 +124,14 @@ def test_wire_names_are_camel_case_and_round_trip() -> None:
             {"prompt": "p", "retries": -1},
             "spec.retries: Input should be greater than or equal to 0",
         ),
+        (
+            {"prompt": "p", "queueName": "Team_A"},
+            "spec.queueName: must be a DNS-1123 name: lower-case letters, digits, '-' and '.'",
+        ),
+        (
+            {"prompt": "p", "queueName": "q" * 64},
+            "spec.queueName: String should have at most 63 characters",
+        ),
         ({"prompt": "p" * 300_000}, "spec.prompt: String should have at most 262144 characters"),
         (
             {"prompt": "p", "sandbox": {"network": "open"}},

@@ -149,6 +149,9 @@ class ChatLLM:
         self.backoff_base = backoff_base
         # Every retry this client made, whether the call then succeeded or not (usage.llmRetries).
         self.retries = 0
+        # Every 429 (Too Many Requests) the endpoint answered (usage.llmThrottled): what the
+        # operator's adaptive admission learns an endpoint's capacity from.
+        self.throttled = 0
         self._api_key = api_key
         self._checked = False
         root = base_url.rstrip("/")
@@ -250,6 +253,8 @@ class ChatLLM:
                 reply = await self._send(
                     "POST", self._chat_url, min(self.request_timeout, remaining), body
                 )
+                if reply.status == 429:
+                    self.throttled += 1
                 if reply.status >= 400:
                     refusal = _Refusal.of(reply.status, reply.body)
                     if reply.status == 400 and refusal.context_length:

@@ -296,7 +296,7 @@ class AgentLoop:
 
     async def _ask(self, max_tokens: int) -> Completion | _Ending | None:
         """The model's reply; else the ending its failure means, or None after a shrink."""
-        retries_before = self.llm.retries
+        retries_before, throttled_before = self.llm.retries, self.llm.throttled
         try:
             return await self.llm.complete(
                 self.messages,
@@ -316,6 +316,7 @@ class AgentLoop:
         finally:
             # Retries count whether the call then succeeded or gave up (the llmRetries metric).
             self.usage.llm_retries += self.llm.retries - retries_before
+            self.usage.llm_throttled += self.llm.throttled - throttled_before
 
     def _shrink(self, max_tokens: int, exc: ContextLengthError) -> _Ending | None:
         shrunk = self.budget.shrunk(max_tokens)
@@ -331,6 +332,7 @@ class AgentLoop:
     def _count(self, reply: Completion) -> None:
         self.steps += 1
         self.usage.add(reply.prompt_tokens, reply.completion_tokens)
+        self.usage.llm_seconds = round(self.usage.llm_seconds + reply.seconds, 3)
         self.conversation_tokens = reply.prompt_tokens + reply.completion_tokens
         self.on_event(
             LLMReplied(

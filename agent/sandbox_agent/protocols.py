@@ -37,6 +37,10 @@ class CompletionModel(Protocol):
     def retries(self) -> int:
         """Every retry made so far, whether its call then succeeded or gave up."""
 
+    @property
+    def throttled(self) -> int:
+        """Every 429 (Too Many Requests) answer so far."""
+
     async def complete(
         self,
         messages: list[dict[str, Any]],

@@ -58,6 +58,9 @@ class ExitReason(StrEnum):
     """The agent container exited without reporting a result (cluster only; retried)."""
     START_TIMEOUT = "start_timeout"
     """The pod did not start in time, e.g. no node can fit it (cluster only)."""
+    PREEMPTED = "preempted"
+    """Kueue stopped the task's pod (preempted or evicted it) more often than the operator makes
+    it again (LLMSANDBOX_MAX_PREEMPTIONS; cluster only)."""
 
 
 # Endings that say nothing about the model: the platform failed it (the image, the node, the
@@ -75,6 +78,7 @@ INFRASTRUCTURE_FAILURES = frozenset(
         ExitReason.POD_LOST,
         ExitReason.AGENT_CRASHED,
         ExitReason.START_TIMEOUT,
+        ExitReason.PREEMPTED,
     }
 )
 
@@ -95,6 +99,10 @@ class Usage(WireModel):
     total_tokens: int = 0
     llm_calls: int = 0
     llm_retries: int = 0
+    # 429 answers the endpoint gave (retried or not), and the seconds its answered calls took:
+    # the operator's adaptive admission reads both (docs/operator.md, "Endpoint admission").
+    llm_throttled: int = 0
+    llm_seconds: float = 0.0
     cost_usd: float | None = Field(default=None, alias="costUSD")
 
     def add(self, prompt: int, completion: int) -> None:

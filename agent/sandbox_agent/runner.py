@@ -230,6 +230,18 @@ HOST_NETWORK_REFUSED = (
 )
 
 
+def placement_note(task: SandboxTask) -> str | None:
+    """The fields that place and pull a task's pod on a cluster, which a local run ignores."""
+    fields = [f"spec.scheduling.{name}" for name in task.spec.scheduling.given()]
+    if task.spec.sandbox.image_pull_secrets:
+        fields.append("spec.sandbox.imagePullSecrets")
+    if task.spec.queue_name is not None:
+        fields.append("spec.queueName")
+    if not fields:
+        return None
+    return f"{', '.join(fields)}: for the task's pod on a cluster; sandboxctl run ignores them"
+
+
 def check_network(task: SandboxTask, opts: RunOptions) -> None:
     if task.spec.sandbox.network.mode is NetworkMode.INTERNET and not opts.allow_host_network:
         raise TaskSpecError(HOST_NETWORK_REFUSED)
@@ -421,6 +433,9 @@ async def run_task(
     local, endpoint = opts.local_model, plan.endpoint
     if task.spec.sandbox.network.mode is NetworkMode.ALLOW_LIST:
         on_event(Notice(ALLOW_LIST_NOTE))
+    note = placement_note(task)
+    if note is not None:
+        on_event(Notice(note))
     if opts.image is not None and plan.backend_cls.name != "docker":
         on_event(Notice(image_unused_note(plan.backend_cls.name)))
     server: LocalModelServer | None = None

@@ -24,8 +24,11 @@ from pydantic.alias_generators import to_camel
 from .apimodel import ApiModel
 from .errors import TaskSpecError
 from .graders import GRADER_TYPES, Grading
+from .scheduling import LABEL_KEY_HELP, LABEL_VALUE_HELP, Scheduling
 from .wire import (
     DEFAULT_SANDBOX_IMAGE,
+    LABEL_KEY_PATTERN,
+    LABEL_VALUE_PATTERN,
     NAME_PATTERN,
     QUANTITY_PATTERN,
 )
@@ -55,6 +58,12 @@ class NetworkMode(StrEnum):
 class SecretKeyRef(ApiModel):
     name: Annotated[str, Field(min_length=1, max_length=253, pattern=NAME_PATTERN)]
     key: Annotated[str, Field(min_length=1, max_length=253)] = "apiKey"
+
+
+class LocalObjectReference(ApiModel):
+    """An object of the task's namespace, by name (an image pull Secret)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=NAME_PATTERN)]
 
 
 class ConfigMapKeyRef(ApiModel):
@@ -233,6 +242,15 @@ class SandboxSpec(ApiModel):
     image: ImageReference = DEFAULT_SANDBOX_IMAGE
     resources: Resources = Field(default_factory=Resources)
     runtime_class_name: Annotated[str | None, Field(max_length=253, pattern=NAME_PATTERN)] = None
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "On a cluster: Secrets of the task's namespace the pod's images are pulled with, "
+            "besides the operator's; each must be one the operator lets tasks name "
+            "(LLMSANDBOX_ALLOWED_IMAGE_PULL_SECRETS). sandboxctl run ignores them."
+        ),
+    )
     network: Network = Field(default_factory=Network)
     max_processes: Annotated[int, Field(ge=16, le=65_536)] = Field(
         default=1024,
@@ -265,7 +283,26 @@ class SandboxTaskSpec(ApiModel):
     sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
     priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
     retries: Annotated[int, Field(ge=0, le=10)] = 1
+    # A Kueue LocalQueue name: a DNS-1123 subdomain that also fits a label value (63).
+    queue_name: Annotated[str | None, Field(min_length=1, max_length=63, pattern=NAME_PATTERN)] = (
+        Field(
+            default=None,
+            description=(
+                "On a cluster with Kueue: the LocalQueue (in the task's namespace) the pod is "
+                "submitted to, as the label kueue.x-k8s.io/queue-name; without it the operator's "
+                "LLMSANDBOX_DEFAULT_QUEUE_NAME. sandboxctl run ignores it."
+            ),
+        )
+    )
     artifacts: ArtifactsSpec = Field(default_factory=ArtifactsSpec)
+    scheduling: Scheduling = Field(
+        default_factory=Scheduling,
+        description=(
+            "On a cluster: where the task's pod may run (nodeSelector, tolerations, affinity, "
+            "priorityClassName, topologySpreadConstraints), merged with the operator's; the "
+            "operator may forbid some fields. sandboxctl run ignores it."
+        ),
+    )
     ttl_seconds_after_finished: Annotated[int | None, Field(ge=0, le=365 * 86_400)] = Field(
         default=None,
         description=(
@@ -316,6 +353,8 @@ _PATTERN_HINTS = {
     INPUT_PATH_PATTERN: "must be a relative path (no leading '/')",
     ALLOW_ENTRY_PATTERN: "must be ADDRESS[/PREFIX]:PORT, e.g. 10.0.0.5:8000 or 10.0.0.0/8:443",
     ARTIFACTS_PREFIX_PATTERN: "must be plain names (letters, digits, '.', '_', '-') joined by '/'",
+    LABEL_KEY_PATTERN: f"must be {LABEL_KEY_HELP}",
+    LABEL_VALUE_PATTERN: f"must be {LABEL_VALUE_HELP}",
 }
 
 
@@ -368,6 +407,7 @@ _SHAPES = {
     "spec.model": "{name: ..., baseURL: ..., apiKeySecretRef: {name: ..., key: ...}}",
     "spec.sandbox": "{image: ..., network: {mode: ...}, resources: {limits: {...}}}",
     "spec.limits": "{maxSteps: ..., maxTokens: ..., activeDeadlineSeconds: ...}",
+    "spec.scheduling": "{nodeSelector: {...}, tolerations: [...], affinity: {...}, ...}",
 }
 
 

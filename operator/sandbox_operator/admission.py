@@ -1,9 +1,10 @@
-"""Who runs next: a global cap on running tasks, the rest queued by priority, then age."""
+"""Who runs next: a global cap on running tasks and a limit per endpoint group
+(endpoint_admission.py), the rest queued by priority, then age."""
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 
@@ -14,6 +15,9 @@ class Candidate:
     name: str
     priority: int
     created: str  # RFC3339; sorts correctly as text
+    # The endpoint its agent calls, as the spec names it (None: the operator's default).
+    base_url: str | None = None
+    model: str | None = None
 
 
 def _order(c: Candidate) -> tuple[int, str, str, str]:
@@ -25,10 +29,32 @@ def queue_order(candidates: Iterable[Candidate]) -> list[Candidate]:
     return sorted(candidates, key=_order)
 
 
-def to_admit(waiting: Iterable[Candidate], running: int, max_running: int) -> list[Candidate]:
-    """The first free-slots-many of the queue: O(n log slots), no sort of the whole queue."""
-    slots = max(0, max_running - running)
-    return heapq.nsmallest(slots, waiting, key=_order) if slots else []
+def to_admit_within(
+    waiting: Iterable[Candidate],
+    slots: int | None,
+    group_of: Callable[[Candidate], str],
+    room: Mapping[str, int],
+) -> list[Candidate]:
+    """What walking the queue in order would admit: each candidate whose group has room left
+    (`room`; a group absent from it has no limit of its own) while global `slots` remain (None:
+    no global cap). A full group does not hold back the tasks of others behind it. Equal to
+    that walk, without sorting the queue: a group's best `room` candidates, then the best
+    `slots` of those."""
+    unlimited: list[Candidate] = []
+    grouped: dict[str, list[Candidate]] = {}
+    for cand in waiting:
+        group = group_of(cand)
+        if group in room:
+            grouped.setdefault(group, []).append(cand)
+        else:
+            unlimited.append(cand)
+    pool = unlimited
+    for group, cands in grouped.items():
+        if room[group] > 0:
+            pool.extend(heapq.nsmallest(room[group], cands, key=_order))
+    if slots is None:
+        return sorted(pool, key=_order)
+    return heapq.nsmallest(max(0, slots), pool, key=_order) if slots > 0 else []
 
 
 def positions(waiting: Iterable[Candidate]) -> dict[str, int]:

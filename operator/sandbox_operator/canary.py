@@ -31,8 +31,9 @@ from sandbox_agent.wire import (
 )
 
 from .kube import KubeClient, KubeError
-from .pod_builder import hardened_security_context
+from .pod_builder import agent_image, hardened_security_context
 from .policy import ISOLATED_POLICY, shared_policies
+from .pull_secrets import operator_pull_secrets, pull_secret_refs
 from .settings import OperatorSettings, parse_address_port
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def canary_pod(namespace: str, target: Target, settings: OperatorSettings) -> di
         "containers": [
             {
                 "name": CANARY_CONTAINER,
-                "image": settings.agent_image,
+                **agent_image(settings),
                 "command": ["python", "-c", CANARY_SCRIPT, target.host, str(target.port)],
                 "resources": {
                     "requests": {"cpu": "10m", "memory": "32Mi"},
@@ -137,6 +138,11 @@ def canary_pod(namespace: str, target: Target, settings: OperatorSettings) -> di
     if settings.required_runtime_class:
         # Under the same runtime as task pods: what it can reach, they can.
         spec["runtimeClassName"] = settings.required_runtime_class
+    # On the nodes task pods run on (their network plugin may differ), pulled as they are.
+    spec.update(settings.task_scheduling.pod_fields())
+    pull_secrets = operator_pull_secrets(settings)
+    if pull_secrets:
+        spec["imagePullSecrets"] = pull_secret_refs(pull_secrets)
     return {
         "apiVersion": "v1",
         "kind": "Pod",

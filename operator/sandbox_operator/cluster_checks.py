@@ -1,6 +1,7 @@
 """The checks a task must pass to run on this cluster, beyond its schema: a name, a model and an
-endpoint it may use, an API key Secret, resources within bounds, inputs that fit, and allow-list
-entries outside the excluded ranges. Each failure is a SpecError naming the field."""
+endpoint it may use, an API key Secret, resources within bounds, placement and pull secrets the
+operator allows, inputs that fit, and allow-list entries outside the excluded ranges. Each
+failure is a SpecError naming the field."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from .agent_config import (
 from .endpoints import base_url_problem, is_ip_address, parse_endpoint
 from .errors import SpecError
 from .metadata import task_name
+from .placement import task_scheduling
+from .pull_secrets import image_pull_secrets
 from .resources import runtime_class, sandbox_resources
 from .settings import OperatorSettings
 
@@ -132,6 +135,8 @@ def validate_for_cluster(task: SandboxTask, settings: OperatorSettings) -> None:
     check_endpoint(task, settings)
     sandbox_resources(task, settings)
     runtime_class(task, settings)
+    task_scheduling(task, settings)
+    image_pull_secrets(task, settings)
     _check_inputs(task)
     allow_list(task, settings)
     size = files_size(task_files(task, settings))

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -54,7 +55,7 @@ from typing import Any
 from sandbox_agent.result import TERMINAL_PHASES, ExitReason, Phase
 
 from . import decisions as decide
-from .admission import Candidate, positions, to_admit
+from .admission import Candidate, positions, to_admit_within
 from .cluster_checks import resolve_api_key_secret
 from .decisions import (
     Action,
@@ -70,6 +71,7 @@ from .decisions import (
     Tally,
     WriteStatus,
 )
+from .endpoint_admission import EndpointAdmission
 from .endpoints import secret_label_problem
 from .errors import SpecError
 from .kube import TASKS, ConflictError, KubeClient, KubeError
@@ -120,11 +122,17 @@ class Operator:
         self._queued: set[str] = set()
         self._reserved: set[str] = set()  # slots held by starts in flight
         self._joining: set[str] = set()  # queue places held by Queued writes in flight
+        # Limits per endpoint group (endpoint_admission.py), and when this process admitted
+        # each active task (monotonic): what a finished task teaches depends on it.
+        self.endpoints = EndpointAdmission(settings.endpoint_limits, settings.adaptive_admission)
+        self._admitted_at: dict[str, float] = {}
         # Finished tasks with a TTL: (when, uid) in a heap, and each one's latest `when`.
         self._expiring: list[tuple[datetime, str]] = []
         self._expiry_of: dict[str, datetime] = {}
         self.expiry_changed = asyncio.Event()
-        self.metrics = Metrics(self.count_by_phase, settings.max_running_tasks)
+        self.metrics = Metrics(
+            self.count_by_phase, settings.max_running_tasks, endpoint_limits=self.endpoint_limits
+        )
 
     # -- the cache ---------------------------------------------------------------------------
 
@@ -167,6 +175,7 @@ class Operator:
         elif uid in self._joining or rec.phase is Phase.QUEUED:
             self._queued.add(uid)
         elif rec.phase in TERMINAL_PHASES:
+            self._admitted_at.pop(uid, None)
             # A finished task's pods are never looked at again.
             for pod_uid in self._pods_by_task.pop(uid, set()):
                 self.pods.pop(pod_uid, None)
@@ -229,6 +238,7 @@ class Operator:
         self._joining.discard(uid)
         self._settled.pop(uid, None)
         self._written.pop(uid, None)
+        self._admitted_at.pop(uid, None)
 
     def _keep_pod(self, pod: PodBody) -> None:
         pod_uid = str(pod["metadata"]["uid"])
@@ -388,8 +398,53 @@ class Operator:
     def _waiting(self) -> list[Candidate]:
         return [self.tasks[uid].candidate for uid in self._queued]
 
+    def _group(self, cand: Candidate) -> str:
+        """The endpoint group of a task (its base URL and model, the operator's by default)."""
+        base_url = cand.base_url or self.settings.default_base_url or ""
+        return self.endpoints.group_of(base_url, cand.model or self.settings.default_model or "")
+
+    def _running_by_group(self) -> Counter[str]:
+        running: Counter[str] = Counter()
+        for uid in self._active:
+            rec = self.tasks.get(uid)
+            if rec is not None and rec.queue_entry is not None:
+                running[self._group(rec.queue_entry)] += 1
+        return running
+
+    def endpoint_limits(self) -> list[tuple[str, int | None, int]]:
+        """Each endpoint group's limit (its own or the global cap, the lower; None: neither)
+        and running tasks, for the metrics."""
+        running = self._running_by_group()
+        cap = self.settings.max_running_tasks or None
+        found = []
+        for name, limit in self.endpoints.limits():
+            if cap is not None:
+                limit = cap if limit is None else min(limit, cap)
+            found.append((name, limit, running.get(name, 0)))
+        return found
+
+    def _choose(self, waiting: list[Candidate]) -> list[Candidate]:
+        """Who of `waiting` to admit now: within the global cap (0: none) and each endpoint
+        group's limit."""
+        cap = self.settings.max_running_tasks
+        slots = max(0, cap - len(self._active)) if cap > 0 else None
+        room = self.endpoints.free(self._running_by_group())
+        return to_admit_within(waiting, slots, self._group, room)
+
+    def _why_waiting(self, cand: Candidate, chosen: list[Candidate]) -> decide.Waiting:
+        """What a task not chosen waits for: a global run slot, else its endpoint group."""
+        cap = self.settings.max_running_tasks
+        if cap > 0 and len(chosen) >= cap - len(self._active):
+            return decide.Waiting(cap)
+        group = self._group(cand)
+        limit = self.endpoints.limit(group)
+        if limit is None:
+            return decide.Waiting(cap)
+        return decide.Waiting(cap, group, limit, self._running_by_group().get(group, 0))
+
     def _reserve(self, uid: str) -> None:
         """Hold a run slot for `uid` until `_release`; synchronous, see the module docstring."""
+        self._admitted_at.setdefault(uid, time.monotonic())
         self._reserved.add(uid)
         self._queued.discard(uid)
         self._active.add(uid)
@@ -414,21 +469,21 @@ class Operator:
         hold to release after them."""
         me = rec.candidate
         waiting = [*self._waiting(), me]
-        chosen = to_admit(waiting, len(self._active), self.settings.max_running_tasks)
+        chosen = self._choose(waiting)
         now = _now()
         if me in chosen:
             self._reserve(rec.uid)
             return [decide.admit_now(rec, now)], self._reserved
         place = positions(waiting)[rec.uid]
         self._join_queue(rec.uid)
-        return [decide.queued_status(place, self.settings, now)], self._joining
+        return [decide.queued_status(place, self._why_waiting(me, chosen), now)], self._joining
 
     async def admit(self) -> None:
         """Fill free slots from the queue (priority, then age)."""
         limit = self.settings.max_running_tasks
-        if not self._queued or len(self._active) >= limit:
+        if not self._queued or 0 < limit <= len(self._active):
             return
-        chosen = to_admit(self._waiting(), len(self._active), limit)
+        chosen = self._choose(self._waiting())
         for cand in chosen:
             self._reserve(cand.uid)
         for cand in chosen:
@@ -511,7 +566,10 @@ class Operator:
                 await self._reconcile(uid)
         return True
 
-    def _count(self, tally: Tally) -> None:
+    def _count(self, tally: Tally, learn: tuple[str, int, float] | None = None) -> None:
+        """Count a transition; a finished task's usage also teaches its endpoint group
+        (`learn`: the group, how many of it were active, itself included, and when the task
+        was admitted)."""
         m = self.metrics
         if isinstance(tally, Admitted):
             m.queue_wait.observe(tally.queued_seconds)
@@ -525,12 +583,26 @@ class Operator:
             if tally.run_seconds is not None:
                 m.run_duration.observe(max(0.0, tally.run_seconds))
             m.record_result(tally.model, result, tally.cost_usd)
+            if learn is not None:
+                group, running, admitted = learn
+                if self.endpoints.observe(group, result.usage, admitted, running, time.monotonic()):
+                    log.info(
+                        "endpoint %s: admission limit now %s (its agents reported %d 429s)",
+                        group, self.endpoints.limit(group), result.usage.llm_throttled,
+                    )  # fmt: skip
 
     async def _write_status(self, rec: TaskRecord, action: WriteStatus) -> bool:
         """Merge-patch the status; False when the task no longer exists."""
         patch: dict[str, Any] = action.status.to_api()
         for name in action.clear:
             patch.setdefault(name, None)
+        learn: tuple[str, int, float] | None = None
+        if rec.queue_entry is not None and any(isinstance(t, Completed) for t in action.tallies):
+            # Taken before the write: a terminal record is out of the active set and the queue.
+            # A task admitted by an earlier operator process counts as admitted long ago.
+            group = self._group(rec.queue_entry)
+            running = max(1, self._running_by_group().get(group, 0))
+            learn = (group, running, self._admitted_at.get(rec.uid, 0.0))
         try:
             updated = await self.kube.patch_status(TASKS, rec.namespace, rec.name, patch)
         except KubeError as exc:
@@ -541,7 +613,7 @@ class Operator:
         # The watch will bring this too; caching it now keeps admission counts exact.
         self._written[rec.uid] = self._remember(updated).resource_version
         for tally in action.tallies:
-            self._count(tally)
+            self._count(tally, learn)
         return True
 
     async def _finish(

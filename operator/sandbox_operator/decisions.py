@@ -26,6 +26,7 @@ from .agent_report import ResultError, parse_log_result, parse_termination_messa
 from .cluster_checks import validate_for_cluster
 from .errors import SpecError
 from .failures import PodState, PodVerdict, assess_pod, start_timed_out
+from .kueue import KueueStop, gated, kueue_gates, local_queue, managed, stopped
 from .ownership import foreign_pod_problem
 from .pod_builder import build_pod, pod_name
 from .records import PodBody, TaskRecord, pod_may_run, pod_phase
@@ -57,6 +58,7 @@ _COMPLETE_REASONS = {
     ExitReason.POD_LOST: Reason.POD_DELETED,
     ExitReason.START_TIMEOUT: Reason.START_TIMEOUT,
     ExitReason.CANCELLED: Reason.CANCELLED,
+    ExitReason.PREEMPTED: Reason.PREEMPTED,
 }
 # Causes named by the agent or the operator that become the Complete condition's reason as is.
 _CAUSE_REASONS = {
@@ -274,12 +276,21 @@ def _current_pod(
     rec: TaskRecord, pod: PodBody, *, deleted: bool, now: datetime, settings: OperatorSettings
 ) -> list[Action]:
     """The recorded pod of the current attempt changed or went."""
+    stop = stopped(pod)
     if deleted:
+        if stop is not None:
+            return stopped_by_kueue(rec, stop, now, settings, None)
         return pod_lost(rec, "the pod was deleted", now, settings)
     verdict = assess_pod(pod, _sandbox_memory_limit(pod))
+    if stop is not None and verdict.state is not PodState.FINISHED:
+        # Kueue marks the pod before it deletes it: whatever the pod shows from then on is how
+        # it is being stopped (a report is weighed in `_reported`).
+        return stopped_by_kueue(rec, stop, now, settings, pod)
     if pod["metadata"].get("deletionTimestamp") and verdict.state is not PodState.FINISHED:
         # Being deleted: whatever the kubelet reports while killing it, the pod is lost.
         return pod_lost(rec, "the pod was deleted", now, settings)
+    if verdict.state is PodState.STARTING:
+        return kueue_hold(rec, pod, now)
     if verdict.state is PodState.RUNNING and rec.status.phase is Phase.PENDING:
         return [running(rec, verdict, now)]
     if verdict.state is PodState.FINISHED:
@@ -313,6 +324,50 @@ def running(rec: TaskRecord, verdict: PodVerdict, now: datetime) -> WriteStatus:
     return WriteStatus(status, clear=("message",), tallies=tallies)
 
 
+def kueue_hold(rec: TaskRecord, pod: PodBody, now: datetime) -> list[Action]:
+    """A pod not started yet. While Kueue's gates hold it the task says so (WaitingForKueue);
+    once Kueue has released it, the task records when that was first seen (status.ungatedTime),
+    from which its start timeout counts. Each is written once."""
+    status = rec.status
+    scheduled = next(
+        (c for c in status.conditions if c.type == ConditionType.POD_SCHEDULED.value), None
+    )
+    if gated(pod):
+        message = waiting_for_kueue(rec, pod)
+        if scheduled is not None and (scheduled.reason, scheduled.message) == (
+            Reason.WAITING_FOR_KUEUE.value,
+            message,
+        ):
+            return []
+        return [_pod_not_scheduled(rec, Reason.WAITING_FOR_KUEUE, message, now)]
+    if not managed(pod) or status.ungated_time is not None:
+        return []
+    message = f"Kueue admitted pod {status.pod_name}; the scheduler places it next"
+    write = _pod_not_scheduled(rec, Reason.ADMITTED_BY_KUEUE, message, now)
+    write.status.ungated_time = rfc3339(now)
+    return [write]
+
+
+def waiting_for_kueue(rec: TaskRecord, pod: PodBody) -> str:
+    """What the task says while Kueue holds its pod."""
+    queue = local_queue(pod)
+    where = f"LocalQueue {queue!r}" if queue else "its LocalQueue"
+    gates = kueue_gates(pod)
+    return (
+        f"pod {rec.status.pod_name} waits for Kueue to admit it in {where} (scheduling "
+        f"gate{'s' if len(gates) > 1 else ''} {', '.join(gates)}); `kubectl get workloads -n "
+        f"{rec.namespace}` shows why it waits"
+    )
+
+
+def _pod_not_scheduled(rec: TaskRecord, reason: Reason, message: str, now: datetime) -> WriteStatus:
+    status = rec.status.model_copy(deep=True)
+    status.conditions = set_condition(
+        status.conditions, ConditionType.POD_SCHEDULED, "False", reason, message, now
+    )
+    return WriteStatus(status)
+
+
 def report(
     rec: TaskRecord, pod: PodBody, verdict: PodVerdict, now: datetime, settings: OperatorSettings
 ) -> list[Action]:
@@ -324,7 +379,7 @@ def report(
         return unreadable_report(rec, pod, str(exc), now, settings)
     if in_log:
         return [ReadReportFromLog(pod)]
-    return [finish(rec, result, now, settings, pod=pod), *done_with(pod, settings)]
+    return _reported(rec, pod, result, now, settings)
 
 
 def report_from_log(
@@ -334,6 +389,17 @@ def report_from_log(
         result = parse_log_result(log)
     except ResultError as exc:
         return unreadable_report(rec, pod, str(exc), now, settings)
+    return _reported(rec, pod, result, now, settings)
+
+
+def _reported(
+    rec: TaskRecord, pod: PodBody, result: TaskResult, now: datetime, settings: OperatorSettings
+) -> list[Action]:
+    """The agent's result ends the task, unless Kueue stopped the pod and the result is not an
+    answer: then it only tells how the stop ended the run (the sandbox killed under it)."""
+    stop = stopped(pod)
+    if stop is not None and result.phase is not Phase.SUCCEEDED:
+        return stopped_by_kueue(rec, stop, now, settings, pod)
     return [finish(rec, result, now, settings, pod=pod), *done_with(pod, settings)]
 
 
@@ -360,6 +426,9 @@ def done_with(pod: PodBody | None, settings: OperatorSettings) -> list[Action]:
 def unreadable_report(
     rec: TaskRecord, pod: PodBody, why: str, now: datetime, settings: OperatorSettings
 ) -> list[Action]:
+    stop = stopped(pod)
+    if stop is not None:
+        return stopped_by_kueue(rec, stop, now, settings, pod)
     verdict = PodVerdict(
         PodState.FAILED,
         ExitReason.AGENT_CRASHED,
@@ -389,14 +458,13 @@ def failure(
     pod: PodBody | None,
 ) -> list[Action]:
     """A named failure of the current attempt (`pod` None: the pod is gone): retry it when it
-    is retryable and attempts are left, else end the task. A pod still pending or running is
-    deleted: stuck pulling or misconfigured, it would hold its slot (and its node) forever."""
+    is retryable and attempts are left (attempts Kueue stopped do not count, see
+    `stopped_by_kueue`), else end the task. A pod still pending or running is deleted."""
     assert verdict.exit_reason is not None
     status = rec.status
     attempt = status.attempt or 1
-    stuck = pod is not None and pod_phase(pod) in ("Pending", "Running")
-    delete: list[Action] = [DeletePod(pod["metadata"]["name"])] if pod is not None and stuck else []
-    if verdict.retryable and attempt <= rec.retries:
+    delete = _delete_stuck(pod)
+    if verdict.retryable and attempt - (status.preemptions or 0) <= rec.retries:
         # The delete comes first: the next attempt's pod waits until this one is gone. A crash
         # after it leaves the task active with its pod gone or going: the restart sees a lost pod.
         note = f"attempt {attempt} failed ({verdict.message}); starting attempt {attempt + 1}"
@@ -432,6 +500,59 @@ def failure(
     # after the write leaves the pod to `reap`.
     ended = finish(rec, result, now, settings, pod=pod, pod_ended=True, reason=verdict.reason)
     return [ended, *(delete or done_with(pod, settings))]
+
+
+def stopped_by_kueue(
+    rec: TaskRecord, stop: KueueStop, now: datetime, settings: OperatorSettings, pod: PodBody | None
+) -> list[Action]:
+    """Kueue stopped the current attempt's pod (kueue.py; `pod` None: it is gone): not the
+    task's failure. The pod is made again as the next attempt, counted in status.preemptions
+    and not against spec.retries, at most LLMSANDBOX_MAX_PREEMPTIONS times; after that, or when
+    Kueue was told not to run the Workload at all (deactivated), the task ends."""
+    status = rec.status
+    attempt = status.attempt or 1
+    done = status.preemptions or 0
+    most = settings.max_preemptions
+    what = f"Kueue stopped pod {status.pod_name} ({stop})"
+    if stop.deactivated:
+        message = f"{what}: its Workload was deactivated, so the task is not run again"
+        cancelled = PodVerdict(
+            PodState.FAILED, ExitReason.CANCELLED, message, reason=Reason.CANCELLED
+        )
+        return failure(rec, cancelled, now, settings, pod)
+    if done >= most:
+        message = (
+            f"{what}, after {done} earlier stops; the operator makes a task's pod again at most "
+            f"{most} times (LLMSANDBOX_MAX_PREEMPTIONS)"
+        )
+        preempted = PodVerdict(
+            PodState.FAILED, ExitReason.PREEMPTED, message, reason=Reason.PREEMPTED
+        )
+        return failure(rec, preempted, now, settings, pod)
+    note = (
+        f"attempt {attempt}: {what}; starting attempt {attempt + 1} (Kueue's stop {done + 1} of "
+        f"at most {most}, not counted against spec.retries)"
+    )
+    again = attempt_status(rec, attempt + 1, now, retry_note=note, retry_reason=Reason.PREEMPTED)
+    again.preemptions = done + 1
+    # As for a failure retried: the pod is deleted first (Kueue deletes it too), and the next
+    # attempt's pod waits until it is gone.
+    return [
+        *_delete_stuck(pod),
+        StartAttempt(attempt + 1, again, tallies=(Retried(ExitReason.PREEMPTED),)),
+    ]
+
+
+def _delete_stuck(pod: PodBody | None) -> list[Action]:
+    """Delete a pod still pending or running (and not being deleted already): stuck pulling or
+    misconfigured, or stopped, it would hold its slot (and its node) forever."""
+    if (
+        pod is None
+        or pod_phase(pod) not in ("Pending", "Running")
+        or pod["metadata"].get("deletionTimestamp")
+    ):
+        return []
+    return [DeletePod(pod["metadata"]["name"])]
 
 
 def finish_without_run(
@@ -523,16 +644,27 @@ def model_name(rec: TaskRecord, settings: OperatorSettings) -> str:
     return str(name or settings.default_model or "unknown")
 
 
-def queued_status(place: int, settings: OperatorSettings, now: datetime) -> WriteStatus:
+@dataclass(frozen=True)
+class Waiting:
+    """Why a task waits: every run slot of the global cap is taken, or (`group` set) its
+    endpoint group has its limit of tasks running (endpoint_admission.py)."""
+
+    cap: int
+    group: str | None = None
+    limit: int = 0
+    running: int = 0
+
+
+def queued_status(place: int, why: Waiting, now: datetime) -> WriteStatus:
     status = TaskStatus(phase=Phase.QUEUED, queue_position=place)
-    status.conditions = set_condition(
-        [],
-        ConditionType.ADMITTED,
-        "False",
-        Reason.QUEUED,
-        f"waiting for one of {settings.max_running_tasks} run slots (position {place})",
-        now,
-    )
+    if why.group is not None:
+        text = (
+            f"waiting for endpoint {why.group}: {why.running} of its {why.limit} tasks "
+            f"running (position {place})"
+        )
+    else:
+        text = f"waiting for one of {why.cap} run slots (position {place})"
+    status.conditions = set_condition([], ConditionType.ADMITTED, "False", Reason.QUEUED, text, now)
     return WriteStatus(status)
 
 
@@ -555,15 +687,18 @@ def attempt_status(
     *,
     queued_seconds: float | None = None,
     retry_note: str = "",
+    retry_reason: Reason = Reason.RETRYING,
 ) -> TaskStatus:
     """The status of an attempt: a retry's is written before its pod is created, without a
     podUID (only the pod created next, for this attempt, may report); the first attempt's once
-    its pod exists, with its uid (`record_pod`)."""
+    its pod exists, with its uid (`record_pod`). A retry's note goes in the Complete condition
+    (False, `retry_reason`) and the message."""
     old = rec.status
     status = TaskStatus(
         phase=Phase.PENDING,
         pod_name=pod_name(rec.name, attempt),
         attempt=attempt,
+        preemptions=old.preemptions,
         queued_seconds=queued_seconds if queued_seconds is not None else old.queued_seconds,
         start_time=old.start_time,
         observed_generation=rec.generation,
@@ -573,15 +708,16 @@ def attempt_status(
     )
     if retry_note:
         conditions = set_condition(
-            conditions, ConditionType.COMPLETE, "False", Reason.RETRYING, retry_note, now
+            conditions, ConditionType.COMPLETE, "False", retry_reason, retry_note, now
         )
         status.message = retry_note
     status.conditions = conditions
     return status
 
 
-ATTEMPT_CLEARS = ("queuePosition", "podUID")
-"""Fields an attempt's status write removes (the queue place, the previous attempt's pod)."""
+ATTEMPT_CLEARS = ("queuePosition", "podUID", "ungatedTime")
+"""Fields an attempt's status write removes (the queue place, the previous attempt's pod and
+when Kueue released it)."""
 
 
 def record_pod(rec: TaskRecord, pod: PodBody, start: StartAttempt | None = None) -> WriteStatus:
@@ -658,11 +794,23 @@ def start_timeout(
         or meta.get("deletionTimestamp")
     ):
         return []
-    created = parse_rfc3339(meta.get("creationTimestamp"))
-    if created is None:
+    since, after_kueue = _start_counted_from(rec, pod)
+    if since is None:
         return []
-    verdict = start_timed_out(pod, (now - created).total_seconds(), timeout)
+    verdict = start_timed_out(pod, (now - since).total_seconds(), timeout, after_kueue=after_kueue)
     return failure(rec, verdict, now, settings, pod) if verdict is not None else []
+
+
+def _start_counted_from(rec: TaskRecord, pod: PodBody) -> tuple[datetime | None, bool]:
+    """When the pod's start timeout began, and whether that was Kueue's admission. A pod Kueue
+    manages waits for Kueue first, which is no failure to start: its timeout counts from the
+    moment the operator first saw it released (status.ungatedTime; None while it is held or not
+    yet seen released). Any other pod's counts from its creation."""
+    if gated(pod):
+        return None, True
+    if managed(pod):
+        return parse_rfc3339(rec.status.ungated_time), True
+    return parse_rfc3339(pod["metadata"].get("creationTimestamp")), False
 
 
 def reap(pod: PodBody) -> list[Action]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from .kube import ObjectMetadata
 
@@ -228,3 +228,11 @@ def secret_label_problem(metadata: ObjectMetadata, label: str) -> str | None:
         f"use as API keys; label it (kubectl label secret {metadata.name} {key}={value}) if it "
         "is meant for that"
     )
+
+
+def canonical_base_url(url: str) -> str:
+    """A base URL as endpoint admission groups compare it: scheme and host lower case, no
+    trailing slash."""
+    parts = urlsplit(url.strip())
+    path = parts.path.rstrip("/")
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), path, "", ""))

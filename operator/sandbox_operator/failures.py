@@ -103,19 +103,24 @@ def _not_started_because(pod: Mapping[str, Any]) -> str:
     return "no reason given by the cluster"
 
 
-def start_timed_out(pod: Mapping[str, Any], age_seconds: float, timeout: int) -> PodVerdict | None:
-    """Pure: a failure verdict when a pod is still Pending `timeout` seconds after its creation.
+def start_timed_out(
+    pod: Mapping[str, Any], age_seconds: float, timeout: int, *, after_kueue: bool = False
+) -> PodVerdict | None:
+    """Pure: a failure verdict when a pod is still Pending `timeout` seconds after the moment
+    its start began to count (`age_seconds` since then): its creation, or for a pod Kueue held,
+    Kueue's admission (`after_kueue`).
 
     Kubernetes counts activeDeadlineSeconds only from the moment a node takes the pod, so an
     unschedulable pod would otherwise hold its task's run slot forever."""
     phase = (pod.get("status") or {}).get("phase", "Pending")
     if timeout <= 0 or phase != "Pending" or age_seconds < timeout:
         return None
+    since = " of Kueue admitting it" if after_kueue else ""
     return PodVerdict(
         PodState.FAILED,
         ExitReason.START_TIMEOUT,
-        f"the pod did not start within {timeout}s ({_not_started_because(pod).strip()}); check "
-        "spec.sandbox.resources against the nodes, or raise the operator's "
+        f"the pod did not start within {timeout}s{since} ({_not_started_because(pod).strip()}); "
+        "check spec.sandbox.resources against the nodes, or raise the operator's "
         "LLMSANDBOX_POD_START_TIMEOUT_SECONDS",
         reason=Reason.START_TIMEOUT,
     )

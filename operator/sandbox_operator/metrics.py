@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -34,11 +34,52 @@ class _PhaseCollector(Collector):
         yield family
 
 
+EndpointLimits = Callable[[], Sequence[tuple[str, int | None, int]]]
+"""Each endpoint group's name, admission limit (None: none of its own) and running tasks."""
+
+MAX_ENDPOINT_SERIES = 50
+"""Endpoint groups exported at most (the first by name): every group the operator has seen a
+task of, up to endpoint_admission.MAX_GROUPS, would be too many series."""
+
+
+class _EndpointCollector(Collector):
+    """Per endpoint group, its admission limit and running tasks, read at scrape time."""
+
+    def __init__(self, endpoint_limits: EndpointLimits) -> None:
+        self._read = endpoint_limits
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        limit = GaugeMetricFamily(
+            "llmsandbox_endpoint_admission_limit",
+            "How many tasks of an endpoint group (base URL, or model @ base URL) may run at "
+            "once: its cap or the limit learnt from its agents' 429s and latency, at most "
+            "the global cap.",
+            labels=["endpoint"],
+        )
+        running = GaugeMetricFamily(
+            "llmsandbox_endpoint_running_tasks",
+            "Tasks of an endpoint group admitted and not finished.",
+            labels=["endpoint"],
+        )
+        for name, cap, active in sorted(self._read())[:MAX_ENDPOINT_SERIES]:
+            if cap is not None:
+                limit.add_metric([name], cap)
+            running.add_metric([name], active)
+        yield limit
+        yield running
+
+
 class Metrics:
-    def __init__(self, count_by_phase: Callable[[], dict[str, int]], max_running: int) -> None:
+    def __init__(
+        self,
+        count_by_phase: Callable[[], dict[str, int]],
+        max_running: int,
+        endpoint_limits: EndpointLimits | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.registry.register(_PhaseCollector(count_by_phase))
+        self.registry.register(_EndpointCollector(endpoint_limits or list))
         self.completed = Counter(
             "llmsandbox_tasks_completed_total",
             "Tasks that reached a terminal phase, by phase and exit reason.",
@@ -47,7 +88,8 @@ class Metrics:
         )
         self.retries = Counter(
             "llmsandbox_task_retries_total",
-            "Task attempts restarted after an infrastructure failure, by exit reason.",
+            "Task attempts restarted after an infrastructure failure or a Kueue preemption, by exit "
+            "reason.",
             ["exit_reason"],
             registry=r,
         )
@@ -78,6 +120,12 @@ class Metrics:
         self.llm_retries = Counter(
             "llmsandbox_llm_retries_total",
             "Chat-completion requests the agents retried (429, 5xx, timeouts), by model.",
+            ["model"],
+            registry=r,
+        )
+        self.llm_throttled = Counter(
+            "llmsandbox_llm_throttled_total",
+            "429 (Too Many Requests) answers the agents got from their endpoint, by model.",
             ["model"],
             registry=r,
         )
@@ -142,6 +190,7 @@ class Metrics:
         usage = result.usage
         self.llm_requests.labels(model=model).inc(usage.llm_calls)
         self.llm_retries.labels(model=model).inc(usage.llm_retries)
+        self.llm_throttled.labels(model=model).inc(usage.llm_throttled)
         self.tokens.labels(model=model, direction="prompt").inc(usage.prompt_tokens)
         self.tokens.labels(model=model, direction="completion").inc(usage.completion_tokens)
         if cost:
@@ -170,6 +219,7 @@ METRIC_NAMES = (
     "llmsandbox_task_run_seconds",
     "llmsandbox_llm_requests_total",
     "llmsandbox_llm_retries_total",
+    "llmsandbox_llm_throttled_total",
     "llmsandbox_llm_tokens_total",
     "llmsandbox_estimated_cost_usd_total",
     "llmsandbox_tool_calls_total",
@@ -177,6 +227,8 @@ METRIC_NAMES = (
     "llmsandbox_task_score",
     "llmsandbox_tasksets_completed_total",
     "llmsandbox_max_running_tasks",
+    "llmsandbox_endpoint_admission_limit",
+    "llmsandbox_endpoint_running_tasks",
     "llmsandbox_build_info",
     "llmsandbox_network_policy_enforced",
 )

@@ -18,8 +18,9 @@ from sandbox_agent.quantity import parse_quantity
 from .metadata import FILE_ANNOTATION_PREFIX
 
 # Pod spec fields the API server, its admission plugins or the scheduler fill in or may set on a
-# pod the operator created; any value is accepted, since none of them changes what runs in the
-# pod or what it may reach (scheduling and image pull credentials only).
+# pod the operator created; any value is accepted, the operator's own placement too (admission
+# adds tolerations, a RuntimeClass or Kueue node selectors), since none of them changes what runs
+# in the pod or what it may reach (scheduling and image pull credentials only).
 _SERVER_SET_POD_FIELDS = frozenset(
     {
         "nodeName",
@@ -169,9 +170,15 @@ def foreign_pod_problem(
         claim_problem(found, namespace=namespace, task_uid=task_uid)
         or _labels_problem(found, desired)
         or _files_problem(found, desired)
-        or _difference(found.get("spec") or {}, desired.get("spec") or {}, "spec")
+        or _difference(found.get("spec") or {}, _compared_spec(desired), "spec")
     )
     return f"{_describe(desired)} was not created by the operator: {problem}" if problem else None
+
+
+def _compared_spec(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """The desired pod's spec without the fields the server may set (or add to)."""
+    spec: Mapping[str, Any] = pod.get("spec") or {}
+    return {key: value for key, value in spec.items() if key not in _SERVER_SET_POD_FIELDS}
 
 
 def foreign_configmap_problem(

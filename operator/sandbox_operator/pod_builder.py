@@ -19,7 +19,10 @@ from .agent_config import (
     task_files,
 )
 from .cluster_checks import resolve_api_key_secret, validate_for_cluster
+from .kueue import QUEUE_LABEL, queue_name
 from .metadata import bounded_name, task_configmap_name, task_metadata, task_name
+from .placement import task_scheduling
+from .pull_secrets import image_pull_secrets, pull_secret_refs
 from .resources import runtime_class, sandbox_resources
 from .settings import OperatorSettings
 from .task_configmap import configmap_manifest
@@ -196,10 +199,19 @@ def _volumes(
     ]
 
 
+def agent_image(settings: OperatorSettings) -> dict[str, str]:
+    """The image fields of every container that runs the agent image: the image and, when the
+    operator sets one, its pull policy."""
+    fields = {"image": settings.agent_image}
+    if settings.agent_image_pull_policy is not None:
+        fields["imagePullPolicy"] = settings.agent_image_pull_policy
+    return fields
+
+
 def _install_container(settings: OperatorSettings) -> dict[str, Any]:
     return {
         "name": INSTALL_CONTAINER,
-        "image": settings.agent_image,
+        **agent_image(settings),
         "command": [
             "python",
             "-m",
@@ -277,7 +289,7 @@ def _agent_container(
     _, store_mounts = _store_volume(settings)
     container: dict[str, Any] = {
         "name": AGENT_CONTAINER,
-        "image": settings.agent_image,
+        **agent_image(settings),
         "command": [
             "python",
             "-m",
@@ -361,6 +373,10 @@ def _pod_manifest(
     name = task_name(task)
     metadata = task_metadata(task, name=pod_name(name, attempt), namespace=namespace, uid=uid)
     metadata["labels"][LABEL_ATTEMPT] = str(attempt)
+    queue = queue_name(task, settings)
+    if queue:
+        # Kueue's pod integration queues the pod there (its webhook adds the admission gate).
+        metadata["labels"][QUEUE_LABEL] = queue
     # `kubectl logs <pod>` then shows the agent, whose last line is the result.
     metadata["annotations"]["kubectl.kubernetes.io/default-container"] = AGENT_CONTAINER
     for key, content in (files or {}).items():
@@ -390,4 +406,8 @@ def _pod_manifest(
     runtime = runtime_class(task, settings)
     if runtime:
         spec["runtimeClassName"] = runtime
+    spec.update(task_scheduling(task, settings).pod_fields())
+    pull_secrets = image_pull_secrets(task, settings)
+    if pull_secrets:
+        spec["imagePullSecrets"] = pull_secret_refs(pull_secrets)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}

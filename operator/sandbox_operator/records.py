@@ -90,14 +90,24 @@ class TaskRecord:
         entry = None
         if not terminal:
             priority = task.spec.priority if task is not None else 0
+            base_url = task.spec.model.base_url if task is not None else None
+            model = task.spec.model.name if task is not None else None
             entry = previous.queue_entry if previous is not None else None
-            if entry is None or (entry.uid, entry.priority, entry.created) != (
-                uid,
-                priority,
-                created,
-            ):
+            if entry is None or (
+                entry.uid,
+                entry.priority,
+                entry.created,
+                entry.base_url,
+                entry.model,
+            ) != (uid, priority, created, base_url, model):
                 entry = Candidate(
-                    uid=uid, namespace=namespace, name=name, priority=priority, created=created
+                    uid=uid,
+                    namespace=namespace,
+                    name=name,
+                    priority=priority,
+                    created=created,
+                    base_url=base_url,
+                    model=model,
                 )
         return cls(
             uid=uid,
@@ -201,15 +211,22 @@ def _parse_status(raw: Any) -> TaskStatus:
         return TaskStatus()
 
 
-def progress(status: TaskStatus) -> tuple[int, int, int, int]:
-    """How far a task has come, as an order: terminal last, then attempt, phase, pod recorded.
+def progress(status: TaskStatus) -> tuple[int, int, int, int, int]:
+    """How far a task has come, as an order: terminal last, then attempt, phase, pod recorded,
+    and its release by Kueue recorded (an older event must not make it be recorded later).
 
     resourceVersion is opaque (Kubernetes promises no order on it), so an event older than the
     cached body is told by its status instead: every status write the operator makes moves this
     forward or keeps it (a queue position), never back."""
     terminal = status.phase in TERMINAL_PHASES
     rank = 5 if terminal else _RANK.get(status.phase, 0)
-    return (int(terminal), status.attempt or 0, rank, int(status.pod_uid is not None))
+    return (
+        int(terminal),
+        status.attempt or 0,
+        rank,
+        int(status.pod_uid is not None),
+        int(status.ungated_time is not None),
+    )
 
 
 def is_stale(incoming: TaskRecord, known: TaskRecord) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -21,7 +21,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sandbox_agent.artifacts import ArtifactStoreError, parse_store_url
 from sandbox_agent.outputs import DEFAULT_CAPS
 from sandbox_agent.quantity import parse_quantity
-from sandbox_agent.task import Resources
+from sandbox_agent.scheduling import Scheduling, SchedulingField
+from sandbox_agent.task import LocalObjectReference, Resources
 from sandbox_agent.wire import (
     DEFAULT_SANDBOX_IMAGE,
     LABEL_KEY_PATTERN,
@@ -30,7 +31,13 @@ from sandbox_agent.wire import (
     QUANTITY_PATTERN,
 )
 
-from .endpoints import is_ip_address, parse_endpoint, parse_label, valid_pattern
+from .endpoints import (
+    canonical_base_url,
+    is_ip_address,
+    parse_endpoint,
+    parse_label,
+    valid_pattern,
+)
 
 ENV_PREFIX = "LLMSANDBOX_"
 
@@ -140,6 +147,25 @@ class TokenPrice(BaseModel):
     completion_per_million: Annotated[float, Field(ge=0)]
 
 
+class EndpointLimit(BaseModel):
+    """A cap on the tasks running at once against one inference endpoint: every model at
+    `base_url` together, or only `model` there. Adaptive admission stays within it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$"), AfterValidator(_valid_base_url)]
+    model: Annotated[str | None, Field(min_length=1)] = None
+    max_running: Annotated[int, Field(ge=1)]
+    # A task whose answered calls took longer than this on average is a sign of an overloaded
+    # endpoint, as a 429 is (adaptive admission); None: latency is not judged.
+    latency_target_seconds: Annotated[float | None, Field(gt=0, le=3600)] = None
+
+
+def _narrowing_fields() -> list[SchedulingField]:
+    """The scheduling fields that can only narrow where a pod may run."""
+    return ["nodeSelector", "affinity", "topologySpreadConstraints"]
+
+
 def _default_agent_resources() -> Resources:
     return Resources(
         requests={"cpu": "100m", "memory": "256Mi"},
@@ -176,6 +202,9 @@ class OperatorSettings(BaseSettings):
     agent_image: Annotated[str, Field(min_length=1, pattern=r"^[^\s]+$")] = (
         "llm-sandbox/agent:0.1.0"
     )
+    # When the kubelet pulls the agent image (the agent and install-execd containers, the
+    # canary); None: Kubernetes' default for the tag (Always for :latest, else IfNotPresent).
+    agent_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     default_sandbox_image: Annotated[str, Field(min_length=1, pattern=r"^[^\s]+$")] = (
         DEFAULT_SANDBOX_IMAGE
     )
@@ -196,6 +225,20 @@ class OperatorSettings(BaseSettings):
     required_runtime_class: Annotated[str | None, Field(pattern=NAME_PATTERN, max_length=253)] = (
         None
     )
+    # Where every task pod (and the canary) may run, in the pod spec's names; a task's own
+    # spec.scheduling is merged in by the rule of placement.py.
+    task_scheduling: Scheduling = Field(default_factory=Scheduling)
+    # The spec.scheduling fields a task may set; a task setting another ends invalid_spec. By
+    # default those that only narrow where its pod may run: tolerations open tainted nodes to
+    # it and a priority class lets it preempt, so an admin grants those.
+    allowed_scheduling_fields: list[SchedulingField] = Field(default_factory=_narrowing_fields)
+    # Secrets (in each task namespace) every task pod's images are pulled with.
+    task_image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list)
+    # The Secrets a task may add to its pod's (spec.sandbox.imagePullSecrets): a pull secret is
+    # a registry credential, and a task should not borrow another team's.
+    allowed_image_pull_secrets: list[
+        Annotated[str, Field(pattern=NAME_PATTERN, max_length=253)]
+    ] = Field(default_factory=list)
     inference_egress: list[EgressRule] = Field(default_factory=list)
     dns_egress: bool = True
     # False: pods of network mode isolated get no DNS (a channel out through the cluster's
@@ -222,7 +265,19 @@ class OperatorSettings(BaseSettings):
     artifacts_max_total_bytes: Annotated[int, Field(ge=0, le=8 * 1024**3)] = (
         DEFAULT_CAPS.max_total_bytes
     )
-    max_running_tasks: Annotated[int, Field(ge=1)] = 10
+    # Tasks running at once, cluster-wide; 0: no cap of the operator's own (with Kueue in
+    # charge of quotas, its ClusterQueues decide who runs).
+    max_running_tasks: Annotated[int, Field(ge=0)] = 10
+    # The Kueue LocalQueue (label kueue.x-k8s.io/queue-name) of tasks that name none in
+    # spec.queueName; None: such pods carry no queue label.
+    default_queue_name: Annotated[str | None, Field(max_length=63, pattern=NAME_PATTERN)] = None
+    # How often Kueue may stop (preempt, evict) a task's pod and have it made again as a new
+    # attempt, apart from spec.retries; once more fails the task (exitReason preempted).
+    max_preemptions: Annotated[int, Field(ge=0, le=100)] = 10
+    # Per-endpoint caps (besides max_running_tasks), and whether the operator learns each
+    # endpoint's capacity from the 429s and latency its agents report (docs/operator.md).
+    endpoint_limits: list[EndpointLimit] = Field(default_factory=list)
+    adaptive_admission: bool = True
     # Seconds after completionTime a finished task is deleted (with its pod and ConfigMap),
     # for tasks without spec.ttlSecondsAfterFinished; None: kept until someone deletes them.
     task_ttl_seconds: Annotated[int | None, Field(ge=0, le=365 * 86_400)] = None
@@ -281,6 +336,19 @@ class OperatorSettings(BaseSettings):
                 f"unknown resource {unknown[0]!r}: use cpu, memory or ephemeral-storage"
             )
         return maxima
+
+    @model_validator(mode="after")
+    def _one_limit_per_endpoint(self) -> OperatorSettings:
+        seen: set[tuple[str, str | None]] = set()
+        for i, limit in enumerate(self.endpoint_limits):
+            key = (canonical_base_url(limit.base_url), limit.model)
+            if key in seen:
+                model = f" and model {limit.model}" if limit.model else ""
+                raise ValueError(
+                    f"endpoint_limits[{i}]: a second limit for {limit.base_url}{model}"
+                )
+            seen.add(key)
+        return self
 
     @model_validator(mode="after")
     def _a_file_store_is_a_volume(self) -> OperatorSettings:

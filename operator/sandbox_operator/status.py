@@ -29,7 +29,8 @@ class ConditionType(StrEnum):
     """True (Admitted) once the task holds a run slot under maxRunningTasks; False (Queued)
     while it waits. A task refused before admission (invalid spec) never gets it."""
     POD_SCHEDULED = "PodScheduled"
-    """True (Scheduled) once the task's pod runs on a node; absent before."""
+    """True (Scheduled) once the task's pod runs on a node; False (WaitingForKueue) while Kueue's
+    admission gate holds the pod, then (AdmittedByKueue) until it runs; absent otherwise."""
     READY = "Ready"
     """True (Running) while the pod's containers run; False once the pod has ended, with the
     reason of the task's outcome (e.g. ExecServerNotReady, ImagePullFailed, OOMKilled)."""
@@ -89,6 +90,16 @@ class Reason(StrEnum):
     """The pod stayed Pending (unschedulable, pulling) past the operator's start timeout."""
     RETRYING = "Retrying"
     """An infrastructure failure is being retried; attempt counts up to spec.retries + 1."""
+    WAITING_FOR_KUEUE = "WaitingForKueue"
+    """Kueue's admission gate (kueue.x-k8s.io/admission) holds the task's pod until Kueue admits
+    its Workload in the pod's LocalQueue; the start timeout does not count meanwhile."""
+    ADMITTED_BY_KUEUE = "AdmittedByKueue"
+    """Kueue removed the pod's admission gate; the scheduler places the pod next, and the start
+    timeout counts from the moment the operator saw it (status.ungatedTime)."""
+    PREEMPTED = "Preempted"
+    """Kueue stopped the task's pod (preempted or evicted its Workload). Complete False: the pod
+    is made again as the next attempt, without using spec.retries; True (exitReason preempted):
+    Kueue stopped it more often than LLMSANDBOX_MAX_PREEMPTIONS."""
 
 
 class StatusModel(BaseModel):
@@ -128,6 +139,21 @@ class TaskStatus(StatusModel):
         ),
     )
     attempt: int | None = Field(default=None, description="1 for the first run, +1 per retry.")
+    preemptions: int | None = Field(
+        default=None,
+        description=(
+            "How often Kueue stopped (preempted or evicted) one of the task's pods; each made "
+            "the pod again as the next attempt without using spec.retries."
+        ),
+    )
+    ungated_time: str | None = Field(
+        default=None,
+        description=(
+            "When the operator first saw the current attempt's pod released by Kueue (its "
+            "admission gate removed); the pod start timeout counts from then."
+        ),
+        json_schema_extra=_TIMESTAMP,
+    )
     start_time: str | None = Field(
         default=None,
         description="When the task's first pod started running.",

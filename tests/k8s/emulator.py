@@ -372,6 +372,22 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
+def merge_pod_conditions(old: Any, patch: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A pod status patch whose `status.conditions` is merged into the pod's by type, as the
+    strategic merge patch a real kubelet sends is (conditions' patchMergeKey is `type`): a
+    condition another writer set (Kueue's TerminationTarget) survives the kubelet's writes."""
+    status = patch.get("status")
+    if not isinstance(status, Mapping) or not isinstance(status.get("conditions"), list):
+        return patch
+    conditions = status["conditions"]
+    have = ((old.get("status") or {}) if isinstance(old, Mapping) else {}).get("conditions") or []
+    merged = {c.get("type"): c for c in have if isinstance(c, Mapping)}
+    for cond in conditions:
+        if isinstance(cond, Mapping):
+            merged[cond.get("type")] = cond
+    return {**patch, "status": {**status, "conditions": list(merged.values())}}
+
+
 def _pointer(path: str) -> list[str]:
     if path == "":
         return []
@@ -534,6 +550,9 @@ class ObjectStore:
         self._watchers: set[Watcher] = set()
         self.on_register: list[Callable[[ResourceDef], None]] = []
         self.on_write: list[Callable[[ResourceDef, str, JSON], None]] = []
+        # Mutating admission stand-ins: each may change a new object before it is stored, as a
+        # mutating webhook does (tests/k8s/kueue.py plays Kueue's pod webhook with one).
+        self.on_create: list[Callable[[ResourceDef, JSON], None]] = []
 
     # -- resources --------------------------------------------------------------------------
 
@@ -837,6 +856,8 @@ class ObjectStore:
                 obj.pop("status", None)
             self._normalise(res, obj)
             self._defaults(res, obj)
+            for hook in self.on_create:
+                hook(res, obj)
             if dry_run:
                 return obj
             created = self._store(res, "ADDED", obj, None)
@@ -950,6 +971,8 @@ class ObjectStore:
             elif content_type == MERGE_PATCH or content_type == "application/json":
                 if not isinstance(patch, Mapping):
                     raise api_error(400, "BadRequest", "a merge patch must be a JSON object")
+                if res.key == ("", "v1", "pods") and subresource == "status":
+                    patch = merge_pod_conditions(old, patch)
                 new = merge_patch(old, patch)
             else:
                 raise api_error(

@@ -437,6 +437,8 @@ class TestKubelet:
         self.claims: dict[tuple[str, str], Path] = {}
         self._instant: list[tuple[PodMatch, InstantComplete]] = []
         self._workers: dict[str, _PodWorker] = {}
+        # Pods held by scheduling gates, by uid: not scheduled until their last gate goes.
+        self._gated: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._logs: dict[tuple[str, str], dict[str, Path]] = {}
         self._thread: threading.Thread | None = None
@@ -584,6 +586,7 @@ class TestKubelet:
         uid = meta["uid"]
         worker = self._workers.get(uid)
         if event_type == "DELETED":
+            self._gated.discard(uid)
             if worker is not None:
                 del self._workers[uid]
                 self._spawn(worker.abandon())
@@ -603,6 +606,10 @@ class TestKubelet:
             return
         if node:  # bound to us before this kubelet started: its processes are unknown
             return
+        if spec.get("schedulingGates"):
+            self._hold(pod)
+            return
+        self._gated.discard(uid)
         faults = [f for m, f in list(self._faults) if m(pod)]
         instants = [i for m, i in list(self._instant) if m(pod)]
         worker = _PodWorker(self, pod, faults, instants[-1] if instants else None)
@@ -611,6 +618,35 @@ class TestKubelet:
             c.name: c.log_path for c in worker.containers.values()
         }
         worker.start()
+
+    def _hold(self, pod: JSON) -> None:
+        """A pod with scheduling gates is not scheduled: as the scheduler does, say so once
+        (PodScheduled False, SchedulingGated) and leave it Pending and unbound; the event that
+        shows its last gate removed starts it like a new pod."""
+        uid = pod["metadata"]["uid"]
+        if uid not in self._gated:
+            self._gated.add(uid)
+            self._spawn(self._write_gated(pod))
+
+    async def _write_gated(self, pod: JSON) -> None:
+        assert self.session is not None
+        meta = pod["metadata"]
+        if meta["uid"] not in self._gated:
+            return  # released (or gone) meanwhile
+        url = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
+        condition = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "SchedulingGated",
+            "message": "Scheduling is blocked due to non-empty scheduling gates",
+            "lastProbeTime": None,
+            "lastTransitionTime": now_rfc3339(),
+        }
+        body = {"metadata": {"uid": meta["uid"]}, "status": {"conditions": [condition]}}
+        headers = {"Content-Type": "application/merge-patch+json"}
+        with contextlib.suppress(aiohttp.ClientError):
+            async with self.session.patch(url, json=body, headers=headers):
+                pass
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -20,6 +20,10 @@
   value: {{ .Values.inference.apiKeySecretLabel | quote }}
 - name: LLMSANDBOX_AGENT_IMAGE
   value: {{ include "llm-sandbox.agentImage" . | quote }}
+{{- with .Values.agent.image.pullPolicy }}
+- name: LLMSANDBOX_AGENT_IMAGE_PULL_POLICY
+  value: {{ . | quote }}
+{{- end }}
 - name: LLMSANDBOX_AGENT_RESOURCES
   value: {{ .Values.agent.resources | toJson | quote }}
 - name: LLMSANDBOX_DEFAULT_SANDBOX_IMAGE
@@ -36,6 +40,14 @@
 - name: LLMSANDBOX_REQUIRED_RUNTIME_CLASS
   value: {{ . | quote }}
 {{- end }}
+- name: LLMSANDBOX_TASK_SCHEDULING
+  value: {{ include "llm-sandbox.taskScheduling" . | quote }}
+- name: LLMSANDBOX_ALLOWED_SCHEDULING_FIELDS
+  value: {{ .Values.taskPods.allowedSchedulingFields | toJson | quote }}
+- name: LLMSANDBOX_TASK_IMAGE_PULL_SECRETS
+  value: {{ .Values.taskPods.imagePullSecrets | toJson | quote }}
+- name: LLMSANDBOX_ALLOWED_IMAGE_PULL_SECRETS
+  value: {{ .Values.taskPods.allowedImagePullSecrets | toJson | quote }}
 - name: LLMSANDBOX_INFERENCE_EGRESS
   value: {{ .Values.inferenceEgress | toJson | quote }}
 - name: LLMSANDBOX_DNS_EGRESS
@@ -76,6 +88,16 @@
 {{- end }}
 - name: LLMSANDBOX_MAX_RUNNING_TASKS
   value: {{ .Values.maxRunningTasks | quote }}
+{{- with .Values.kueue.defaultQueueName }}
+- name: LLMSANDBOX_DEFAULT_QUEUE_NAME
+  value: {{ . | quote }}
+{{- end }}
+- name: LLMSANDBOX_MAX_PREEMPTIONS
+  value: {{ .Values.kueue.maxPreemptions | quote }}
+- name: LLMSANDBOX_ENDPOINT_LIMITS
+  value: {{ .Values.endpointLimits | toJson | quote }}
+- name: LLMSANDBOX_ADAPTIVE_ADMISSION
+  value: {{ .Values.adaptiveAdmission | quote }}
 {{- if not (kindIs "invalid" .Values.taskTTLSeconds) }}
 - name: LLMSANDBOX_TASK_TTL_SECONDS
   value: {{ .Values.taskTTLSeconds | int64 | quote }}
@@ -96,4 +118,15 @@
   value: {{ .Values.execdReadyTimeoutSeconds | quote }}
 - name: LLMSANDBOX_POD_START_TIMEOUT_SECONDS
   value: {{ .Values.podStartTimeoutSeconds | quote }}
+{{- end -}}
+
+{{/* LLMSANDBOX_TASK_SCHEDULING: the scheduling fields of taskPods that are set, as one JSON object. */}}
+{{- define "llm-sandbox.taskScheduling" -}}
+{{- $scheduling := dict -}}
+{{- range $field := list "nodeSelector" "tolerations" "affinity" "priorityClassName" "topologySpreadConstraints" -}}
+{{- with index $.Values.taskPods $field -}}
+{{- $_ := set $scheduling $field . -}}
+{{- end -}}
+{{- end -}}
+{{- $scheduling | toJson -}}
 {{- end -}}
