@@ -128,6 +128,7 @@ def test_the_guide_has_the_blocks_its_sections_promise() -> None:
         "kueue",
         "s3-artifacts",
         "netpol-canary",
+        "endpoint-limits",
     ]
     assert list(MANIFESTS) == ["runtimeclass-gvisor", "priorityclass-batch"]
     # The helm command at the top names a file per block, in the same order.
@@ -263,3 +264,14 @@ def test_the_canary_variant_runs_the_canary_in_a_watched_namespace(
     assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
     for version in KUBE_VERSIONS:
         kubernetes_validate.validate(pod, version, strict=True)
+
+
+def test_the_endpoint_limits_variant_caps_the_endpoint_and_its_model(
+    chart: Chart, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_of(chart, variant("endpoint-limits"), monkeypatch)
+    assert [(r.model, r.max_running) for r in settings.endpoint_limits] == [
+        (None, 64),
+        ("Qwen/Qwen3-Coder-30B-A3B-Instruct", 48),
+    ]
+    assert settings.adaptive_admission is True
